@@ -1,0 +1,41 @@
+//! Criterion benches of the request hot path's pure parts: signature verification and event parsing.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use hookgate::event;
+use hookgate::signature::{Scheme, Verifier};
+use http::{HeaderMap, HeaderValue};
+
+/// A Stripe event padded to about `size` bytes, with the padding inside `data` as a real event would be.
+fn stripe_body(size: usize) -> Vec<u8> {
+    let head = r#"{"id":"evt_1NG8Du2eZvKYlo2CUI79vXWy","object":"event","api_version":"2026-07-29.dahlia","created":1700000000,"livemode":false,"type":"payment_intent.succeeded","data":{"object":{"id":"pi_3","object":"payment_intent","description":""#;
+    let tail = r#""}}}"#;
+    let pad = size.saturating_sub(head.len() + tail.len());
+    format!("{head}{}{tail}", "x".repeat(pad)).into_bytes()
+}
+
+fn benches(c: &mut Criterion) {
+    let verifier = Verifier::new(Scheme::Stripe, &["whsec_bench_secret"], 300).expect("verifier");
+    let rotated = Verifier::new(Scheme::Stripe, &["whsec_new_secret", "whsec_bench_secret"], 300).expect("verifier");
+    let mut group = c.benchmark_group("stripe");
+    for size in [1024usize, 64 * 1024] {
+        let body = stripe_body(size);
+        let mut headers = HeaderMap::new();
+        for (k, v) in verifier.sign(&body, 1_700_000_000, "") {
+            headers.insert(k, HeaderValue::from_str(&v).expect("header"));
+        }
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("verify", size), &body, |b, body| {
+            b.iter(|| verifier.verify(&headers, body, 1_700_000_010).expect("valid"));
+        });
+        group.bench_with_input(BenchmarkId::new("verify_rotated_second_secret", size), &body, |b, body| {
+            b.iter(|| rotated.verify(&headers, body, 1_700_000_010).expect("valid"));
+        });
+        group.bench_with_input(BenchmarkId::new("parse", size), &body, |b, body| {
+            b.iter(|| event::parse(Scheme::Stripe, &headers, body).expect("event"));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(hot_paths, benches);
+criterion_main!(hot_paths);

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Throwaway local Postgres and Redis on loopback, for development, tests and benchmarks. Idempotent.
+#
+#   deploy/services.sh start            start both (installing them from apt when missing); print the env
+#   deploy/services.sh stop             stop both
+#   deploy/services.sh status           say what runs
+#   deploy/services.sh env              print the environment variables (eval-able)
+#   deploy/services.sh start-postgres | stop-postgres | start-redis | stop-redis
+#
+# Settings (environment): HOOKGATE_STATE_DIR (default <repo>/.local), HOOKGATE_PG_PORT (54329),
+# HOOKGATE_REDIS_PORT (63799). Tests use these to run private instances they can stop and start.
+# Postgres refuses to run as root: as root, it runs as the unprivileged user `postgres` (created if absent).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE_DIR=${HOOKGATE_STATE_DIR:-$ROOT/.local}
+PG_PORT=${HOOKGATE_PG_PORT:-54329}
+REDIS_PORT=${HOOKGATE_REDIS_PORT:-63799}
+PG_DB=hookgate
+
+log() { echo "services: $*" >&2; }
+
+APT_UPDATED=
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    log "need $* but not root: install it (apt-get install $*) and retry"; exit 1
+  fi
+  if [ -z "$APT_UPDATED" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  log "installing $* from apt"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# Postgres binaries: PATH first, then Debian's versioned directory; install from apt when absent.
+pg_bin() {
+  local tool=$1 found
+  found=$(command -v "$tool" 2>/dev/null || true)
+  if [ -z "$found" ]; then
+    found=$(ls -d /usr/lib/postgresql/*/bin/"$tool" 2>/dev/null | sort -V | tail -n 1 || true)
+  fi
+  echo "$found"
+}
+
+ensure_postgres_installed() {
+  if [ -z "$(pg_bin initdb)" ] || [ -z "$(pg_bin pg_ctl)" ] || ! command -v psql >/dev/null; then
+    apt_install postgresql postgresql-client
+  fi
+}
+
+ensure_redis_installed() {
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
+}
+
+# The OS user Postgres runs as: ourselves unless root; as root, `postgres` (created when missing).
+pg_os_user() {
+  if [ "$(id -u)" != 0 ]; then id -un; return; fi
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+  echo postgres
+}
+
+as_pg() {
+  local user; user=$(pg_os_user)
+  if [ "$user" = "$(id -un)" ]; then "$@"; else runuser -u "$user" -- "$@"; fi
+}
+
+# Where the data folder lives: in the project unless the Postgres user cannot reach it (e.g. a clone under
+# /root), then in a per-project folder under /var/tmp.
+pg_data_dir() {
+  local dir=$STATE_DIR/pg
+  mkdir -p "$STATE_DIR"
+  if [ "$(id -u)" = 0 ] && ! runuser -u "$(pg_os_user)" -- test -x "$STATE_DIR" 2>/dev/null; then
+    dir=/var/tmp/hookgate-$(echo -n "$STATE_DIR" | sha1sum | cut -c1-12)/pg
+  fi
+  echo "$dir"
+}
+
+pg_running() {
+  local data; data=$(pg_data_dir)
+  [ -f "$data/PG_VERSION" ] && as_pg "$(pg_bin pg_ctl)" status -D "$data" >/dev/null 2>&1
+}
+
+start_postgres() {
+  ensure_postgres_installed
+  local data user; data=$(pg_data_dir); user=$(pg_os_user)
+  mkdir -p "$data"
+  chown "$user" "$data" "$(dirname "$data")"
+  chmod 700 "$data"
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initdb $data"
+    as_pg "$(pg_bin initdb)" -D "$data" -U postgres --auth=trust --encoding=UTF8 --no-locale >/dev/null
+  fi
+  if ! pg_running; then
+    log "starting postgres on 127.0.0.1:$PG_PORT"
+    # synchronous_commit and fsync stay on: a 202 means the event is on disk.
+    as_pg "$(pg_bin pg_ctl)" start -D "$data" -l "$data/../postgres.log" -w -t 60 -o \
+      "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_buffers=256MB" >/dev/null
+  fi
+  local i
+  for i in $(seq 1 50); do
+    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  if [ "$(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]; then
+    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "create database $PG_DB" >/dev/null
+  fi
+}
+
+stop_postgres() {
+  local data; data=$(pg_data_dir)
+  if pg_running; then
+    log "stopping postgres"
+    as_pg "$(pg_bin pg_ctl)" stop -D "$data" -m fast -w >/dev/null
+  fi
+}
+
+redis_running() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; }
+
+start_redis() {
+  ensure_redis_installed
+  mkdir -p "$STATE_DIR/redis"
+  if ! redis_running; then
+    log "starting redis on 127.0.0.1:$REDIS_PORT"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save '' --appendonly yes \
+      --dir "$STATE_DIR/redis" --pidfile "$STATE_DIR/redis/redis.pid" --logfile "$STATE_DIR/redis/redis.log"
+    local i
+    for i in $(seq 1 50); do redis_running && break; sleep 0.1; done
+  fi
+}
+
+stop_redis() {
+  if redis_running; then
+    log "stopping redis"
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  fi
+}
+
+print_env() {
+  cat <<ENV
+export HOOKGATE_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB
+export HOOKGATE_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
+export HOOKGATE_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+ENV
+}
+
+case "${1:-start}" in
+  start) start_postgres; start_redis; print_env ;;
+  stop) stop_postgres; stop_redis ;;
+  status)
+    if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT ($(pg_data_dir))"; else echo "postgres: stopped"; fi
+    if redis_running; then echo "redis: running on 127.0.0.1:$REDIS_PORT"; else echo "redis: stopped"; fi ;;
+  env) print_env ;;
+  start-postgres) start_postgres ;;
+  stop-postgres) stop_postgres ;;
+  start-redis) start_redis ;;
+  stop-redis) stop_redis ;;
+  *) echo "usage: $0 start|stop|status|env|start-postgres|stop-postgres|start-redis|stop-redis" >&2; exit 2 ;;
+esac

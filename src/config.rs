@@ -1,0 +1,412 @@
+//! Typed configuration: embedded defaults -> optional file -> `HOOKGATE__` environment, validated once.
+//!
+//! Every struct denies unknown keys, so a typo stops start-up with the key's name instead of being
+//! silently ignored. Secrets are never part of this tree: a source only names where its secrets live,
+//! and [`Config::sources`] reads them into verifiers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::signature::{Scheme, Verifier};
+
+/// The documented defaults, built into the binary so it runs without any file.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// Prefix of environment overrides; `__` separates nested keys.
+pub const ENV_PREFIX: &str = "HOOKGATE__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error(transparent)]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("cannot read the secret file of source `{source_name}` ({path})")]
+    SecretFile {
+        source_name: String,
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub queue: QueueConfig,
+    pub workers: WorkersConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub http2_max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// When a 202 is sent: after the commit (durable) or after queueing (enqueue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    Durable,
+    Enqueue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub capacity: usize,
+    pub ack_mode: AckMode,
+    pub high_water_ratio: f64,
+    pub retry_after_s: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub count: usize,
+    pub batch_max: usize,
+    pub batch_linger_ms: u64,
+    pub retry_backoff_max_ms: u64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+    pub pool_max: u32,
+    pub connect_timeout_ms: u64,
+    pub migrate_on_start: bool,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_max", &self.pool_max)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    pub requests_grace_ms: u64,
+    pub drain_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub scheme: Scheme,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default = "default_tolerance_s")]
+    pub tolerance_s: u64,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_tolerance_s() -> u64 {
+    300
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+
+/// A configured source, its secrets loaded: what the request path needs.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub verifier: Verifier,
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (which must exist when given), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// As [`Config::load`] with an explicit environment provider (tests pass their own).
+    pub fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment.merge(env).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document layered over the defaults (no environment): for tests and tools.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(text)).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("server.max_connections", self.server.max_connections as u64),
+            ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            ("server.http2_max_concurrent_streams", u64::from(self.server.http2_max_concurrent_streams)),
+            ("queue.capacity", self.queue.capacity as u64),
+            ("queue.retry_after_s", u64::from(self.queue.retry_after_s)),
+            ("workers.count", self.workers.count as u64),
+            ("workers.batch_max", self.workers.batch_max as u64),
+            ("workers.retry_backoff_max_ms", self.workers.retry_backoff_max_ms),
+            ("store.connect_timeout_ms", self.store.connect_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if !(self.queue.high_water_ratio > 0.0 && self.queue.high_water_ratio <= 1.0) {
+            return Err(invalid("queue.high_water_ratio", "must be in (0, 1]"));
+        }
+        if self.workers.batch_max > 10_000 {
+            return Err(invalid("workers.batch_max", "at most 10000 events per batch"));
+        }
+        if (self.store.pool_max as usize) <= self.workers.count {
+            return Err(invalid(
+                "store.pool_max",
+                format!("must exceed workers.count ({}): each worker holds one connection", self.workers.count),
+            ));
+        }
+        if !self.store.url.starts_with("postgres://") && !self.store.url.starts_with("postgresql://") {
+            return Err(invalid("store.url", "must be a postgres:// URL"));
+        }
+        if self.server.listen == self.admin.listen {
+            return Err(invalid("admin.listen", "must differ from server.listen"));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        for (name, source) in &self.sources {
+            let valid_name = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            if !valid_name {
+                return Err(invalid(format!("sources.{name}"), "names use a-z, 0-9, '-' and '_' (at most 64)"));
+            }
+            if source.secret_env.is_none() && source.secret_file.is_none() {
+                return Err(invalid(format!("sources.{name}"), "set secret_env or secret_file"));
+            }
+            if source.max_body_bytes == 0 {
+                return Err(invalid(format!("sources.{name}.max_body_bytes"), "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every source's secrets and builds its verifier. Fails when a source has no secret.
+    pub fn sources(&self) -> Result<Vec<Source>, ConfigError> {
+        self.sources.iter().map(|(name, cfg)| load_source(name, cfg)).collect()
+    }
+
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.store.url = redact_url(&self.store.url);
+        // Plain structs of strings, numbers and maps always serialise.
+        toml::to_string(&shown).unwrap_or_default()
+    }
+}
+
+fn load_source(name: &str, cfg: &SourceConfig) -> Result<Source, ConfigError> {
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some(var) = &cfg.secret_env {
+        let value = std::env::var(var).unwrap_or_default();
+        secrets.extend(value.split([',', ' ', '\n', '\t']).map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+    }
+    if let Some(path) = &cfg.secret_file {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::SecretFile {
+            source_name: name.to_owned(),
+            path: path.clone(),
+            cause,
+        })?;
+        secrets.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+    }
+    if secrets.is_empty() {
+        let place = match (&cfg.secret_env, &cfg.secret_file) {
+            (Some(var), _) => format!("environment variable {var} is unset or empty"),
+            (None, Some(path)) => format!("file {} holds no secret", path.display()),
+            (None, None) => "no secret_env or secret_file".to_owned(),
+        };
+        return Err(invalid(format!("sources.{name}"), format!("no secret: {place}")));
+    }
+    let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
+        .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
+    Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes })
+}
+
+/// Hides the password of a URL (`postgres://user:****@host/db`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl ServerConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's own error type
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.queue.ack_mode, AckMode::Durable);
+        assert_eq!(c.server.listen.port(), 8080);
+        assert_ne!(c.admin.listen.port(), 9090, "9090 belongs to Prometheus");
+        assert!(c.sources.is_empty());
+    }
+
+    #[test]
+    fn every_default_key_is_documented_with_a_comment() {
+        // Each `key = value` line of default.toml is preceded by a comment line.
+        let lines: Vec<&str> = DEFAULT_TOML.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim();
+            if !t.starts_with('#') && !t.starts_with('[') && t.contains('=') {
+                assert!(lines[i - 1].trim_start().starts_with('#'), "undocumented key: {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::from_toml("[queue]\ncapacityy = 5").unwrap_err().to_string();
+        assert!(err.contains("capacityy"), "{err}");
+        let err = Config::from_toml("[sources.s]\nscheme='stripe'\nsecret_env='X'\nfoo=1").unwrap_err().to_string();
+        assert!(err.contains("foo"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = Config::from_toml("[queue]\ncapacity = 0").unwrap_err().to_string();
+        assert!(err.contains("queue.capacity"), "{err}");
+        let err = Config::from_toml("[queue]\nack_mode = 'sometimes'").unwrap_err().to_string();
+        assert!(err.contains("ack_mode"), "{err}");
+        let err = Config::from_toml("[store]\npool_max = 2").unwrap_err().to_string();
+        assert!(err.contains("store.pool_max"), "{err}");
+        let err = Config::from_toml("[sources.Bad]\nscheme='stripe'\nsecret_env='X'").unwrap_err().to_string();
+        assert!(err.contains("sources.Bad"), "{err}");
+        let err = Config::from_toml("[sources.s]\nscheme='paypal'\nsecret_env='X'").unwrap_err().to_string();
+        assert!(err.contains("scheme"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HOOKGATE__QUEUE__CAPACITY", "50000");
+            jail.set_env("HOOKGATE__SOURCES__STRIPE__SCHEME", "stripe");
+            jail.set_env("HOOKGATE__SOURCES__STRIPE__SECRET_ENV", "HG_TEST_SECRET_A");
+            jail.set_env("HG_TEST_SECRET_A", "whsec_new, whsec_old");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.queue.capacity, 50000);
+            let sources = c.sources().map_err(|e| e.to_string())?;
+            assert_eq!(sources[0].name, "stripe");
+            let shown = format!("{:?}", sources[0].verifier);
+            assert!(shown.contains("2 redacted") && !shown.contains("whsec_new"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_from_a_file_and_missing_secret_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("secret", "# rotated 2026-11\nwhsec_a\n\nwhsec_b\n")?;
+            jail.create_file("hg.toml", "[sources.s]\nscheme='stripe'\nsecret_file='secret'\n[sources.t]\nscheme='github'\nsecret_env='HG_UNSET_VAR'")?;
+            let c = Config::load(Some(Path::new("hg.toml"))).map_err(|e| e.to_string())?;
+            let err = c.sources().unwrap_err().to_string();
+            assert!(err.contains("sources.t") && err.contains("HG_UNSET_VAR"), "{err}");
+            jail.set_env("HG_UNSET_VAR", "ghsecret");
+            let sources = c.sources().map_err(|e| e.to_string())?;
+            assert_eq!(sources.len(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/hookgate.toml"))).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/hookgate.toml"), "{err}");
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(redact_url("postgres://u:p4ss@h:5/db"), "postgres://u:****@h:5/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        let mut c = Config::from_toml("").unwrap();
+        c.store.url = "postgres://u:hunter2@h/db".into();
+        assert!(!c.redacted_toml().contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(c.redacted_toml().contains("[queue]"));
+    }
+}

@@ -1,0 +1,255 @@
+//! The event model and its parser: only the few fields hookgate needs, borrowed from the body, pure.
+//!
+//! serde skips every other field without building a JSON tree. Values are checked to be storable
+//! (no control characters, bounded length) here, so a hostile body is refused with a 400 and can never
+//! make a whole batch fail in Postgres.
+
+use std::borrow::Cow;
+
+use http::HeaderMap;
+use serde::Deserialize;
+
+use crate::signature::Scheme;
+
+/// Longest event id or type accepted (bytes). Stripe ids are ~30 characters.
+pub const MAX_ID_LEN: usize = 255;
+
+pub const GITHUB_DELIVERY: &str = "x-github-delivery";
+pub const GITHUB_EVENT: &str = "x-github-event";
+
+/// The fields of one event that hookgate stores beside the raw body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub id: Cow<'a, str>,
+    pub event_type: Cow<'a, str>,
+    /// Unix seconds at which the sender created the event, when it says.
+    pub created: Option<i64>,
+    pub livemode: Option<bool>,
+    pub api_version: Option<Cow<'a, str>>,
+    /// Stripe Connect account the event belongs to.
+    pub account: Option<Cow<'a, str>>,
+}
+
+/// Why a verified body is not an event of its source's scheme (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("the body is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("the event has no `{0}`")]
+    Missing(&'static str),
+    #[error("`object` is `{0}`, expected `event`")]
+    NotAnEvent(String),
+    #[error("`{0}` is empty, too long or holds control characters")]
+    Invalid(&'static str),
+}
+
+/// A JSON string borrowed from the body when it has no escapes (serde only borrows a `Cow` that is the
+/// direct field type, not one inside an `Option`, hence this newtype).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+#[derive(Deserialize)]
+struct StripeBody<'a> {
+    #[serde(borrow)]
+    id: Option<Text<'a>>,
+    #[serde(borrow)]
+    object: Option<Text<'a>>,
+    #[serde(borrow, rename = "type")]
+    event_type: Option<Text<'a>>,
+    created: Option<i64>,
+    livemode: Option<bool>,
+    #[serde(borrow)]
+    api_version: Option<Text<'a>>,
+    #[serde(borrow)]
+    account: Option<Text<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TypedBody<'a> {
+    #[serde(borrow, rename = "type")]
+    event_type: Option<Text<'a>>,
+}
+
+/// Extracts the event from a body (and, for Standard Webhooks and GitHub, its headers).
+pub fn parse<'a>(scheme: Scheme, headers: &'a HeaderMap, body: &'a [u8]) -> Result<Event<'a>, EventError> {
+    let event = match scheme {
+        Scheme::Stripe => parse_stripe(body)?,
+        Scheme::Standard => {
+            let id = header_text(headers, crate::signature::STANDARD_ID).ok_or(EventError::Missing("webhook-id"))?;
+            let typed: TypedBody<'a> = from_json(body)?;
+            Event {
+                id: Cow::Borrowed(id),
+                event_type: typed.event_type.ok_or(EventError::Missing("type"))?.0,
+                created: None,
+                livemode: None,
+                api_version: None,
+                account: None,
+            }
+        }
+        Scheme::Github => {
+            let id = header_text(headers, GITHUB_DELIVERY).ok_or(EventError::Missing("X-GitHub-Delivery"))?;
+            let event_type = header_text(headers, GITHUB_EVENT).ok_or(EventError::Missing("X-GitHub-Event"))?;
+            // GitHub bodies are JSON objects; refuse anything else so the stored body is always an event.
+            let _: serde::de::IgnoredAny = from_json(body)?;
+            if body.iter().find(|b| !b.is_ascii_whitespace()).is_none_or(|b| *b != b'{') {
+                return Err(EventError::NotJson("expected an object".into()));
+            }
+            Event {
+                id: Cow::Borrowed(id),
+                event_type: Cow::Borrowed(event_type),
+                created: None,
+                livemode: None,
+                api_version: None,
+                account: None,
+            }
+        }
+    };
+    check_storable("id", &event.id, true)?;
+    check_storable("type", &event.event_type, true)?;
+    if let Some(v) = &event.api_version {
+        check_storable("api_version", v, false)?;
+    }
+    if let Some(v) = &event.account {
+        check_storable("account", v, false)?;
+    }
+    Ok(event)
+}
+
+fn parse_stripe(body: &[u8]) -> Result<Event<'_>, EventError> {
+    let raw: StripeBody<'_> = from_json(body)?;
+    let object = raw.object.ok_or(EventError::Missing("object"))?.0;
+    if object != "event" {
+        return Err(EventError::NotAnEvent(object.chars().take(40).collect()));
+    }
+    Ok(Event {
+        id: raw.id.ok_or(EventError::Missing("id"))?.0,
+        event_type: raw.event_type.ok_or(EventError::Missing("type"))?.0,
+        created: raw.created,
+        livemode: raw.livemode,
+        api_version: raw.api_version.map(|t| t.0),
+        account: raw.account.map(|t| t.0),
+    })
+}
+
+fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, EventError> {
+    serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name)?.to_str().ok().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Postgres `text` refuses NUL, and control characters in ids would forge log lines: refuse both.
+fn check_storable(field: &'static str, value: &str, required: bool) -> Result<(), EventError> {
+    let bad = (required && value.is_empty()) || value.len() > MAX_ID_LEN || value.chars().any(char::is_control);
+    if bad {
+        Err(EventError::Invalid(field))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn stripe(body: &str) -> Result<Event<'_>, EventError> {
+        static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+        parse(Scheme::Stripe, EMPTY.get_or_init(HeaderMap::new), body.as_bytes())
+    }
+
+    #[test]
+    fn stripe_event_fields_are_extracted_and_borrowed() {
+        let body = r#"{"id":"evt_1","object":"event","type":"charge.succeeded","created":1700000000,
+            "livemode":true,"api_version":"2024-06-20","account":"acct_9","data":{"object":{"id":"ch_1","nested":[1,2,{"a":null}]}}}"#;
+        let e = stripe(body).unwrap();
+        assert_eq!(e.id, "evt_1");
+        assert!(matches!(e.id, Cow::Borrowed(_)));
+        assert_eq!(e.event_type, "charge.succeeded");
+        assert_eq!(e.created, Some(1_700_000_000));
+        assert_eq!(e.livemode, Some(true));
+        assert_eq!(e.api_version.as_deref(), Some("2024-06-20"));
+        assert_eq!(e.account.as_deref(), Some("acct_9"));
+    }
+
+    #[test]
+    fn stripe_refusals() {
+        assert!(matches!(stripe("not json"), Err(EventError::NotJson(_))));
+        assert!(matches!(stripe("[1,2]"), Err(EventError::NotJson(_))));
+        assert_eq!(stripe(r#"{"object":"event","type":"x"}"#), Err(EventError::Missing("id")));
+        assert_eq!(stripe(r#"{"id":"evt_1","type":"x"}"#), Err(EventError::Missing("object")));
+        assert_eq!(
+            stripe(r#"{"id":"ch_1","object":"charge","type":"x"}"#),
+            Err(EventError::NotAnEvent("charge".into()))
+        );
+        assert_eq!(stripe(r#"{"id":"","object":"event","type":"x"}"#), Err(EventError::Invalid("id")));
+        assert_eq!(stripe(r#"{"id":"a\u0000b","object":"event","type":"x"}"#), Err(EventError::Invalid("id")));
+        assert_eq!(stripe(r#"{"id":"a\nb","object":"event","type":"x"}"#), Err(EventError::Invalid("id")));
+        let long = format!(r#"{{"id":"{}","object":"event","type":"x"}}"#, "a".repeat(300));
+        assert_eq!(stripe(&long), Err(EventError::Invalid("id")));
+        // A duplicated key is ambiguous (which id is the event?): refused.
+        assert!(matches!(stripe(r#"{"id":"a","id":"b","object":"event","type":"x"}"#), Err(EventError::NotJson(_))));
+        // Wrong types are refused rather than guessed.
+        assert!(matches!(stripe(r#"{"id":5,"object":"event","type":"x"}"#), Err(EventError::NotJson(_))));
+    }
+
+    #[test]
+    fn escaped_id_is_decoded() {
+        let e = stripe(r#"{"id":"evt_\u00e9","object":"event","type":"x"}"#).unwrap();
+        assert_eq!(e.id, "evt_é");
+    }
+
+    #[test]
+    fn standard_and_github_take_ids_from_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("webhook-id", HeaderValue::from_static("msg_1"));
+        let e = parse(Scheme::Standard, &h, br#"{"type":"invoice.paid","data":{}}"#).unwrap();
+        assert_eq!((e.id.as_ref(), e.event_type.as_ref()), ("msg_1", "invoice.paid"));
+        assert_eq!(parse(Scheme::Standard, &h, br#"{"data":{}}"#), Err(EventError::Missing("type")));
+        assert_eq!(
+            parse(Scheme::Standard, &HeaderMap::new(), br#"{"type":"x"}"#),
+            Err(EventError::Missing("webhook-id"))
+        );
+
+        let mut g = HeaderMap::new();
+        g.insert("x-github-delivery", HeaderValue::from_static("72d3162e-cc78-11e3-81ab-4c9367dc0958"));
+        g.insert("x-github-event", HeaderValue::from_static("push"));
+        let e = parse(Scheme::Github, &g, br#"{"ref":"main"}"#).unwrap();
+        assert_eq!(e.event_type, "push");
+        assert!(matches!(parse(Scheme::Github, &g, b"[]"), Err(EventError::NotJson(_))));
+        g.remove("x-github-event");
+        assert_eq!(parse(Scheme::Github, &g, b"{}"), Err(EventError::Missing("X-GitHub-Event")));
+    }
+
+    #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        // Fields we do not need are skipped iteratively: 100,000 levels cannot overflow the stack.
+        let body = format!(
+            r#"{{"id":"e","object":"event","type":"x","data":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(stripe(&body).map(|e| e.id.into_owned()), Ok("e".to_owned()));
+        let unbalanced = format!(r#"{{"id":"e","object":"event","type":"x","data":{}}}"#, "[".repeat(100_000));
+        assert!(matches!(stripe(&unbalanced), Err(EventError::NotJson(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        #[test]
+        fn parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let h = HeaderMap::new();
+            for scheme in [Scheme::Stripe, Scheme::Standard, Scheme::Github] {
+                let _ = parse(scheme, &h, &body);
+            }
+        }
+
+        #[test]
+        fn parser_never_panics_on_jsonish(body in r#"\{("(id|object|type|created|livemode)":("[^"]{0,8}"|[0-9]{1,3}|true|null),?){0,6}\}"#) {
+            let _ = stripe(&body);
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The webhook listener: a connection-limited accept loop serving HTTP/1.1 and h2c with hyper, drained on shutdown.
+//!
+//! A semaphore permit is taken before `accept()` (as mini-redis does), so past `max_connections` new clients
+//! wait in the kernel backlog instead of consuming memory here. Handlers only enqueue: this module never
+//! touches sqlx or Redis.
+
+pub mod admin;
+pub mod error;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::ServerConfig;
+pub use webhook::WebhookState;
+
+/// Serves webhooks on `listener` until `stop` is cancelled, then lets in-flight requests finish for at most
+/// `grace`. Returns when every connection is closed or the grace has passed.
+pub async fn serve_webhooks(
+    listener: TcpListener,
+    state: Arc<WebhookState>,
+    config: &ServerConfig,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout())
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener ready");
+
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors or a connection reset before accept: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            crate::metrics::record_connections(1.0);
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(webhook::handle(state, request).await) }
+            });
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+            crate::metrics::record_connections(-1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    info!(open_connections = graceful.count(), "webhook listener closed; finishing in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
+    }
+}

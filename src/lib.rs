@@ -1,0 +1,131 @@
+//! hookgate: a gateway that receives signed payment webhooks, stores each exactly once in Postgres, and
+//! acknowledges only what is durable.
+//!
+//! # Crate map
+//!
+//! - [`config`]: typed configuration (embedded defaults, file, `HOOKGATE__` environment), validated once.
+//! - [`signature`]: Stripe / Standard Webhooks / GitHub signature verification. Pure: no I/O, no clock.
+//! - [`event`]: the few event fields hookgate stores, parsed from the body without a JSON tree. Pure.
+//! - [`http`]: the webhook listener (hyper, HTTP/1.1 + h2c, bounded), its handler, the admin listener.
+//! - [`pipeline`]: the bounded queue, the batching workers, and the acks that complete durable requests.
+//! - [`store`]: Postgres: pool, migrations, the one-round-trip batch insert.
+//! - [`metrics`]: every metric name, described once.
+//! - [`shutdown`]: signals and time-bounded drain steps.
+//!
+//! [`run`] wires them together on listeners the caller has bound (port 0 in tests).
+
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod shutdown;
+pub mod signature;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::config::{Config, ConfigError};
+use crate::http::admin::{serve_admin, AdminState};
+use crate::http::{serve_webhooks, WebhookState};
+use crate::pipeline::Pipeline;
+use crate::store::{Store, StoreError};
+
+/// The two listening sockets, bound before [`run`] so that callers choose the ports.
+#[derive(Debug)]
+pub struct Listeners {
+    pub webhooks: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            webhooks: TcpListener::bind(config.server.listen).await?,
+            admin: TcpListener::bind(config.admin.listen).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no sources are configured: add a [sources.<name>] table")]
+    NoSources,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
+/// requests, drain the queue, let the workers flush, close the pool. Each step is bounded by the config.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+    let sources = config.sources()?;
+    if sources.is_empty() {
+        return Err(RunError::NoSources);
+    }
+    let store = Store::new(&config.store)?;
+    if config.store.migrate_on_start {
+        store.migrate().await?;
+    }
+    let prometheus = metrics::install();
+
+    let workers = TaskTracker::new();
+    let (pipeline, control) =
+        Pipeline::start(config.queue.capacity, config.queue.high_water_ratio, &config.workers, &store, &workers);
+    let state = Arc::new(WebhookState {
+        sources: sources
+            .into_iter()
+            .map(|s| (s.name.clone(), (Arc::from(s.name.as_str()), s)))
+            .collect::<HashMap<_, _>>(),
+        pipeline: pipeline.clone(),
+        ack_mode: config.queue.ack_mode,
+        request_timeout: config.server.request_timeout(),
+        retry_after_s: config.queue.retry_after_s,
+    });
+
+    let admin_stop = CancellationToken::new();
+    let admin_state = AdminState {
+        prometheus: prometheus.clone(),
+        store: store.clone(),
+        pipeline: pipeline.clone(),
+        shutting_down: shutdown.clone(),
+    };
+    let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stop.clone()));
+    let upkeep_stop = admin_stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => prometheus.run_upkeep(),
+                () = upkeep_stop.cancelled() => return,
+            }
+        }
+    });
+    info!(ack_mode = ?config.queue.ack_mode, workers = config.workers.count, "hookgate running");
+
+    let requests_grace = Duration::from_millis(config.shutdown.requests_grace_ms);
+    serve_webhooks(listeners.webhooks, state, &config.server, shutdown, requests_grace).await;
+
+    info!(queued = pipeline.depth(), "draining the queue");
+    pipeline.close();
+    control.drain.cancel();
+    workers.close();
+    let drain_grace = Duration::from_millis(config.shutdown.drain_grace_ms);
+    if !shutdown::bounded("drain queue", drain_grace, workers.wait()).await {
+        control.abort.cancel();
+        shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
+    }
+    shutdown::bounded("close database pool", Duration::from_secs(5), store.close()).await;
+    admin_stop.cancel();
+    let _ = admin.await;
+    info!("hookgate stopped");
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The `hookgate` binary: parse the command line, load the configuration, start telemetry, run until a signal.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use hookgate::config::{Config, LogConfig, LogFormat};
+use hookgate::{signature::Scheme, Listeners};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "hookgate", version, about = "Receives signed payment webhooks and stores each exactly once.")]
+struct Cli {
+    /// Configuration file, layered over the built-in defaults (then HOOKGATE__* environment variables).
+    #[arg(long, short, global = true, env = "HOOKGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the headers that sign FILE for SOURCE at the current time, one `Name: value` per line.
+    Sign {
+        #[arg(long)]
+        source: String,
+        /// The request body to sign.
+        #[arg(long)]
+        body: PathBuf,
+        /// Message id (Standard Webhooks `webhook-id`, GitHub `X-GitHub-Delivery`); random when absent.
+        #[arg(long)]
+        id: Option<String>,
+        /// GitHub event name for `X-GitHub-Event`.
+        #[arg(long, default_value = "ping")]
+        event: String,
+    },
+    /// Print the resolved configuration (secrets redacted); exit non-zero when it is invalid.
+    CheckConfig,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hookgate: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => check_config(&config),
+        Command::Sign { source, body, id, event } => sign(&config, &source, &body, id, &event),
+        Command::Migrate => runtime()?.block_on(async {
+            init_tracing(&config.log);
+            let store = hookgate::store::Store::new(&config.store)?;
+            store.migrate().await.context("applying migrations")?;
+            info!("migrations applied");
+            Ok(())
+        }),
+        Command::Serve => runtime()?.block_on(serve(config)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    init_tracing(&config.log);
+    let listeners = Listeners::bind(&config)
+        .await
+        .with_context(|| format!("binding {} and {}", config.server.listen, config.admin.listen))?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        hookgate::shutdown::signal().await;
+        info!("shutdown signal received; draining (send it again to exit at once)");
+        trigger.cancel();
+        hookgate::shutdown::signal().await;
+        warn!("second shutdown signal: exiting without draining");
+        std::process::exit(130);
+    });
+    hookgate::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+fn check_config(config: &Config) -> anyhow::Result<()> {
+    let sources = config.sources().context("invalid source")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", config.redacted_toml())?;
+    for source in &sources {
+        writeln!(out, "# source {}: {:?}", source.name, source.verifier)?;
+    }
+    if sources.is_empty() {
+        writeln!(out, "# warning: no sources configured; `serve` refuses to start without one")?;
+    }
+    Ok(())
+}
+
+fn sign(
+    config: &Config,
+    source_name: &str,
+    body_path: &PathBuf,
+    id: Option<String>,
+    event: &str,
+) -> anyhow::Result<()> {
+    let sources = config.sources()?;
+    let Some(source) = sources.iter().find(|s| s.name == source_name) else {
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        bail!("unknown source `{source_name}` (configured: {})", names.join(", "));
+    };
+    let body = std::fs::read(body_path).with_context(|| format!("reading {}", body_path.display()))?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
+    let id = id.unwrap_or_else(|| {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("msg_{nanos:x}{:x}", std::process::id())
+    });
+    let mut out = std::io::stdout().lock();
+    for (name, value) in source.verifier.sign(&body, now, &id) {
+        writeln!(out, "{name}: {value}")?;
+    }
+    if source.verifier.scheme() == Scheme::Github {
+        writeln!(out, "{}: {id}", hookgate::event::GITHUB_DELIVERY)?;
+        writeln!(out, "{}: {event}", hookgate::event::GITHUB_EVENT)?;
+    }
+    Ok(())
+}
+
+fn init_tracing(log: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("hookgate: logging was already initialised: {e}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Every metric name as a constant, described once, with explicit histogram buckets and small record helpers.
+//!
+//! Labels only ever carry configured source names and fixed words, never request input, so a hostile
+//! client cannot blow up cardinality or smuggle text into a scrape.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
+pub const SIGNATURE_FAILURES: &str = "hookgate_signature_failures_total";
+pub const EVENTS: &str = "hookgate_events_total";
+pub const QUEUE_DEPTH: &str = "hookgate_queue_depth";
+pub const QUEUE_CAPACITY: &str = "hookgate_queue_capacity";
+pub const QUEUE_REJECTIONS: &str = "hookgate_queue_rejections_total";
+pub const BATCH_SIZE: &str = "hookgate_batch_size";
+pub const STORE_COMMIT_DURATION: &str = "hookgate_store_commit_duration_seconds";
+pub const STORE_ERRORS: &str = "hookgate_store_errors_total";
+pub const CONNECTIONS_OPEN: &str = "hookgate_http_connections_open";
+
+/// Latency buckets (seconds): fine around the few-millisecond group commit, up to the request timeout.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same handle) and describes every metric.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS))
+                .map_or_else(|_| PrometheusBuilder::new().build_recorder(), PrometheusBuilder::build_recorder);
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding application): then we only render ours.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "Duration of HTTP requests on the webhook port.");
+    describe_counter!(SIGNATURE_FAILURES, "Requests refused because their signature did not verify, by reason.");
+    describe_counter!(EVENTS, "Events written to Postgres, by source and outcome (inserted or duplicate).");
+    describe_gauge!(QUEUE_DEPTH, "Events accepted and waiting for a worker.");
+    describe_gauge!(QUEUE_CAPACITY, "Capacity of the event queue.");
+    describe_counter!(QUEUE_REJECTIONS, "Requests answered 503 before queueing, by reason.");
+    describe_histogram!(BATCH_SIZE, "Events per batch written by a worker.");
+    describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Duration of one batch insert and commit.");
+    describe_counter!(STORE_ERRORS, "Failed batch writes, by kind (transient errors are retried).");
+    describe_gauge!(CONNECTIONS_OPEN, "Open connections on the webhook port.");
+}
+
+pub fn record_request(method: &str, route: &'static str, status: u16, elapsed: Duration) {
+    histogram!(HTTP_REQUEST_DURATION, "method" => method.to_owned(), "route" => route, "status" => status.to_string())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn record_signature_failure(source: &str, reason: &'static str) {
+    counter!(SIGNATURE_FAILURES, "source" => source.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn record_events(source: &str, outcome: &'static str, count: u64) {
+    counter!(EVENTS, "source" => source.to_owned(), "outcome" => outcome).increment(count);
+}
+
+pub fn record_queue_depth(depth: usize) {
+    gauge!(QUEUE_DEPTH).set(depth as f64);
+}
+
+pub fn record_queue_capacity(capacity: usize) {
+    gauge!(QUEUE_CAPACITY).set(capacity as f64);
+}
+
+pub fn record_queue_rejection(reason: &'static str) {
+    counter!(QUEUE_REJECTIONS, "reason" => reason).increment(1);
+}
+
+pub fn record_batch(size: usize, commit: Duration) {
+    histogram!(BATCH_SIZE).record(size as f64);
+    histogram!(STORE_COMMIT_DURATION).record(commit.as_secs_f64());
+}
+
+pub fn record_store_error(kind: &'static str) {
+    counter!(STORE_ERRORS, "kind" => kind).increment(1);
+}
+
+pub fn record_connections(delta: f64) {
+    gauge!(CONNECTIONS_OPEN).increment(delta);
+}

@@ -1,0 +1,121 @@
+//! The bounded queue between the HTTP handlers and the batching workers, and the acks that flow back.
+//!
+//! A handler `submit`s a job without waiting (a full queue is refused at once: 503, never an unbounded
+//! buffer). In durable mode the job carries a oneshot sender that a worker resolves after the batch holding
+//! the event has committed.
+
+mod worker;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::WorkersConfig;
+use crate::store::{NewEvent, Store};
+
+pub use worker::WorkerControl;
+
+/// What became of an event once its batch committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The event was new and is now stored.
+    Inserted,
+    /// An event with the same source and id was already stored (or earlier in the same batch).
+    Duplicate,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Inserted => "inserted",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// The batch holding the event could not be written; the sender should retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the event could not be stored")]
+pub struct StoreFailed;
+
+pub type Ack = Result<Outcome, StoreFailed>;
+
+/// One event on its way to Postgres, and whom to tell when it is there.
+#[derive(Debug)]
+pub struct Job {
+    pub event: NewEvent,
+    pub ack: Option<oneshot::Sender<Ack>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full")]
+    Full,
+    #[error("the gateway is shutting down")]
+    Closed,
+}
+
+/// The sending half, shared by every handler.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    tx: mpsc::Sender<Job>,
+    capacity: usize,
+    high_water: usize,
+    closed: Arc<AtomicBool>,
+}
+
+impl Pipeline {
+    /// Creates the queue and starts `config.count` workers on `tracker`.
+    pub fn start(
+        capacity: usize,
+        high_water_ratio: f64,
+        config: &WorkersConfig,
+        store: &Store,
+        tracker: &TaskTracker,
+    ) -> (Self, WorkerControl) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let control = WorkerControl { drain: CancellationToken::new(), abort: CancellationToken::new() };
+        let rx = Arc::new(Mutex::new(rx));
+        for index in 0..config.count {
+            tracker.spawn(worker::run(index, rx.clone(), store.clone(), config.clone(), control.clone()));
+        }
+        crate::metrics::record_queue_capacity(capacity);
+        let high_water = ((capacity as f64 * high_water_ratio).ceil() as usize).clamp(1, capacity);
+        (Self { tx, capacity, high_water, closed: Arc::new(AtomicBool::new(false)) }, control)
+    }
+
+    /// Queues an event without waiting. With `want_ack`, returns the receiver of its outcome.
+    pub fn submit(&self, event: NewEvent, want_ack: bool) -> Result<Option<oneshot::Receiver<Ack>>, SubmitError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed);
+        }
+        let (ack, receiver) = if want_ack {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        match self.tx.try_send(Job { event, ack }) {
+            Ok(()) => Ok(receiver),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SubmitError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SubmitError::Closed),
+        }
+    }
+
+    /// Refuses every later submit; the workers keep draining what is queued.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub fn depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+
+    /// Above the high-water mark the gateway reports itself not ready, so a load balancer sends elsewhere.
+    pub fn saturated(&self) -> bool {
+        self.depth() >= self.high_water
+    }
+}

@@ -1,0 +1,150 @@
+//! A batching worker: collect up to `batch_max` jobs (or what arrives within the linger), dedupe, write
+//! in one round trip, then resolve every ack. Transient database errors are retried with capped backoff.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn, Instrument};
+
+use super::{Job, Outcome, StoreFailed};
+use crate::config::WorkersConfig;
+use crate::store::{NewEvent, Store};
+
+/// How the shutdown sequence steers the workers.
+#[derive(Debug, Clone)]
+pub struct WorkerControl {
+    /// Finish what is queued, then exit.
+    pub drain: CancellationToken,
+    /// Stop retrying a failing batch (the drain's time is up): its waiters are told it failed.
+    pub abort: CancellationToken,
+}
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(20);
+
+pub(super) async fn run(
+    index: usize,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    store: Store,
+    config: WorkersConfig,
+    control: WorkerControl,
+) {
+    let linger = Duration::from_millis(config.batch_linger_ms);
+    let mut batch: Vec<Job> = Vec::with_capacity(config.batch_max);
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let received = tokio::select! {
+                // Biased: while jobs are queued they are taken, even once draining has begun.
+                biased;
+                n = rx.recv_many(&mut batch, config.batch_max) => n,
+                () = control.drain.cancelled() => {
+                    while batch.len() < config.batch_max {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    batch.len()
+                }
+            };
+            if received == 0 {
+                return;
+            }
+            if !linger.is_zero() && batch.len() < config.batch_max && !control.drain.is_cancelled() {
+                let deadline = tokio::time::Instant::now() + linger;
+                while batch.len() < config.batch_max {
+                    let room = config.batch_max - batch.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
+            crate::metrics::record_queue_depth(rx.len());
+        }
+        let span = tracing::debug_span!("batch", worker = index, batch_size = batch.len());
+        write_batch(&store, &mut batch, &config, &control).instrument(span).await;
+        batch.clear();
+    }
+}
+
+/// Writes one batch, retrying while the database is unavailable, and resolves every job's ack.
+async fn write_batch(store: &Store, batch: &mut [Job], config: &WorkersConfig, control: &WorkerControl) {
+    // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates.
+    let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(batch.len());
+    let mut unique: Vec<&NewEvent> = Vec::with_capacity(batch.len());
+    let mut unique_positions: Vec<usize> = Vec::with_capacity(batch.len());
+    for (i, job) in batch.iter().enumerate() {
+        if seen.insert((&*job.event.source, job.event.id.as_str())) {
+            unique.push(&job.event);
+            unique_positions.push(i);
+        }
+    }
+    let mut backoff = INITIAL_BACKOFF;
+    let max_backoff = Duration::from_millis(config.retry_backoff_max_ms);
+    let result = loop {
+        let started = Instant::now();
+        match store.insert_batch(&unique).await {
+            Ok(inserted) => {
+                crate::metrics::record_batch(unique.len(), started.elapsed());
+                break Ok(inserted);
+            }
+            Err(e) if e.is_transient() && !control.abort.is_cancelled() => {
+                crate::metrics::record_store_error("transient");
+                warn!(error = %error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "batch write failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = control.abort.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+            Err(e) => {
+                crate::metrics::record_store_error(if e.is_transient() { "aborted" } else { "rejected" });
+                error!(error = %error_chain(&e), batch_size = unique.len(), "batch write failed; answering 503");
+                break Err(e);
+            }
+        }
+    };
+    // For each batch position: was it written as new? None when the batch failed.
+    let inserted_at: Option<Vec<bool>> = result.ok().map(|flags| {
+        let mut at = vec![false; batch.len()];
+        for (position, inserted) in unique_positions.iter().zip(flags) {
+            at[*position] = inserted;
+        }
+        at
+    });
+    let mut counts: HashMap<(Arc<str>, Outcome), u64> = HashMap::new();
+    for (i, job) in batch.iter_mut().enumerate() {
+        let ack = match &inserted_at {
+            None => Err(StoreFailed),
+            Some(flags) => {
+                let outcome = if flags[i] { Outcome::Inserted } else { Outcome::Duplicate };
+                *counts.entry((job.event.source.clone(), outcome)).or_default() += 1;
+                Ok(outcome)
+            }
+        };
+        if let Some(tx) = job.ack.take() {
+            // The requester may have given up (deadline passed): the event is stored all the same.
+            let _ = tx.send(ack);
+        }
+    }
+    for ((source, outcome), n) in counts {
+        crate::metrics::record_events(&source, outcome.as_str(), n);
+    }
+    debug!("batch resolved");
+}
+
+/// `error: cause: cause` in one line, so logs keep the chain that `Display` alone would drop.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,128 @@
+//! Accepted, duplicate, concurrent and h2c deliveries: every event stored once, with its exact bytes.
+
+use hookgate::config::AckMode;
+use hookgate::signature::Scheme;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn accepted_then_duplicate_and_exact_body_stored() {
+    let db = TestDb::create().await;
+    let gateway = Gateway::start(test_config(&db.url)).await;
+    let client = client();
+    let id = unique("evt");
+    // Whitespace and key order that a re-serialiser would change: the stored bytes must be these.
+    let body = format!(
+        "{{ \"object\": \"event\",\n  \"id\": \"{id}\", \"type\": \"charge.succeeded\", \"note\": \"Zoë 😀\" }}"
+    );
+    let headers = stripe_headers(body.as_bytes());
+
+    let first = post(&client, &gateway.url("stripe"), &headers, body.as_bytes()).await;
+    assert_eq!(first.status, 202, "{first:?}");
+    assert_eq!(first.json["status"], "accepted");
+    assert_eq!(first.json["id"], id.as_str());
+    assert_eq!(db.body_of("stripe", &id).await.as_deref(), Some(body.as_bytes()));
+
+    let again = post(&client, &gateway.url("stripe"), &headers, body.as_bytes()).await;
+    assert_eq!(again.status, 202, "{again:?}");
+    assert_eq!(again.json["status"], "duplicate");
+    assert_eq!(db.count().await, 1);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_deliveries_of_one_event_store_one_row() {
+    let db = TestDb::create().await;
+    let gateway = Gateway::start(test_config(&db.url)).await;
+    let id = unique("evt");
+    let body = stripe_event(&id);
+    let headers = stripe_headers(body.as_bytes());
+    let url = gateway.url("stripe");
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (url, headers, body) = (url.clone(), headers.clone(), body.clone());
+        // A client of its own: a connection of its own.
+        tasks.push(tokio::spawn(async move { post(&client(), &url, &headers, body.as_bytes()).await }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        let answer = task.await.expect("task");
+        assert_eq!(answer.status, 202, "{answer:?}");
+        if answer.json["status"] == "accepted" {
+            accepted += 1;
+        } else {
+            assert_eq!(answer.json["status"], "duplicate");
+        }
+    }
+    assert_eq!(accepted, 1, "exactly one delivery is the one that stored the event");
+    assert_eq!(db.count().await, 1);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn standard_and_github_sources_are_stored() {
+    let db = TestDb::create().await;
+    let gateway = Gateway::start(test_config(&db.url)).await;
+    let client = client();
+
+    let msg_id = unique("msg");
+    let body = br#"{"type":"invoice.paid","timestamp":"2026-11-26T12:00:00Z","data":{"amount":5}}"#;
+    let headers = sign(Scheme::Standard, STANDARD_SECRET, body, &msg_id, now());
+    let answer = post(&client, &gateway.url("standard"), &headers, body).await;
+    assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("accepted")), "{answer:?}");
+    assert_eq!(db.body_of("standard", &msg_id).await.as_deref(), Some(&body[..]));
+
+    let delivery = unique("gh");
+    let body = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
+    let mut headers = sign(Scheme::Github, GITHUB_SECRET, body, "", now());
+    headers.push(("X-GitHub-Delivery".into(), delivery.clone()));
+    headers.push(("X-GitHub-Event".into(), "ping".into()));
+    let answer = post(&client, &gateway.url("github"), &headers, body).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let event_type: String = sqlx::query_scalar("SELECT event_type FROM events WHERE event_id = $1")
+        .bind(&delivery)
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+    assert_eq!(event_type, "ping");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_on_the_webhook_port() {
+    let db = TestDb::create().await;
+    let gateway = Gateway::start(test_config(&db.url)).await;
+    let client = h2c_client();
+    let ids: Vec<String> = (0..20).map(|_| unique("evt_h2")).collect();
+    // Many streams at once over one HTTP/2 connection.
+    let mut set = tokio::task::JoinSet::new();
+    for id in ids {
+        let (client, url) = (client.clone(), gateway.url("stripe"));
+        set.spawn(async move {
+            let body = stripe_event(&id);
+            post(&client, &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await
+        });
+    }
+    while let Some(answer) = set.join_next().await {
+        let answer = answer.expect("task");
+        assert_eq!(answer.version, http::Version::HTTP_2);
+        assert_eq!(answer.status, 202, "{answer:?}");
+    }
+    assert_eq!(db.count().await, 20);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_mode_answers_queued_and_still_stores() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.queue.ack_mode = AckMode::Enqueue;
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    let id = unique("evt");
+    let answer = post_stripe(&client, &gateway, &id).await;
+    assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
+    // Shutdown drains the queue, so the event is stored once the gateway has stopped.
+    gateway.stop().await;
+    assert!(db.body_of("stripe", &id).await.is_some());
+}

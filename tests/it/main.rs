@@ -1,0 +1,8 @@
+//! Integration tests: the gateway against real Postgres (started by deploy/services.sh), over real HTTP.
+
+mod admin;
+mod delivery;
+mod overload;
+mod process;
+mod refusals;
+mod support;

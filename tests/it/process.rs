@@ -1,0 +1,174 @@
+//! The `hookgate` binary as a process: SIGTERM under load, `check-config`, `sign`.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hookgate");
+
+/// The binary, without any `HOOKGATE__` override the test runner's environment may carry.
+fn hookgate() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(hookgate::config::ENV_PREFIX)) {
+        command.env_remove(key);
+    }
+    command
+}
+
+/// Writes a config file for the binary: the test's sources and database, the given ports.
+fn config_file(db_url: &str, port: u16, admin_port: u16) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("hookgate-it")));
+    let text = format!(
+        "{}\n[server]\nlisten = '127.0.0.1:{port}'\n[admin]\nlisten = '127.0.0.1:{admin_port}'\n\
+         [store]\nurl = '{db_url}'\n[shutdown]\nrequests_grace_ms = 10000\ndrain_grace_ms = 10000\n",
+        sources_toml()
+    );
+    std::fs::write(&path, text).expect("config file");
+    path
+}
+
+#[tokio::test]
+async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let mut child = hookgate()
+        .args(["--config", config.to_str().expect("utf-8 path"), "serve"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn hookgate");
+    let health = format!("http://127.0.0.1:{admin_port}/readyz");
+    let c = client();
+    let up = eventually(Duration::from_secs(20), || {
+        let c = c.clone();
+        let health = health.clone();
+        async move {
+            let request =
+                http::Request::get(&health).body(http_body_util::Full::new(bytes::Bytes::new())).expect("req");
+            matches!(c.request(request).await, Ok(r) if r.status() == 200)
+        }
+    })
+    .await;
+    assert!(up, "gateway did not become ready");
+
+    // 64 senders, 4000 events in all; SIGTERM once a good share is in flight.
+    let url = format!("http://127.0.0.1:{port}/webhooks/stripe");
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let mut senders = tokio::task::JoinSet::new();
+    for sender in 0..64 {
+        let (url, stop_sending) = (url.clone(), stop_sending.clone());
+        senders.spawn(async move {
+            let client = client();
+            let mut acknowledged = Vec::new();
+            let mut other = 0u32;
+            for i in 0..63 {
+                if stop_sending.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("evt_term_{sender}_{i}");
+                let body = stripe_event(&id);
+                let request = http::Request::post(&url);
+                let request = stripe_headers(body.as_bytes())
+                    .into_iter()
+                    .fold(request, |r, (k, v)| r.header(k, v))
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .expect("request");
+                match client.request(request).await {
+                    Ok(r) if r.status() == 202 => acknowledged.push(id),
+                    Ok(r) => {
+                        assert_eq!(r.status(), 503, "only 202 or 503 during a drain");
+                        other += 1;
+                    }
+                    // Connection refused or closed: the listener is gone. Unacknowledged, so the sender retries.
+                    Err(_) => other += 1,
+                }
+            }
+            (acknowledged, other)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = child.id().to_string();
+    let signalled = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    let took = signalled.elapsed();
+    stop_sending.store(true, Ordering::Relaxed);
+    assert!(exit.success(), "hookgate exited with {exit:?}");
+    assert!(took < Duration::from_secs(21), "exit took {took:?}, past the 20 s grace");
+
+    let mut acknowledged = Vec::new();
+    while let Some(result) = senders.join_next().await {
+        acknowledged.extend(result.expect("sender").0);
+    }
+    assert!(acknowledged.len() > 100, "only {} acknowledged before SIGTERM", acknowledged.len());
+    let stored = db.stored_ids().await;
+    let lost: Vec<&String> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(lost.is_empty(), "{} acknowledged events lost, e.g. {:?}", lost.len(), lost.first());
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_redacts() {
+    let out =
+        hookgate().arg("check-config").env("HOOKGATE__QUEUE__CAPACITY", "lots").output().expect("run check-config");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.to_lowercase().contains("queue.capacity"), "{err}");
+
+    let out = hookgate()
+        .arg("check-config")
+        .env("HOOKGATE__STORE__URL", "postgres://u:hunter2@db/x")
+        .env("HOOKGATE__SOURCES__S__SCHEME", "stripe")
+        .env("HOOKGATE__SOURCES__S__SECRET_ENV", "HG_IT_CHECK_SECRET")
+        .env("HG_IT_CHECK_SECRET", "whsec_topsecret")
+        .output()
+        .expect("run check-config");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("[queue]") && text.contains("postgres://u:****@db/x"), "{text}");
+    assert!(!text.contains("hunter2") && !text.contains("topsecret"), "{text}");
+}
+
+#[tokio::test]
+async fn sign_prints_headers_the_gateway_accepts() {
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let gateway = Gateway::start(
+        hookgate::config::Config::load_with_env(
+            Some(&config),
+            figment::providers::Env::prefixed("HOOKGATE_IT_UNUSED__"),
+        )
+        .map(|mut c| {
+            c.server.listen = "127.0.0.1:0".parse().expect("addr");
+            c
+        })
+        .expect("config"),
+    )
+    .await;
+    let id = unique("evt");
+    let body_path = std::env::temp_dir().join(format!("{id}.json"));
+    std::fs::write(&body_path, stripe_event(&id)).expect("body");
+    let out = hookgate()
+        .args(["--config", config.to_str().expect("path"), "sign", "--source", "stripe", "--body"])
+        .arg(&body_path)
+        .output()
+        .expect("run sign");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let headers: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(": ").map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    assert_eq!(headers.len(), 1);
+    let body = std::fs::read(&body_path).expect("body");
+    let answer = post(&client(), &gateway.url("stripe"), &headers, &body).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    gateway.stop().await;
+    let _ = std::fs::remove_file(config);
+    let _ = std::fs::remove_file(body_path);
+}

@@ -1,0 +1,248 @@
+//! Test support: a private database per test, an in-process gateway on port 0, a signing HTTP client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hookgate::config::Config;
+use hookgate::signature::{Scheme, Verifier};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const STRIPE_SECRET: &str = "whsec_it_stripe_secret";
+pub const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const GITHUB_SECRET: &str = "it github secret";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{prefix}_{:x}_{}_{}", nanos, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("HOOKGATE_TEST_DATABASE_URL").expect(
+        "HOOKGATE_TEST_DATABASE_URL is not set: run the tests with deploy/test.sh, which starts Postgres and Redis",
+    )
+}
+
+/// Replaces the database name at the end of a postgres URL.
+pub fn with_database(url: &str, name: &str) -> String {
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// A fresh database of its own, so a test can lock or count without seeing any other test.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        Self::create_on(&admin_database_url()).await
+    }
+
+    pub async fn create_on(admin_url: &str) -> Self {
+        let name = unique("hg_it");
+        let admin = PgPoolOptions::new().max_connections(1).connect(admin_url).await.expect("connect to test Postgres");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create test database");
+        admin.close().await;
+        let url = with_database(admin_url, &name);
+        let pool = PgPoolOptions::new().max_connections(4).connect(&url).await.expect("connect to test database");
+        Self { url, pool }
+    }
+
+    pub async fn count(&self) -> i64 {
+        sqlx::query("SELECT count(*) FROM events").fetch_one(&self.pool).await.expect("count").get(0)
+    }
+
+    pub async fn stored_ids(&self) -> std::collections::HashSet<String> {
+        sqlx::query("SELECT event_id FROM events")
+            .fetch_all(&self.pool)
+            .await
+            .expect("ids")
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    pub async fn body_of(&self, source: &str, id: &str) -> Option<Vec<u8>> {
+        sqlx::query("SELECT body FROM events WHERE source = $1 AND event_id = $2")
+            .bind(source)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("body")
+            .map(|r| r.get(0))
+    }
+}
+
+/// Writes the secrets to files in a fresh temporary folder and returns the TOML of three sources using them.
+pub fn sources_toml() -> String {
+    let dir = std::env::temp_dir().join(unique("hookgate-it-secrets"));
+    std::fs::create_dir_all(&dir).expect("secret dir");
+    let write = |name: &str, secret: &str| -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{secret}\n")).expect("secret file");
+        path
+    };
+    format!(
+        "[sources.stripe]\nscheme = 'stripe'\nsecret_file = '{}'\n\
+         [sources.standard]\nscheme = 'standard'\nsecret_file = '{}'\n\
+         [sources.github]\nscheme = 'github'\nsecret_file = '{}'\n",
+        write("stripe", STRIPE_SECRET).display(),
+        write("standard", STANDARD_SECRET).display(),
+        write("github", GITHUB_SECRET).display(),
+    )
+}
+
+/// The test configuration: defaults, three sources, the given database, quiet logs. Tests adjust fields.
+pub fn test_config(database_url: &str) -> Config {
+    let mut config = Config::from_toml(&sources_toml()).expect("test config");
+    database_url.clone_into(&mut config.store.url);
+    config.log.level = "warn".into();
+    config
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), hookgate::RunError>>,
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Self {
+        let webhooks = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let addr = webhooks.local_addr().expect("addr");
+        let admin_addr = admin.local_addr().expect("admin addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(hookgate::run(config, hookgate::Listeners { webhooks, admin }, shutdown.clone()));
+        Self { addr, admin: admin_addr, shutdown, task }
+    }
+
+    pub fn url(&self, source: &str) -> String {
+        format!("http://{}/webhooks/{source}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        result.expect("gateway stops within 30 s").expect("gateway task").expect("gateway run");
+    }
+}
+
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A Stripe event body with the given id (about 300 bytes).
+pub fn stripe_event(id: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","object":"event","api_version":"2026-07-29.dahlia","created":{},"livemode":false,"type":"payment_intent.succeeded","data":{{"object":{{"id":"pi_1","object":"payment_intent","amount":2000,"currency":"usd"}}}}}}"#,
+        now()
+    )
+}
+
+pub fn stripe_headers(body: &[u8]) -> Vec<(String, String)> {
+    sign(Scheme::Stripe, STRIPE_SECRET, body, "", now())
+}
+
+pub fn sign(scheme: Scheme, secret: &str, body: &[u8], id: &str, timestamp: i64) -> Vec<(String, String)> {
+    let verifier = Verifier::new(scheme, &[secret], 300).expect("verifier");
+    verifier.sign(body, timestamp, id).into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// The parts of a response the tests look at.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub json: serde_json::Value,
+    pub version: http::Version,
+}
+
+impl Answer {
+    pub fn kind(&self) -> &str {
+        self.json["error"].as_str().unwrap_or("")
+    }
+}
+
+pub async fn send(client: &HttpClient, method: &str, url: &str, headers: &[(String, String)], body: Vec<u8>) -> Answer {
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    let request = request.body(Full::new(Bytes::from(body))).expect("request");
+    let response = client.request(request).await.expect("response");
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Answer { status: parts.status.as_u16(), headers: parts.headers, json, version: parts.version }
+}
+
+pub async fn post(client: &HttpClient, url: &str, headers: &[(String, String)], body: &[u8]) -> Answer {
+    send(client, "POST", url, headers, body.to_vec()).await
+}
+
+/// Posts a freshly signed Stripe event with `id`.
+pub async fn post_stripe(client: &HttpClient, gateway: &Gateway, id: &str) -> Answer {
+    let body = stripe_event(id);
+    post(client, &gateway.url("stripe"), &stripe_headers(body.as_bytes()), body.as_bytes()).await
+}
+
+pub async fn get_text(client: &HttpClient, url: &str) -> (u16, String) {
+    let request = http::Request::get(url).body(Full::new(Bytes::new())).expect("request");
+    let response = client.request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
