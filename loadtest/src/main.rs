@@ -1,1 +1,349 @@
-fn main() {}
+//! The `hookgate-load` command line: attack, report, plot, sink, verify, find-max.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use hookgate::signature::{Scheme, Verifier};
+use hookgate_load::attack::{self, AttackConfig};
+use hookgate_load::payload::PayloadFactory;
+use hookgate_load::report::{self, Summary};
+use hookgate_load::{findmax, plot, sink, verify};
+
+#[derive(Parser, Debug)]
+#[command(name = "hookgate-load", version, about = "Open-loop load generator for signed webhooks, with a loss audit.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send signed webhooks on a schedule and report what the target sustained.
+    Attack(AttackArgs),
+    /// Summarise one or many results files (merged).
+    Report {
+        files: Vec<PathBuf>,
+        /// text, json, or hist[0,1ms,5ms,...]
+        #[arg(long = "type", default_value = "text")]
+        kind: String,
+    },
+    /// Render results files as a self-contained HTML page: latency over time and its distribution.
+    Plot {
+        files: Vec<PathBuf>,
+        #[arg(long, short, default_value = "plot.html")]
+        output: PathBuf,
+        #[arg(long, default_value = "hookgate-load")]
+        title: String,
+    },
+    /// A minimal server answering 202: the baseline and the calibration target.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        listen: SocketAddr,
+        /// Answer every request after this long (e.g. 10ms).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Option<Duration>,
+        /// Freeze once for this long (e.g. 500ms)...
+        #[arg(long, value_parser = humantime::parse_duration)]
+        stall: Option<Duration>,
+        /// ...this long after the first request.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        stall_after: Duration,
+        /// Check each signature with this secret (401 when it fails); see GET /stats.
+        #[arg(long, env = "HOOKGATE_LOAD_SECRET")]
+        secret: Option<String>,
+        #[arg(long, value_enum, default_value = "stripe")]
+        scheme: SchemeArg,
+    },
+    /// Check that every event answered 2xx is in Postgres exactly once with its exact body, and on its stream.
+    Verify {
+        files: Vec<PathBuf>,
+        #[arg(long, env = "HOOKGATE_DATABASE_URL")]
+        database_url: String,
+        /// Also check the Redis streams.
+        #[arg(long, env = "HOOKGATE_REDIS_URL")]
+        redis_url: Option<String>,
+        #[arg(long, default_value = "hookgate:events:{source}")]
+        stream_key: String,
+        /// Write the counts as JSON here too.
+        #[arg(long)]
+        report_json: Option<PathBuf>,
+    },
+    /// Find the highest rate whose corrected P99 stays under an SLO with no errors.
+    FindMax {
+        #[command(flatten)]
+        attack: AttackArgs,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10ms")]
+        slo_p99: Duration,
+        #[arg(long, default_value_t = 1000.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 200_000.0)]
+        max_rate: f64,
+        /// Length of each step.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        step: Duration,
+        #[arg(long, default_value_t = 0.05)]
+        precision: f64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SchemeArg {
+    Stripe,
+    Standard,
+    Github,
+}
+
+impl From<SchemeArg> for Scheme {
+    fn from(s: SchemeArg) -> Self {
+        match s {
+            SchemeArg::Stripe => Scheme::Stripe,
+            SchemeArg::Standard => Scheme::Standard,
+            SchemeArg::Github => Scheme::Github,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct AttackArgs {
+    /// Target URL (repeatable: requests are spread across targets).
+    #[arg(long = "target", required = true)]
+    targets: Vec<http::Uri>,
+    /// Requests per second (open loop); 0 for closed loop with --concurrency.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Closed loop: requests in flight at once (with --rate 0).
+    #[arg(long, default_value_t = 0)]
+    concurrency: usize,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Stop after this many requests.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Connections (HTTP/1.1: also the most requests in flight; HTTP/2: 64 streams each).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// HTTP/2 over cleartext (h2c, prior knowledge).
+    #[arg(long)]
+    http2: bool,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    timeout: Duration,
+    #[arg(long, value_enum, default_value = "stripe")]
+    scheme: SchemeArg,
+    /// The endpoint secret to sign with.
+    #[arg(long, env = "HOOKGATE_LOAD_SECRET")]
+    secret: String,
+    /// Body size in bytes of the built-in payload.
+    #[arg(long, default_value_t = 1024)]
+    payload_size: usize,
+    /// JSON body with {{id}}, {{created}} and {{type}} placeholders, instead of the built-in payload.
+    #[arg(long)]
+    payload_template: Option<PathBuf>,
+    /// Event types to cycle through, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "payment_intent.succeeded,charge.succeeded,invoice.paid")]
+    event_types: Vec<String>,
+    /// Share of requests that resend an earlier event (same id and body).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_ratio: f64,
+    /// Share of requests signed with a wrong secret (expected to be refused with 401).
+    #[arg(long, default_value_t = 0.0)]
+    bad_signature_ratio: f64,
+    /// Stream every result to this file (CSV) for report, plot and verify.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Write the final summary as JSON here too.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// Prefix of the event ids (default: from the clock), so runs never collide.
+    #[arg(long)]
+    run_id: Option<String>,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl AttackArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, ratio) in
+            [("--duplicate-ratio", self.duplicate_ratio), ("--bad-signature-ratio", self.bad_signature_ratio)]
+        {
+            if !(0.0..=1.0).contains(&ratio) {
+                bail!("{name} must be between 0 and 1");
+            }
+        }
+        if self.duplicate_ratio + self.bad_signature_ratio > 1.0 {
+            bail!("--duplicate-ratio plus --bad-signature-ratio exceed 1");
+        }
+        if self.rate < 0.0 || !self.rate.is_finite() {
+            bail!("--rate must be 0 or positive");
+        }
+        if self.rate == 0.0 && self.concurrency == 0 {
+            bail!("--rate 0 (closed loop) needs --concurrency");
+        }
+        if self.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        for t in &self.targets {
+            if t.scheme_str() != Some("http") || t.host().is_none() {
+                bail!("--target {t}: only http://host[:port]/path targets are supported");
+            }
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> AttackConfig {
+        AttackConfig {
+            targets: self.targets.clone(),
+            rate: self.rate,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            requests: self.requests,
+            connections: self.connections,
+            http2: self.http2,
+            timeout: self.timeout,
+            duplicate_ratio: self.duplicate_ratio,
+            bad_signature_ratio: self.bad_signature_ratio,
+            output: self.output.clone(),
+            progress: !self.no_progress,
+            scheme: format!("{}", Scheme::from(self.scheme)),
+        }
+    }
+
+    fn factory(&self, suffix: &str) -> anyhow::Result<PayloadFactory> {
+        let template = match &self.payload_template {
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+        let run_id = self.run_id.clone().unwrap_or_else(|| format!("{:x}", now.as_millis())) + suffix;
+        PayloadFactory::new(
+            self.scheme.into(),
+            &self.secret,
+            run_id,
+            self.event_types.clone(),
+            self.payload_size,
+            template,
+            now.as_secs() as i64,
+        )
+        .context("invalid --secret for this scheme")
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hookgate-load: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(real_main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hookgate-load: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    match cli.command {
+        Command::Attack(args) => {
+            args.validate()?;
+            if args.duration.is_none() && args.requests.is_none() {
+                bail!("give --duration and/or --requests");
+            }
+            let outcome = attack::run(args.config(), args.factory("")?).await?;
+            outcome.summary.write_text(&mut stdout)?;
+            if let Some(path) = &args.report_json {
+                std::fs::write(path, serde_json::to_vec_pretty(&outcome.summary)?)?;
+            }
+        }
+        Command::Report { files, kind } => {
+            if files.is_empty() {
+                bail!("give one or more results files");
+            }
+            let (recorder, planned, rate) = report::merge_files(&files)?;
+            match kind.as_str() {
+                "text" => Summary::new(&recorder, planned, rate).write_text(&mut stdout)?,
+                "json" => serde_json::to_writer_pretty(&mut stdout, &Summary::new(&recorder, planned, rate))?,
+                spec if spec.starts_with("hist[") => {
+                    report::write_hist(&recorder, &report::parse_hist(spec)?, &mut stdout)?;
+                }
+                other => bail!("unknown report type {other}: text, json or hist[...]"),
+            }
+            writeln!(stdout)?;
+        }
+        Command::Plot { files, output, title } => {
+            if files.is_empty() {
+                bail!("give one or more results files");
+            }
+            std::fs::write(&output, plot::render(&files, &title)?)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!("wrote {}", output.display());
+        }
+        Command::Sink { listen, delay, stall, stall_after, secret, scheme } => {
+            let verifier = match secret {
+                Some(s) => Some(Verifier::new(scheme.into(), &[s], 300).context("invalid --secret")?),
+                None => None,
+            };
+            let config = sink::SinkConfig {
+                delay: delay.unwrap_or_default(),
+                stall: stall.unwrap_or_default(),
+                stall_after,
+                verifier,
+            };
+            let listener = sink::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            eprintln!("sink listening on http://{}", listener.local_addr()?);
+            tokio::select! {
+                r = sink::serve(listener, config) => r?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Command::Verify { files, database_url, redis_url, stream_key, report_json } => {
+            let report = verify::run(&verify::VerifyConfig { files, database_url, redis_url, stream_key }).await?;
+            serde_json::to_writer_pretty(&mut stdout, &report)?;
+            writeln!(stdout)?;
+            if let Some(path) = report_json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+            }
+            if !report.ok() {
+                eprintln!(
+                    "verify: FAILED: {} lost, {} body mismatches, {} bad signatures stored, {} missing from streams",
+                    report.lost, report.body_mismatch, report.bad_signatures_stored, report.missing_from_stream
+                );
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            eprintln!("verify: ok: {} acknowledged events, all stored once with their exact body", report.acknowledged);
+        }
+        Command::FindMax { attack, slo_p99, start_rate, max_rate, step, precision } => {
+            attack.validate()?;
+            let mut base = attack.config();
+            base.progress = false;
+            let config = findmax::FindMaxConfig {
+                attack: base,
+                slo_p99,
+                start_rate,
+                max_rate,
+                step,
+                precision,
+                pause: Duration::from_secs(2),
+            };
+            let result = findmax::run(&config, |i| attack.factory(&format!("s{i}"))).await?;
+            writeln!(
+                stdout,
+                "max sustainable rate: {:.0}/s (corrected P99 <= {}, no errors)",
+                result.max_sustainable_rate,
+                report::fmt_us(result.slo_p99_us)
+            )?;
+            if let Some(path) = &attack.report_json {
+                std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

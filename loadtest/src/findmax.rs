@@ -1,0 +1,112 @@
+//! `find-max`: the headline number. Runs short open-loop steps, doubling the rate until P99 passes the SLO,
+//! errors appear or the schedule cannot be kept, then bisects between the last good and first bad rate.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::attack::{self, AttackConfig};
+use crate::payload::PayloadFactory;
+use crate::report::{fmt_us, Summary};
+
+#[derive(Debug, Clone)]
+pub struct FindMaxConfig {
+    pub attack: AttackConfig,
+    pub slo_p99: Duration,
+    pub start_rate: f64,
+    pub max_rate: f64,
+    pub step: Duration,
+    /// Stop bisecting when the bracket is narrower than this fraction of the good rate.
+    pub precision: f64,
+    /// Pause between steps, so a backlog from a failed step does not spill into the next.
+    pub pause: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub rate: f64,
+    pub ok: bool,
+    pub why: String,
+    pub achieved_rate: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub success_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FindMaxResult {
+    /// Highest rate that met the SLO with no errors; 0 when even the start rate failed.
+    pub max_sustainable_rate: f64,
+    pub slo_p99_us: u64,
+    pub steps: Vec<Step>,
+    /// The full summary of the best step.
+    pub best: Option<Summary>,
+}
+
+/// Runs the search. `factory_for(step)` builds a payload factory with a run id of its own for each step.
+pub async fn run(
+    config: &FindMaxConfig,
+    factory_for: impl Fn(usize) -> anyhow::Result<PayloadFactory>,
+) -> anyhow::Result<FindMaxResult> {
+    let slo_us = config.slo_p99.as_micros() as u64;
+    let mut steps = Vec::new();
+    let mut best: Option<Summary> = None;
+    let (mut good, mut bad) = (0.0f64, f64::INFINITY);
+    let mut rate = config.start_rate;
+    loop {
+        let mut attack = config.attack.clone();
+        attack.rate = rate;
+        attack.duration = Some(config.step);
+        attack.requests = None;
+        let summary = attack::run(attack, factory_for(steps.len())?).await?.summary;
+        let why = judge(&summary, slo_us);
+        let ok = why.is_empty();
+        eprintln!(
+            "find-max: {rate:>9.0}/s  achieved {:>9.1}/s  p99 {:>10}  success {:>7.3}%  {}",
+            summary.achieved_rate,
+            fmt_us(summary.latency_corrected.p99_us),
+            summary.success_ratio * 100.0,
+            if ok { "ok".to_owned() } else { format!("FAIL: {why}") }
+        );
+        steps.push(Step {
+            rate,
+            ok,
+            why,
+            achieved_rate: summary.achieved_rate,
+            p50_us: summary.latency_corrected.p50_us,
+            p99_us: summary.latency_corrected.p99_us,
+            p999_us: summary.latency_corrected.p999_us,
+            success_ratio: summary.success_ratio,
+        });
+        if ok {
+            good = rate;
+            best = Some(summary);
+        } else {
+            bad = rate;
+        }
+        let next = if bad.is_infinite() { (rate * 2.0).min(config.max_rate) } else { f64::midpoint(good, bad) };
+        let converged = !bad.is_infinite() && (bad - good) <= good.max(config.start_rate) * config.precision;
+        if converged || (ok && rate >= config.max_rate) || (good == 0.0 && !ok && rate <= config.start_rate) {
+            break;
+        }
+        rate = next.round();
+        tokio::time::sleep(config.pause).await;
+    }
+    Ok(FindMaxResult { max_sustainable_rate: good, slo_p99_us: slo_us, steps, best })
+}
+
+/// Why a step failed, or empty when it passed: every answer as expected, the schedule kept, P99 under the SLO.
+fn judge(summary: &Summary, slo_us: u64) -> String {
+    let mut why = Vec::new();
+    if summary.success_ratio < 1.0 {
+        why.push(format!("{} unexpected answers", summary.requests - summary.successful()));
+    }
+    if !summary.rate_met(0.01) {
+        why.push(format!("rate not met ({:.1}/s)", summary.achieved_rate));
+    }
+    if summary.latency_corrected.p99_us > slo_us {
+        why.push(format!("p99 {} > SLO", fmt_us(summary.latency_corrected.p99_us)));
+    }
+    why.join(", ")
+}

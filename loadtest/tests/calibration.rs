@@ -1,0 +1,180 @@
+//! The generator's acceptance tests, on loopback against `sink`: its figures are exact where they can be
+//! checked (a known delay, a known stall, a known rate), its requests are signed and unique, and its
+//! reports merge. They run one at a time: two schedules sharing two cores would measure each other.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+use hookgate::signature::{Scheme, Verifier};
+use hookgate_load::attack::{self, AttackConfig, Outcome};
+use hookgate_load::payload::PayloadFactory;
+use hookgate_load::report::{self, Summary};
+use hookgate_load::sink::{self, SinkConfig, SinkStats};
+
+const SECRET: &str = "whsec_calibration";
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+async fn start_sink(config: SinkConfig) -> String {
+    let listener = sink::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(sink::serve(listener, config));
+    format!("http://{addr}/webhooks/stripe")
+}
+
+fn attack_config(target: &str, rate: f64, seconds: u64, connections: usize, output: Option<PathBuf>) -> AttackConfig {
+    AttackConfig {
+        targets: vec![target.parse().unwrap()],
+        rate,
+        concurrency: 0,
+        duration: Some(Duration::from_secs(seconds)),
+        requests: None,
+        connections,
+        http2: false,
+        timeout: Duration::from_secs(5),
+        duplicate_ratio: 0.0,
+        bad_signature_ratio: 0.0,
+        output,
+        progress: false,
+        scheme: "stripe".into(),
+    }
+}
+
+fn factory(run: &str) -> PayloadFactory {
+    PayloadFactory::new(Scheme::Stripe, SECRET, run.into(), vec!["a.b".into()], 1024, None, 1_700_000_000).unwrap()
+}
+
+async fn attack(config: AttackConfig, run: &str) -> Outcome {
+    attack::run(config, factory(run)).await.unwrap()
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("hookgate-load-{}-{name}", std::process::id()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_delay_is_measured_within_a_millisecond() {
+    let _serial = SERIAL.lock().await;
+    let target = start_sink(SinkConfig { delay: Duration::from_millis(10), ..SinkConfig::default() }).await;
+    let s = attack(attack_config(&target, 500.0, 5, 32, None), "delay").await.summary;
+    eprintln!("{:?}\n{:?}", s.latency_corrected, s.latency_uncorrected);
+    assert_eq!(s.successful(), s.requests);
+    assert!((ms(s.latency_corrected.p50_us) - 10.0).abs() <= 1.0, "corrected P50 {:?}", s.latency_corrected);
+    for (c, u) in [
+        (s.latency_corrected.p50_us, s.latency_uncorrected.p50_us),
+        (s.latency_corrected.p90_us, s.latency_uncorrected.p90_us),
+        (s.latency_corrected.p99_us, s.latency_uncorrected.p99_us),
+    ] {
+        assert!(ms(c.abs_diff(u)) <= 1.0, "corrected {c}µs vs uncorrected {u}µs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_shows_in_the_corrected_p99_and_the_plot_but_not_the_uncorrected() {
+    let _serial = SERIAL.lock().await;
+    let target = start_sink(SinkConfig {
+        stall: Duration::from_millis(500),
+        stall_after: Duration::from_secs(2),
+        ..SinkConfig::default()
+    })
+    .await;
+    let output = temp("stall.csv");
+    // Few connections, as a closed-loop tool would have: only they see the stall from their send time.
+    let s = attack(attack_config(&target, 1000.0, 5, 8, Some(output.clone())), "stall").await.summary;
+    eprintln!("{:?}\n{:?}", s.latency_corrected, s.latency_uncorrected);
+    assert!(s.latency_corrected.p99_us >= 200_000, "corrected P99 {:?}", s.latency_corrected);
+    assert!(
+        s.latency_uncorrected.p99_us * 10 <= s.latency_corrected.p99_us,
+        "uncorrected P99 {} should be far below corrected {}",
+        s.latency_uncorrected.p99_us,
+        s.latency_corrected.p99_us
+    );
+    assert!(s.verdicts.iter().any(|v| v.contains("FELL BEHIND")), "{:?}", s.verdicts);
+    // The plot's per-second corrected P99: one second towers over the others.
+    let by_second = hookgate_load::plot::p99_by_second(std::slice::from_ref(&output)).unwrap();
+    let mut sorted = by_second.clone();
+    sorted.sort_unstable();
+    assert!(*sorted.last().unwrap() >= 200_000 && sorted[sorted.len() / 2] < 20_000, "{by_second:?}");
+    let html = hookgate_load::plot::render(std::slice::from_ref(&output), "stall").unwrap();
+    assert!(html.contains("<svg") && html.contains("P99 corrected") && html.matches("<polyline").count() >= 6);
+    let _ = std::fs::remove_file(output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_achieved_rate_is_within_one_percent_at_1000_and_5000_per_second() {
+    let _serial = SERIAL.lock().await;
+    let target = start_sink(SinkConfig::default()).await;
+    for rate in [1000.0, 5000.0] {
+        let s = attack(attack_config(&target, rate, 5, 32, None), &format!("rate{rate}")).await.summary;
+        eprintln!("{rate}/s: achieved {:.1}/s, dropped {}, lateness {:?}", s.achieved_rate, s.dropped, s.send_lateness);
+        assert!(s.rate_met(0.01), "{rate}/s: achieved {} dropped {}", s.achieved_rate, s.dropped);
+        assert_eq!(s.requests, (rate * 5.0) as u64);
+        assert_eq!(s.successful(), s.requests);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_signed_and_unique_except_the_requested_duplicates_and_bad_ones() {
+    let _serial = SERIAL.lock().await;
+    let verifier = Verifier::new(Scheme::Stripe, &[SECRET], 300).unwrap();
+    let target = start_sink(SinkConfig { verifier: Some(verifier), ..SinkConfig::default() }).await;
+    let output = temp("mix.csv");
+    let mut config = attack_config(&target, 2000.0, 2, 16, Some(output.clone()));
+    config.duplicate_ratio = 0.1;
+    config.bad_signature_ratio = 0.05;
+    let s = attack(config, "mix").await.summary;
+    let stats_url = target.replace("/webhooks/stripe", "/stats");
+    let stats: SinkStats = fetch_json(&stats_url).await;
+
+    let (mut fresh, mut dup, mut bad) = (0u64, 0u64, 0u64);
+    hookgate_load::results::read(&output, |_, row| match row.kind {
+        hookgate_load::payload::Kind::Fresh => fresh += 1,
+        hookgate_load::payload::Kind::Duplicate => dup += 1,
+        hookgate_load::payload::Kind::BadSignature => bad += 1,
+    })
+    .unwrap();
+    assert_eq!(fresh + dup + bad, s.requests);
+    assert!(dup > 200 && bad > 100, "dup {dup} bad {bad}");
+    assert_eq!(stats.requests, s.requests);
+    assert_eq!(stats.invalid_signatures, bad, "exactly the bad ones fail verification");
+    assert_eq!(stats.valid_signatures, fresh + dup);
+    assert_eq!(stats.unique_ids, fresh, "every fresh event has an id of its own");
+    assert_eq!(stats.repeated_ids, dup);
+    // The sink answers 401 to the bad ones, which is what the generator expects of them.
+    assert_eq!(s.successful(), s.requests, "{:?}", s.status_codes);
+    let _ = std::fs::remove_file(output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_merges_files_and_json_round_trips() {
+    let _serial = SERIAL.lock().await;
+    let target = start_sink(SinkConfig::default()).await;
+    let (a, b) = (temp("a.csv"), temp("b.csv"));
+    let sa = attack(attack_config(&target, 500.0, 1, 8, Some(a.clone())), "ma").await.summary;
+    let sb = attack(attack_config(&target, 300.0, 1, 8, Some(b.clone())), "mb").await.summary;
+    let (recorder, planned, rate) = report::merge_files(&[a.clone(), b.clone()]).unwrap();
+    let merged = Summary::new(&recorder, planned, rate);
+    assert_eq!(merged.requests, sa.requests + sb.requests);
+    assert_eq!(merged.planned, 800);
+    assert!((merged.requested_rate - 800.0).abs() < 1e-9);
+    assert_eq!(merged.status_codes["202"], 800);
+    // One file alone reproduces the attack's own summary.
+    let (alone, planned, rate) = report::merge_files(std::slice::from_ref(&a)).unwrap();
+    assert_eq!(Summary::new(&alone, planned, rate), sa);
+    let json = serde_json::to_string(&merged).unwrap();
+    assert_eq!(serde_json::from_str::<Summary>(&json).unwrap(), merged);
+    let _ = (std::fs::remove_file(a), std::fs::remove_file(b));
+}
+
+async fn fetch_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
