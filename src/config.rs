@@ -50,6 +50,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub workers: WorkersConfig,
     pub store: StoreConfig,
+    pub notify: NotifyConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     #[serde(default)]
@@ -115,6 +116,42 @@ impl fmt::Debug for StoreConfig {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("migrate_on_start", &self.migrate_on_start)
             .finish()
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    pub enabled: bool,
+    pub redis_url: String,
+    pub stream_key: String,
+    pub stream_maxlen: u64,
+    pub include_body: bool,
+    pub publish_channel: bool,
+    pub pool_max: usize,
+    pub command_timeout_ms: u64,
+    pub catchup_interval_ms: u64,
+    pub catchup_batch: u32,
+    pub catchup_grace_ms: u64,
+    pub warn_interval_s: u64,
+    pub queue_batches: usize,
+}
+
+impl NotifyConfig {
+    /// The stream of one source.
+    pub fn stream_for(&self, source: &str) -> String {
+        self.stream_key.replace("{source}", source)
+    }
+}
+
+impl fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("enabled", &self.enabled)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("stream_key", &self.stream_key)
+            .field("stream_maxlen", &self.stream_maxlen)
+            .finish_non_exhaustive()
     }
 }
 
@@ -210,6 +247,13 @@ impl Config {
             ("workers.batch_max", self.workers.batch_max as u64),
             ("workers.retry_backoff_max_ms", self.workers.retry_backoff_max_ms),
             ("store.connect_timeout_ms", self.store.connect_timeout_ms),
+            ("notify.stream_maxlen", self.notify.stream_maxlen),
+            ("notify.pool_max", self.notify.pool_max as u64),
+            ("notify.command_timeout_ms", self.notify.command_timeout_ms),
+            ("notify.catchup_interval_ms", self.notify.catchup_interval_ms),
+            ("notify.catchup_batch", u64::from(self.notify.catchup_batch)),
+            ("notify.warn_interval_s", self.notify.warn_interval_s),
+            ("notify.queue_batches", self.notify.queue_batches as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -230,6 +274,12 @@ impl Config {
         }
         if !self.store.url.starts_with("postgres://") && !self.store.url.starts_with("postgresql://") {
             return Err(invalid("store.url", "must be a postgres:// URL"));
+        }
+        if !self.notify.redis_url.starts_with("redis://") && !self.notify.redis_url.starts_with("rediss://") {
+            return Err(invalid("notify.redis_url", "must be a redis:// URL"));
+        }
+        if !self.notify.stream_key.contains("{source}") {
+            return Err(invalid("notify.stream_key", "must contain {source}, so each source has its own stream"));
         }
         if self.server.listen == self.admin.listen {
             return Err(invalid("admin.listen", "must differ from server.listen"));
@@ -262,6 +312,7 @@ impl Config {
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = redact_url(&self.store.url);
+        shown.notify.redis_url = redact_url(&self.notify.redis_url);
         // Plain structs of strings, numbers and maps always serialise.
         toml::to_string(&shown).unwrap_or_default()
     }

@@ -8,7 +8,8 @@
 //! - [`event`]: the few event fields hookgate stores, parsed from the body without a JSON tree. Pure.
 //! - [`http`]: the webhook listener (hyper, HTTP/1.1 + h2c, bounded), its handler, the admin listener.
 //! - [`pipeline`]: the bounded queue, the batching workers, and the acks that complete durable requests.
-//! - [`store`]: Postgres: pool, migrations, the one-round-trip batch insert.
+//! - [`store`]: Postgres: pool, migrations, the one-round-trip batch insert, the outbox queries.
+//! - [`notify`]: Redis streams: pipelined `XADD` per batch, the outbox catch-up, replay.
 //! - [`metrics`]: every metric name, described once.
 //! - [`shutdown`]: signals and time-bounded drain steps.
 //!
@@ -18,6 +19,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod shutdown;
 pub mod signature;
@@ -35,6 +37,7 @@ use tracing::info;
 use crate::config::{Config, ConfigError};
 use crate::http::admin::{serve_admin, AdminState};
 use crate::http::{serve_webhooks, WebhookState};
+use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 
@@ -62,10 +65,13 @@ pub enum RunError {
     NoSources,
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
-/// requests, drain the queue, let the workers flush, close the pool. Each step is bounded by the config.
+/// requests, drain the queue, let the workers flush, flush notifications, close the pool. Each step is
+/// bounded by the config.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
     let sources = config.sources()?;
     if sources.is_empty() {
@@ -77,9 +83,31 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     let prometheus = metrics::install();
 
+    // The notifier's tasks start before the workers, so the catch-up publishes what a crash left behind.
+    let notifier_tasks = TaskTracker::new();
+    let notifier_stop = CancellationToken::new();
+    let notify_tx = if config.notify.enabled {
+        let notifier = Notifier::new(&config.notify, store.clone())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(config.notify.queue_batches);
+        notifier_tasks.spawn(notifier.clone().run_publisher(rx));
+        notifier_tasks.spawn(notifier.run_catchup(notifier_stop.clone()));
+        Some(tx)
+    } else {
+        None
+    };
+    notifier_tasks.close();
+
     let workers = TaskTracker::new();
-    let (pipeline, control) =
-        Pipeline::start(config.queue.capacity, config.queue.high_water_ratio, &config.workers, &store, &workers);
+    let (pipeline, control) = Pipeline::start(
+        config.queue.capacity,
+        config.queue.high_water_ratio,
+        &config.workers,
+        &store,
+        notify_tx.as_ref(),
+        &workers,
+    );
+    // Only the workers hold senders now: the publisher ends once they have all exited.
+    drop(notify_tx);
     let state = Arc::new(WebhookState {
         sources: sources
             .into_iter()
@@ -123,6 +151,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         control.abort.cancel();
         shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
     }
+    notifier_stop.cancel();
+    shutdown::bounded("flush notifications", Duration::from_secs(5), notifier_tasks.wait()).await;
     shutdown::bounded("close database pool", Duration::from_secs(5), store.close()).await;
     admin_stop.cancel();
     let _ = admin.await;

@@ -43,6 +43,34 @@ enum Command {
     },
     /// Print the resolved configuration (secrets redacted); exit non-zero when it is invalid.
     CheckConfig,
+    /// Republish stored events to their Redis stream, in order of receipt (for consumers that lost data).
+    Replay {
+        #[arg(long)]
+        source: String,
+        /// Received at or after this time (RFC 3339, e.g. 2026-11-26T10:00:00Z, or unix seconds).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// Received before this time (RFC 3339 or unix seconds).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        /// Only event types matching this pattern (`*` matches anything, e.g. `invoice.*`).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Count what would be republished, publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// A time given as unix seconds or RFC 3339.
+fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(secs) = text.parse::<i64>() {
+        return Ok(secs);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{e} (expected RFC 3339 or unix seconds)"))
+        .and_then(|t| t.duration_since(UNIX_EPOCH).map_err(|e| e.to_string()))
+        .map(|d| d.as_secs() as i64)
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +97,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Serve => runtime()?.block_on(serve(config)),
+        Command::Replay { source, since, until, event_type, dry_run } => {
+            let filter = hookgate::store::ReplayFilter { source, since, until, event_type };
+            runtime()?.block_on(replay(&config, &filter, dry_run))
+        }
     }
 }
 
@@ -92,6 +124,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         std::process::exit(130);
     });
     hookgate::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+async fn replay(config: &Config, filter: &hookgate::store::ReplayFilter, dry_run: bool) -> anyhow::Result<()> {
+    if !config.sources.contains_key(&filter.source) {
+        bail!("unknown source `{}`", filter.source);
+    }
+    let store = hookgate::store::Store::new(&config.store)?;
+    let total = store.replay_count(filter).await.context("counting events to replay")?;
+    let stream = config.notify.stream_for(&filter.source);
+    if dry_run {
+        println!("{total} events would be republished to {stream}");
+        return Ok(());
+    }
+    let notifier = hookgate::notify::Notifier::new(&config.notify, store)?;
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} events ({per_sec})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let published = notifier.replay(filter, |n| bar.set_position(n)).await.context("replaying")?;
+    bar.finish();
+    println!("{published} events republished to {stream}");
     Ok(())
 }
 

@@ -19,6 +19,12 @@ pub const BATCH_SIZE: &str = "hookgate_batch_size";
 pub const STORE_COMMIT_DURATION: &str = "hookgate_store_commit_duration_seconds";
 pub const STORE_ERRORS: &str = "hookgate_store_errors_total";
 pub const CONNECTIONS_OPEN: &str = "hookgate_http_connections_open";
+pub const NOTIFY_PUBLISHED: &str = "hookgate_notify_published_total";
+pub const NOTIFY_FAILURES: &str = "hookgate_notify_failures_total";
+pub const NOTIFY_PENDING: &str = "hookgate_notify_pending";
+pub const NOTIFY_PUBLISH_DURATION: &str = "hookgate_notify_publish_duration_seconds";
+pub const NOTIFY_CATCHUP_BATCHES: &str = "hookgate_notify_catchup_batches_total";
+pub const NOTIFY_DEFERRED: &str = "hookgate_notify_deferred_total";
 
 /// Latency buckets (seconds): fine around the few-millisecond group commit, up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -55,6 +61,15 @@ fn describe() {
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Duration of one batch insert and commit.");
     describe_counter!(STORE_ERRORS, "Failed batch writes, by kind (transient errors are retried).");
     describe_gauge!(CONNECTIONS_OPEN, "Open connections on the webhook port.");
+    describe_counter!(
+        NOTIFY_PUBLISHED,
+        "Stream entries published to Redis, by source and path (normal, catchup, replay)."
+    );
+    describe_counter!(NOTIFY_FAILURES, "Failed publish round trips to Redis (the events stay in the outbox).");
+    describe_gauge!(NOTIFY_PENDING, "Stored events not yet published to Redis (whole database).");
+    describe_histogram!(NOTIFY_PUBLISH_DURATION, Unit::Seconds, "Duration of one pipelined publish round trip.");
+    describe_counter!(NOTIFY_CATCHUP_BATCHES, "Batches published by the outbox catch-up.");
+    describe_counter!(NOTIFY_DEFERRED, "Batches left to the catch-up because the notifier was busy.");
 }
 
 pub fn record_request(method: &str, route: &'static str, status: u16, elapsed: Duration) {
@@ -93,4 +108,28 @@ pub fn record_store_error(kind: &'static str) {
 
 pub fn record_connections(delta: f64) {
     gauge!(CONNECTIONS_OPEN).increment(delta);
+}
+
+pub fn record_notify_published(source: &str, path: &'static str, count: u64) {
+    counter!(NOTIFY_PUBLISHED, "source" => source.to_owned(), "path" => path).increment(count);
+}
+
+pub fn record_notify_failure() {
+    counter!(NOTIFY_FAILURES).increment(1);
+}
+
+pub fn record_notify_pending(pending: i64) {
+    gauge!(NOTIFY_PENDING).set(pending as f64);
+}
+
+pub fn record_notify_publish(elapsed: Duration) {
+    histogram!(NOTIFY_PUBLISH_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub fn record_notify_catchup_batch() {
+    counter!(NOTIFY_CATCHUP_BATCHES).increment(1);
+}
+
+pub fn record_notify_deferred() {
+    counter!(NOTIFY_DEFERRED).increment(1);
 }

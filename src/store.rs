@@ -3,7 +3,7 @@
 //! Knows nothing about HTTP. Errors are split into `Unavailable` (retry later: the database is down,
 //! restarting or overloaded) and `Rejected` (the batch itself is refused; retrying cannot help).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,7 +77,101 @@ const INSERT_BATCH: &str = "
 INSERT INTO events (source, event_id, event_type, created, livemode, api_version, account, body)
 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::bytea[])
 ON CONFLICT (source, event_id) DO NOTHING
-RETURNING source, event_id";
+RETURNING source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8";
+
+/// The columns a notification carries, in the order `StoredEvent::from_row` reads them.
+const NOTIFY_COLUMNS: &str = "seq, source, event_id, event_type, created, livemode, \
+    (extract(epoch FROM received_at) * 1000)::int8, body";
+
+/// Where a new row landed: its order of receipt and receive time, for its notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub seq: i64,
+    pub received_ms: i64,
+}
+
+/// A stored event as a notification needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub source: Arc<str>,
+    pub id: String,
+    pub event_type: String,
+    pub created: Option<i64>,
+    pub livemode: Option<bool>,
+    pub received_ms: i64,
+    pub body: Bytes,
+}
+
+impl StoredEvent {
+    /// Builds a notification for a row just inserted, without reading it back.
+    pub fn from_new(event: &NewEvent, at: Inserted) -> Self {
+        Self {
+            seq: at.seq,
+            source: event.source.clone(),
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            created: event.created,
+            livemode: event.livemode,
+            received_ms: at.received_ms,
+            body: event.body.clone(),
+        }
+    }
+
+    fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        let source: String = row.try_get(1)?;
+        let body: Vec<u8> = row.try_get(7)?;
+        Ok(Self {
+            seq: row.try_get(0)?,
+            source: Arc::from(source),
+            id: row.try_get(2)?,
+            event_type: row.try_get(3)?,
+            created: row.try_get(4)?,
+            livemode: row.try_get(5)?,
+            received_ms: row.try_get(6)?,
+            body: Bytes::from(body),
+        })
+    }
+}
+
+/// Rows claimed for publishing: locked (`FOR UPDATE SKIP LOCKED`) in an open transaction, so another
+/// replica's catch-up skips them. Marking commits; dropping rolls back and releases them.
+pub struct Claimed {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    pub events: Vec<StoredEvent>,
+}
+
+impl Claimed {
+    pub async fn mark_published(mut self) -> Result<(), StoreError> {
+        let seqs: Vec<i64> = self.events.iter().map(|e| e.seq).collect();
+        sqlx::query("UPDATE events SET published_at = now() WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&mut *self.tx)
+            .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Which stored events `hookgate replay` republishes.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    pub source: String,
+    /// Received at or after (unix seconds).
+    pub since: Option<i64>,
+    /// Received before (unix seconds).
+    pub until: Option<i64>,
+    /// Event type pattern; `*` matches any run of characters.
+    pub event_type: Option<String>,
+}
+
+impl ReplayFilter {
+    fn type_like(&self) -> Option<String> {
+        self.event_type
+            .as_ref()
+            .map(|p| p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_").replace('*', "%"))
+    }
+}
 
 impl Store {
     /// Builds the pool; connects lazily, so a gateway can start while the database restarts.
@@ -110,8 +204,9 @@ impl Store {
     }
 
     /// Writes a batch in one statement (autocommit: it is durable when this returns) and tells, for each
-    /// event in order, whether it was new. The batch must not hold the same (source, id) twice.
-    pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Vec<bool>, StoreError> {
+    /// event in order, where it was inserted, or `None` when it was already stored. The batch must not
+    /// hold the same (source, id) twice.
+    pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Vec<Option<Inserted>>, StoreError> {
         let sources: Vec<&str> = events.iter().map(|e| &*e.source).collect();
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
@@ -131,15 +226,82 @@ impl Store {
             .bind(&bodies)
             .fetch_all(&self.pool)
             .await?;
-        // Common cases first: all new, or all already stored.
-        if rows.len() == events.len() || rows.is_empty() {
-            return Ok(vec![!rows.is_empty(); events.len()]);
-        }
-        let mut returned: HashSet<(String, String)> = HashSet::with_capacity(rows.len());
+        let mut inserted: HashMap<(String, String), Inserted> = HashMap::with_capacity(rows.len());
         for row in rows {
-            returned.insert((row.try_get(0)?, row.try_get(1)?));
+            inserted.insert(
+                (row.try_get(0)?, row.try_get(1)?),
+                Inserted { seq: row.try_get(2)?, received_ms: row.try_get(3)? },
+            );
         }
-        Ok(events.iter().map(|e| returned.contains(&(e.source.to_string(), e.id.clone()))).collect())
+        Ok(events.iter().map(|e| inserted.remove(&(e.source.to_string(), e.id.clone()))).collect())
+    }
+
+    /// Marks events published by the normal path (one statement for the whole batch).
+    pub async fn mark_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE events SET published_at = now() WHERE seq = ANY($1) AND published_at IS NULL")
+            .bind(seqs)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` unpublished events received more than `grace` ago, oldest first, skipping rows
+    /// another replica holds. The grace leaves fresh rows to the normal path, which publishes them itself.
+    pub async fn claim_unpublished(&self, grace: Duration, limit: i64) -> Result<Claimed, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let query = format!(
+            "SELECT {NOTIFY_COLUMNS} FROM events WHERE published_at IS NULL \
+             AND received_at < now() - make_interval(secs => $1) ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED"
+        );
+        let rows = sqlx::query(&query).bind(grace.as_secs_f64()).bind(limit).fetch_all(&mut *tx).await?;
+        let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
+        Ok(Claimed { tx, events })
+    }
+
+    /// Events not yet published (all sources).
+    pub async fn count_unpublished(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM events WHERE published_at IS NULL").fetch_one(&self.pool).await?)
+    }
+
+    /// One page of stored events matching `filter` with `seq > after`, in order of receipt.
+    pub async fn replay_page(
+        &self,
+        filter: &ReplayFilter,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let query = format!(
+            "SELECT {NOTIFY_COLUMNS} FROM events WHERE source = $1 AND seq > $2 \
+             AND ($3::int8 IS NULL OR received_at >= to_timestamp($3)) \
+             AND ($4::int8 IS NULL OR received_at < to_timestamp($4)) \
+             AND ($5::text IS NULL OR event_type LIKE $5) ORDER BY seq LIMIT $6"
+        );
+        let rows = sqlx::query(&query)
+            .bind(&filter.source)
+            .bind(after)
+            .bind(filter.since)
+            .bind(filter.until)
+            .bind(filter.type_like())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// How many stored events match `filter`.
+    pub async fn replay_count(&self, filter: &ReplayFilter) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE source = $1 \
+             AND ($2::int8 IS NULL OR received_at >= to_timestamp($2)) \
+             AND ($3::int8 IS NULL OR received_at < to_timestamp($3)) \
+             AND ($4::text IS NULL OR event_type LIKE $4)",
+        )
+        .bind(&filter.source)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.type_like())
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

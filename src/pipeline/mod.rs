@@ -4,7 +4,7 @@
 //! buffer). In durable mode the job carries a oneshot sender that a worker resolves after the batch holding
 //! the event has committed.
 
-mod worker;
+pub(crate) mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::WorkersConfig;
-use crate::store::{NewEvent, Store};
+use crate::store::{NewEvent, Store, StoredEvent};
 
 pub use worker::WorkerControl;
 
@@ -74,13 +74,21 @@ impl Pipeline {
         high_water_ratio: f64,
         config: &WorkersConfig,
         store: &Store,
+        notify: Option<&mpsc::Sender<Vec<StoredEvent>>>,
         tracker: &TaskTracker,
     ) -> (Self, WorkerControl) {
         let (tx, rx) = mpsc::channel(capacity);
         let control = WorkerControl { drain: CancellationToken::new(), abort: CancellationToken::new() };
         let rx = Arc::new(Mutex::new(rx));
         for index in 0..config.count {
-            tracker.spawn(worker::run(index, rx.clone(), store.clone(), config.clone(), control.clone()));
+            tracker.spawn(worker::run(
+                index,
+                rx.clone(),
+                store.clone(),
+                config.clone(),
+                control.clone(),
+                notify.cloned(),
+            ));
         }
         crate::metrics::record_queue_capacity(capacity);
         let high_water = ((capacity as f64 * high_water_ratio).ceil() as usize).clamp(1, capacity);

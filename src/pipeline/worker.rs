@@ -11,7 +11,7 @@ use tracing::{debug, error, warn, Instrument};
 
 use super::{Job, Outcome, StoreFailed};
 use crate::config::WorkersConfig;
-use crate::store::{NewEvent, Store};
+use crate::store::{Inserted, NewEvent, Store, StoredEvent};
 
 /// How the shutdown sequence steers the workers.
 #[derive(Debug, Clone)]
@@ -30,6 +30,7 @@ pub(super) async fn run(
     store: Store,
     config: WorkersConfig,
     control: WorkerControl,
+    notify: Option<mpsc::Sender<Vec<StoredEvent>>>,
 ) {
     let linger = Duration::from_millis(config.batch_linger_ms);
     let mut batch: Vec<Job> = Vec::with_capacity(config.batch_max);
@@ -66,13 +67,19 @@ pub(super) async fn run(
             crate::metrics::record_queue_depth(rx.len());
         }
         let span = tracing::debug_span!("batch", worker = index, batch_size = batch.len());
-        write_batch(&store, &mut batch, &config, &control).instrument(span).await;
+        write_batch(&store, &mut batch, &config, &control, notify.as_ref()).instrument(span).await;
         batch.clear();
     }
 }
 
 /// Writes one batch, retrying while the database is unavailable, and resolves every job's ack.
-async fn write_batch(store: &Store, batch: &mut [Job], config: &WorkersConfig, control: &WorkerControl) {
+async fn write_batch(
+    store: &Store,
+    batch: &mut [Job],
+    config: &WorkersConfig,
+    control: &WorkerControl,
+    notify: Option<&mpsc::Sender<Vec<StoredEvent>>>,
+) {
     // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates.
     let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(batch.len());
     let mut unique: Vec<&NewEvent> = Vec::with_capacity(batch.len());
@@ -108,9 +115,9 @@ async fn write_batch(store: &Store, batch: &mut [Job], config: &WorkersConfig, c
             }
         }
     };
-    // For each batch position: was it written as new? None when the batch failed.
-    let inserted_at: Option<Vec<bool>> = result.ok().map(|flags| {
-        let mut at = vec![false; batch.len()];
+    // For each batch position: where it was inserted (None: a duplicate). None when the batch failed.
+    let inserted_at: Option<Vec<Option<Inserted>>> = result.ok().map(|flags| {
+        let mut at = vec![None; batch.len()];
         for (position, inserted) in unique_positions.iter().zip(flags) {
             at[*position] = inserted;
         }
@@ -121,7 +128,7 @@ async fn write_batch(store: &Store, batch: &mut [Job], config: &WorkersConfig, c
         let ack = match &inserted_at {
             None => Err(StoreFailed),
             Some(flags) => {
-                let outcome = if flags[i] { Outcome::Inserted } else { Outcome::Duplicate };
+                let outcome = if flags[i].is_some() { Outcome::Inserted } else { Outcome::Duplicate };
                 *counts.entry((job.event.source.clone(), outcome)).or_default() += 1;
                 Ok(outcome)
             }
@@ -133,6 +140,18 @@ async fn write_batch(store: &Store, batch: &mut [Job], config: &WorkersConfig, c
     }
     for ((source, outcome), n) in counts {
         crate::metrics::record_events(&source, outcome.as_str(), n);
+    }
+    // Acks are out; now hand the new rows to the notifier. Redis is never on the ack path: when the
+    // notifier is behind, the rows stay unpublished in the outbox and the catch-up publishes them.
+    if let (Some(notify), Some(flags)) = (notify, inserted_at) {
+        let fresh: Vec<StoredEvent> = batch
+            .iter()
+            .zip(flags)
+            .filter_map(|(job, at)| at.map(|at| StoredEvent::from_new(&job.event, at)))
+            .collect();
+        if !fresh.is_empty() && notify.try_send(fresh).is_err() {
+            crate::metrics::record_notify_deferred();
+        }
     }
     debug!("batch resolved");
 }

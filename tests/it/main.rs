@@ -2,6 +2,7 @@
 
 mod admin;
 mod delivery;
+mod notify;
 mod overload;
 mod process;
 mod refusals;

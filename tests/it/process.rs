@@ -10,7 +10,7 @@ use crate::support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_hookgate");
 
 /// The binary, without any `HOOKGATE__` override the test runner's environment may carry.
-fn hookgate() -> Command {
+pub fn hookgate() -> Command {
     let mut command = Command::new(BIN);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(hookgate::config::ENV_PREFIX)) {
         command.env_remove(key);

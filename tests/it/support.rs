@@ -105,12 +105,111 @@ pub fn sources_toml() -> String {
     )
 }
 
-/// The test configuration: defaults, three sources, the given database, quiet logs. Tests adjust fields.
+pub fn redis_url() -> String {
+    std::env::var("HOOKGATE_REDIS_URL")
+        .expect("HOOKGATE_REDIS_URL is not set: run the tests with deploy/test.sh, which starts Postgres and Redis")
+}
+
+/// The test configuration: defaults, three sources, the given database, the test Redis with streams of
+/// this gateway's own (`hg-it:<unique>:{source}`), quiet logs. Tests adjust fields.
 pub fn test_config(database_url: &str) -> Config {
     let mut config = Config::from_toml(&sources_toml()).expect("test config");
     database_url.clone_into(&mut config.store.url);
+    config.notify.redis_url = redis_url();
+    config.notify.stream_key = format!("{}:{{source}}", unique("hg-it"));
     config.log.level = "warn".into();
     config
+}
+
+/// A redis-server of the test's own, which it can stop (by the pid it started) and start again.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("hookgate-it-redis"));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut server = Self { port: free_port(), dir, child: None };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (installed by deploy/services.sh)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on {addr}");
+    }
+
+    /// Kills the server (SIGKILL, by pid) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One stream entry's fields.
+pub type Entry = std::collections::HashMap<String, Vec<u8>>;
+
+/// Every entry of a stream, oldest first.
+pub async fn read_stream(redis_url: &str, key: &str) -> Vec<Entry> {
+    use deadpool_redis::redis;
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    let reply: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(&mut conn).await.expect("XRANGE");
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            entry
+                .map
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    redis::Value::BulkString(bytes) => Some((k, bytes)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The event ids on a stream, with how often each appears.
+pub async fn stream_ids(redis_url: &str, key: &str) -> std::collections::HashMap<String, usize> {
+    let mut ids = std::collections::HashMap::new();
+    for entry in read_stream(redis_url, key).await {
+        let id = String::from_utf8_lossy(entry.get("id").map_or(&[][..], |v| &v[..])).into_owned();
+        *ids.entry(id).or_insert(0) += 1;
+    }
+    ids
 }
 
 /// A gateway running in this process.

@@ -1,0 +1,237 @@
+//! Redis streams: each newly stored event is published once per batch with one pipelined round trip of
+//! `XADD key MAXLEN ~ n * …`, and Postgres remembers what was published (the outbox), so that nothing is
+//! lost when Redis is down or the gateway dies between commit and publish.
+//!
+//! Two tasks: the publisher takes batches from the workers after their acks are out (Redis is never on
+//! the ack path); the catch-up claims unpublished rows (`FOR UPDATE SKIP LOCKED`, so replicas share a
+//! backlog without publishing it twice), at start-up and whenever Redis is back. Knows nothing about HTTP.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::NotifyConfig;
+use crate::pipeline::worker::error_chain;
+use crate::store::{ReplayFilter, Store, StoreError, StoredEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("invalid notify.redis_url")]
+    Config(#[source] deadpool_redis::CreatePoolError),
+    #[error("no Redis connection")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("Redis refused the publish")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis did not answer in time")]
+    Timeout,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Publishes stored events to their streams; cheap to clone.
+#[derive(Clone)]
+pub struct Notifier {
+    pool: deadpool_redis::Pool,
+    config: Arc<NotifyConfig>,
+    store: Store,
+    redis_up: Arc<AtomicBool>,
+    last_warning: Arc<Mutex<Option<Instant>>>,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Notifier {
+    pub fn new(config: &NotifyConfig, store: Store) -> Result<Self, NotifyError> {
+        let timeout = Some(Duration::from_millis(config.command_timeout_ms));
+        let mut pool_config = deadpool_redis::PoolConfig::new(config.pool_max);
+        pool_config.timeouts = deadpool_redis::Timeouts { wait: timeout, create: timeout, recycle: timeout };
+        let mut redis_config = deadpool_redis::Config::from_url(config.redis_url.clone());
+        redis_config.pool = Some(pool_config);
+        let pool = redis_config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(NotifyError::Config)?;
+        Ok(Self {
+            pool,
+            config: Arc::new(config.clone()),
+            store,
+            redis_up: Arc::new(AtomicBool::new(true)),
+            last_warning: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// One pipelined round trip: an `XADD` per event (and a `PUBLISH` when configured).
+    pub async fn publish(&self, events: &[StoredEvent], path: &'static str) -> Result<(), NotifyError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut keys: HashMap<&str, String> = HashMap::new();
+        let mut pipe = redis::pipe();
+        for event in events {
+            let key = keys.entry(&event.source).or_insert_with(|| self.config.stream_for(&event.source));
+            pipe.cmd("XADD")
+                .arg(key.as_str())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.config.stream_maxlen)
+                .arg("*")
+                .arg("id")
+                .arg(&event.id)
+                .arg("source")
+                .arg(&*event.source)
+                .arg("type")
+                .arg(&event.event_type)
+                .arg("created")
+                .arg(event.created.map(|c| c.to_string()).unwrap_or_default())
+                .arg("livemode")
+                .arg(event.livemode.map(|l| l.to_string()).unwrap_or_default())
+                .arg("received_at")
+                .arg(event.received_ms);
+            if self.config.include_body {
+                pipe.arg("body").arg(&event.body[..]);
+            }
+            pipe.ignore();
+            if self.config.publish_channel {
+                let message = serde_json::json!({ "id": event.id, "source": &*event.source, "type": event.event_type });
+                pipe.cmd("PUBLISH").arg(format!("{key}:{}", event.event_type)).arg(message.to_string()).ignore();
+            }
+        }
+        let timeout = Duration::from_millis(self.config.command_timeout_ms);
+        let mut conn = tokio::time::timeout(timeout, self.pool.get()).await.map_err(|_| NotifyError::Timeout)??;
+        tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await.map_err(|_| NotifyError::Timeout)??;
+        crate::metrics::record_notify_publish(started.elapsed());
+        let mut per_source: HashMap<&str, u64> = HashMap::new();
+        for event in events {
+            *per_source.entry(&event.source).or_default() += 1;
+        }
+        for (source, n) in per_source {
+            crate::metrics::record_notify_published(source, path, n);
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> bool {
+        let timeout = Duration::from_millis(self.config.command_timeout_ms);
+        let attempt = async {
+            let mut conn = self.pool.get().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await?;
+            Ok::<_, NotifyError>(())
+        };
+        matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(())))
+    }
+
+    /// Records a failed publish: Redis is marked down (the catch-up will probe it), and a warning is logged
+    /// at most once per `warn_interval_s`, not once per event.
+    fn note_failure(&self, error: &NotifyError) {
+        crate::metrics::record_notify_failure();
+        self.redis_up.store(false, Ordering::Release);
+        let interval = Duration::from_secs(self.config.warn_interval_s);
+        let mut last = self.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|at| at.elapsed() >= interval) {
+            *last = Some(Instant::now());
+            warn!(error = %error_chain(error), "cannot publish to Redis; events stay in the outbox until it is back");
+        }
+    }
+
+    /// Publishes then marks a batch from the workers.
+    async fn publish_new(&self, events: Vec<StoredEvent>) {
+        if !self.redis_up.load(Ordering::Acquire) {
+            return; // Redis is down: the catch-up publishes these once it is back.
+        }
+        match self.publish(&events, "normal").await {
+            Ok(()) => {
+                let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+                if let Err(e) = self.store.mark_published(&seqs).await {
+                    // Published but not marked: the catch-up will publish them again (at-least-once).
+                    warn!(error = %error_chain(&e), "could not mark a published batch");
+                }
+            }
+            Err(e) => self.note_failure(&e),
+        }
+    }
+
+    /// Publishes the outbox's backlog, oldest first, until it is empty or Redis fails. Returns how many.
+    pub async fn catch_up(&self) -> Result<u64, NotifyError> {
+        let grace = Duration::from_millis(self.config.catchup_grace_ms);
+        let mut published = 0;
+        loop {
+            let claimed = self.store.claim_unpublished(grace, i64::from(self.config.catchup_batch)).await?;
+            if claimed.events.is_empty() {
+                return Ok(published);
+            }
+            let n = claimed.events.len() as u64;
+            // On failure the claim is dropped: its transaction rolls back and the rows stay unpublished.
+            self.publish(&claimed.events, "catchup").await?;
+            claimed.mark_published().await?;
+            crate::metrics::record_notify_catchup_batch();
+            published += n;
+            if n < u64::from(self.config.catchup_batch) {
+                return Ok(published);
+            }
+        }
+    }
+
+    /// The publisher task: runs until every worker has dropped its sender.
+    pub async fn run_publisher(self, mut batches: mpsc::Receiver<Vec<StoredEvent>>) {
+        while let Some(events) = batches.recv().await {
+            self.publish_new(events).await;
+        }
+        debug!("publisher stopped");
+    }
+
+    /// The catch-up task: at start (crash recovery), then every `catchup_interval_ms` until `stop`.
+    pub async fn run_catchup(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.catchup_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            if !self.redis_up.load(Ordering::Acquire) {
+                if !self.ping().await {
+                    self.update_pending().await;
+                    continue;
+                }
+                info!("Redis is reachable again; publishing the outbox");
+                self.redis_up.store(true, Ordering::Release);
+            }
+            match self.catch_up().await {
+                Ok(0) => {}
+                Ok(n) => info!(published = n, "outbox catch-up published events"),
+                Err(NotifyError::Store(e)) => debug!(error = %error_chain(&e), "outbox catch-up: database unavailable"),
+                Err(e) => self.note_failure(&e),
+            }
+            self.update_pending().await;
+        }
+    }
+
+    async fn update_pending(&self) {
+        if let Ok(pending) = self.store.count_unpublished().await {
+            crate::metrics::record_notify_pending(pending);
+        }
+    }
+
+    /// Republishes stored events matching `filter`, in order of receipt, in pages; `progress` is called
+    /// with the running count. Returns how many were published.
+    pub async fn replay(&self, filter: &ReplayFilter, mut progress: impl FnMut(u64)) -> Result<u64, NotifyError> {
+        let page = i64::from(self.config.catchup_batch);
+        let (mut after, mut published) = (0i64, 0u64);
+        loop {
+            let events = self.store.replay_page(filter, after, page).await?;
+            let Some(last) = events.last() else { return Ok(published) };
+            after = last.seq;
+            self.publish(&events, "replay").await?;
+            published += events.len() as u64;
+            progress(published);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Redis fan-out: each stored event reaches its stream at least once (in the normal path exactly once),
+//! through Redis outages, crashes, and replicas sharing a backlog.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn an_accepted_event_is_on_its_stream_once_and_a_duplicate_adds_nothing() {
+    let db = TestDb::create().await;
+    let config = test_config(&db.url);
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    let id = unique("evt");
+    let body = stripe_event(&id);
+    let headers = stripe_headers(body.as_bytes());
+    assert_eq!(post(&client, &gateway.url("stripe"), &headers, body.as_bytes()).await.status, 202);
+    let redis = redis_url();
+    assert!(eventually(Duration::from_secs(5), || async { read_stream(&redis, &key).await.len() == 1 }).await);
+
+    let entry = &read_stream(&redis, &key).await[0];
+    let field = |name: &str| String::from_utf8_lossy(&entry[name]).into_owned();
+    assert_eq!(field("id"), id);
+    assert_eq!(field("source"), "stripe");
+    assert_eq!(field("type"), "payment_intent.succeeded");
+    assert_eq!(field("livemode"), "false");
+    assert!(field("created").parse::<i64>().is_ok_and(|c| c > 1_700_000_000));
+    assert!(field("received_at").parse::<i64>().is_ok_and(|ms| ms > 1_700_000_000_000));
+    assert_eq!(entry["body"], body.as_bytes(), "the body on the stream is the exact bytes received");
+
+    let again = post(&client, &gateway.url("stripe"), &headers, body.as_bytes()).await;
+    assert_eq!(again.json["status"], "duplicate");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read_stream(&redis, &key).await.len(), 1, "a duplicate delivery is not notified again");
+    let published_at: Option<String> = sqlx::query_scalar("SELECT published_at::text FROM events WHERE event_id = $1")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+    assert!(published_at.is_some(), "the outbox marks the event published");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_outage_during_load_loses_no_notification_and_causes_no_5xx() {
+    let db = TestDb::create().await;
+    let mut redis = RedisServer::start();
+    let mut config = test_config(&db.url);
+    config.notify.redis_url = redis.url();
+    config.notify.catchup_interval_ms = 200;
+    config.notify.command_timeout_ms = 500;
+    config.notify.catchup_grace_ms = 1000;
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let url = gateway.url("stripe");
+
+    // 3,000 events from 16 senders, while Redis goes away and comes back.
+    let mut senders = tokio::task::JoinSet::new();
+    for sender in 0..16 {
+        let url = url.clone();
+        senders.spawn(async move {
+            let client = client();
+            let mut acknowledged = Vec::new();
+            for i in 0..188 {
+                let id = format!("evt_outage_{sender}_{i}_{}", unique("x"));
+                let body = stripe_event(&id);
+                let answer = post(&client, &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await;
+                assert_eq!(answer.status, 202, "Redis is not on the ack path: {answer:?}");
+                acknowledged.push(id);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            acknowledged
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    redis.stop();
+    let (status, ready) = get_text(&client(), &format!("http://{}/readyz", gateway.admin)).await;
+    assert_eq!(status, 200, "Redis down does not make the gateway unready: {ready}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = get_text(&client(), &format!("http://{}/metrics", gateway.admin)).await.1;
+    let pending = metric_value(&metrics, "hookgate_notify_pending");
+    redis.restart();
+
+    let mut acknowledged = Vec::new();
+    while let Some(result) = senders.join_next().await {
+        acknowledged.extend(result.expect("sender"));
+    }
+    assert_eq!(acknowledged.len(), 16 * 188);
+    assert!(pending > 0.0, "notifications were pending while Redis was down");
+    let redis_url = redis.url();
+    let all_there = eventually(Duration::from_secs(20), || async {
+        let ids = stream_ids(&redis_url, &key).await;
+        acknowledged.iter().all(|id| ids.contains_key(id))
+    })
+    .await;
+    let ids = stream_ids(&redis_url, &key).await;
+    let missing = acknowledged.iter().filter(|id| !ids.contains_key(*id)).count();
+    assert!(all_there, "{missing} acknowledged events never reached the stream");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let text = get_text(&client(), &format!("http://{}/metrics", gateway.admin)).await.1;
+            metric_value(&text, "hookgate_notify_pending") == 0.0
+        })
+        .await,
+        "pending returns to 0"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn events_stored_but_never_published_are_published_after_the_next_start() {
+    let db = TestDb::create().await;
+    // A first run creates the schema; then rows are written as a crash between commit and publish leaves them.
+    let config = test_config(&db.url);
+    let key = config.notify.stream_for("stripe");
+    Gateway::start(config.clone()).await.stop().await;
+    let ids: Vec<String> = (0..50).map(|_| unique("evt_crash")).collect();
+    for id in &ids {
+        sqlx::query(
+            "INSERT INTO events (source, event_id, event_type, body, received_at) \
+             VALUES ('stripe', $1, 'charge.succeeded', $2, now() - interval '1 minute')",
+        )
+        .bind(id)
+        .bind(stripe_event(id).into_bytes())
+        .execute(&db.pool)
+        .await
+        .expect("insert unpublished");
+    }
+    let gateway = Gateway::start(config).await;
+    let redis = redis_url();
+    assert!(
+        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
+        "the catch-up publishes the backlog at start-up"
+    );
+    let stream = stream_ids(&redis, &key).await;
+    assert!(ids.iter().all(|id| stream.get(id) == Some(&1)));
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE published_at IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(pending, 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.notify.catchup_batch = 50;
+    config.notify.catchup_interval_ms = 100;
+    let key = config.notify.stream_for("stripe");
+    Gateway::start(config.clone()).await.stop().await;
+    sqlx::query(
+        "INSERT INTO events (source, event_id, event_type, body, received_at) \
+         SELECT 'stripe', 'evt_backlog_' || i, 'charge.succeeded', convert_to('{}', 'UTF8'), now() - interval '1 minute' \
+         FROM generate_series(1, 3000) AS i",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("backlog");
+    let (a, b) = tokio::join!(Gateway::start(config.clone()), Gateway::start(config));
+    let redis = redis_url();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE published_at IS NULL")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+            pending == 0
+        })
+        .await
+    );
+    let ids = stream_ids(&redis, &key).await;
+    assert_eq!(ids.len(), 3000, "every backlog event is published");
+    let twice = ids.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "no backlog event is published twice");
+    tokio::join!(a.stop(), b.stop());
+}
+
+#[tokio::test]
+async fn replay_dry_run_counts_and_replay_republishes() {
+    let db = TestDb::create().await;
+    let config = test_config(&db.url);
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config.clone()).await;
+    let client = client();
+    for _ in 0..5 {
+        assert_eq!(post_stripe(&client, &gateway, &unique("evt_replay")).await.status, 202);
+    }
+    let redis = redis_url();
+    assert!(eventually(Duration::from_secs(5), || async { read_stream(&redis, &key).await.len() == 5 }).await);
+    gateway.stop().await;
+
+    let config_path = std::env::temp_dir().join(format!("{}.toml", unique("hookgate-it-replay")));
+    std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("config file");
+    let run = |dry: bool| {
+        let mut command = crate::process::hookgate();
+        command.arg("--config").arg(&config_path).args(["replay", "--source", "stripe", "--type", "payment_*"]);
+        if dry {
+            command.arg("--dry-run");
+        }
+        command.output().expect("run replay")
+    };
+    let dry = run(true);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("5 events would be republished"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert_eq!(read_stream(&redis, &key).await.len(), 5, "a dry run publishes nothing");
+    let real = run(false);
+    assert!(real.status.success(), "{}", String::from_utf8_lossy(&real.stderr));
+    assert_eq!(read_stream(&redis, &key).await.len(), 10, "replay republishes every matching event");
+    let ids = stream_ids(&redis, &key).await;
+    assert!(ids.values().all(|n| *n == 2));
+    let _ = std::fs::remove_file(config_path);
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
