@@ -13,3 +13,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets
+echo "== deployment files"
+bash deploy/validate.sh

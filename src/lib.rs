@@ -77,11 +77,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if sources.is_empty() {
         return Err(RunError::NoSources);
     }
-    let store = Store::new(&config.store)?;
+    let store = Store::new(&config.store, config.notify.enabled)?;
     if config.store.migrate_on_start {
         store.migrate().await?;
     }
+    store.warm_up(config.workers.count + 1).await;
     let prometheus = metrics::install();
+    metrics::init_series(&sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
 
     // The notifier's tasks start before the workers, so the catch-up publishes what a crash left behind.
     let notifier_tasks = TaskTracker::new();

@@ -18,7 +18,12 @@ use tracing::{debug, info, warn};
 
 use crate::config::NotifyConfig;
 use crate::pipeline::worker::error_chain;
-use crate::store::{ReplayFilter, Store, StoreError, StoredEvent};
+use crate::store::{ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
+
+/// Longest a published event waits to be marked; well under `catchup_grace_ms`, so the catch-up does not
+/// republish what the normal path has just published.
+const MARK_INTERVAL: Duration = Duration::from_millis(100);
+const MARK_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -141,21 +146,27 @@ impl Notifier {
         }
     }
 
-    /// Publishes then marks a batch from the workers.
-    async fn publish_new(&self, events: Vec<StoredEvent>) {
+    /// Publishes a batch from the workers; on success its seqs join `to_mark`.
+    async fn publish_new(&self, events: &[StoredEvent], to_mark: &mut Vec<i64>) {
         if !self.redis_up.load(Ordering::Acquire) {
             return; // Redis is down: the catch-up publishes these once it is back.
         }
-        match self.publish(&events, "normal").await {
-            Ok(()) => {
-                let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-                if let Err(e) = self.store.mark_published(&seqs).await {
-                    // Published but not marked: the catch-up will publish them again (at-least-once).
-                    warn!(error = %error_chain(&e), "could not mark a published batch");
-                }
-            }
+        match self.publish(events, "normal").await {
+            Ok(()) => to_mark.extend(events.iter().map(|e| e.seq)),
             Err(e) => self.note_failure(&e),
         }
+    }
+
+    /// Removes published events from the outbox. Failing here only means a later catch-up publishes them
+    /// again (at least once), so it is logged, not retried.
+    async fn flush_marks(&self, to_mark: &mut Vec<i64>) {
+        if to_mark.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.mark_published(to_mark).await {
+            warn!(error = %error_chain(&e), events = to_mark.len(), "could not mark published events");
+        }
+        to_mark.clear();
     }
 
     /// Publishes the outbox's backlog, oldest first, until it is empty or Redis fails. Returns how many.
@@ -179,11 +190,27 @@ impl Notifier {
         }
     }
 
-    /// The publisher task: runs until every worker has dropped its sender.
+    /// The publisher task: runs until every worker has dropped its sender. Marks are grouped (every
+    /// `MARK_INTERVAL` or `MARK_MAX` events): one outbox commit for many batches, not one each.
     pub async fn run_publisher(self, mut batches: mpsc::Receiver<Vec<StoredEvent>>) {
-        while let Some(events) = batches.recv().await {
-            self.publish_new(events).await;
+        let mut to_mark: Vec<i64> = Vec::new();
+        let mut flush = tokio::time::interval(MARK_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                received = batches.recv() => match received {
+                    Some(events) => {
+                        self.publish_new(&events, &mut to_mark).await;
+                        if to_mark.len() >= MARK_MAX {
+                            self.flush_marks(&mut to_mark).await;
+                        }
+                    }
+                    None => break,
+                },
+                _ = flush.tick() => self.flush_marks(&mut to_mark).await,
+            }
         }
+        self.flush_marks(&mut to_mark).await;
         debug!("publisher stopped");
     }
 
@@ -224,11 +251,13 @@ impl Notifier {
     /// with the running count. Returns how many were published.
     pub async fn replay(&self, filter: &ReplayFilter, mut progress: impl FnMut(u64)) -> Result<u64, NotifyError> {
         let page = i64::from(self.config.catchup_batch);
-        let (mut after, mut published) = (0i64, 0u64);
+        let (mut after, mut published) = (ReplayPosition::default(), 0u64);
         loop {
-            let events = self.store.replay_page(filter, after, page).await?;
-            let Some(last) = events.last() else { return Ok(published) };
-            after = last.seq;
+            let (events, next) = self.store.replay_page(filter, after, page).await?;
+            if events.is_empty() {
+                return Ok(published);
+            }
+            after = next;
             self.publish(&events, "replay").await?;
             published += events.len() as u64;
             progress(published);

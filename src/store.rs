@@ -71,17 +71,25 @@ pub struct NewEvent {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Queue new events in the outbox (only when notifications are on; otherwise it would only grow).
+    outbox: bool,
 }
 
+/// One statement per batch: insert what is new, and (with `$9`) queue it in the outbox in the same commit.
 const INSERT_BATCH: &str = "
-INSERT INTO events (source, event_id, event_type, created, livemode, api_version, account, body)
-SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::bytea[])
-ON CONFLICT (source, event_id) DO NOTHING
-RETURNING source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8";
+WITH inserted AS (
+    INSERT INTO events (source, event_id, event_type, created, livemode, api_version, account, body)
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::bytea[])
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING source, event_id, seq, received_at
+), queued AS (
+    INSERT INTO events_outbox (seq, source, event_id) SELECT seq, source, event_id FROM inserted WHERE $9
+)
+SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8 FROM inserted";
 
-/// The columns a notification carries, in the order `StoredEvent::from_row` reads them.
-const NOTIFY_COLUMNS: &str = "seq, source, event_id, event_type, created, livemode, \
-    (extract(epoch FROM received_at) * 1000)::int8, body";
+/// The columns a notification carries, in the order `StoredEvent::from_row` reads them (`e`: events).
+const NOTIFY_COLUMNS: &str = "e.seq, e.source, e.event_id, e.event_type, e.created, e.livemode, \
+    (extract(epoch FROM e.received_at) * 1000)::int8, e.body";
 
 /// Where a new row landed: its order of receipt and receive time, for its notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,13 +152,17 @@ pub struct Claimed {
 impl Claimed {
     pub async fn mark_published(mut self) -> Result<(), StoreError> {
         let seqs: Vec<i64> = self.events.iter().map(|e| e.seq).collect();
-        sqlx::query("UPDATE events SET published_at = now() WHERE seq = ANY($1)")
-            .bind(&seqs)
-            .execute(&mut *self.tx)
-            .await?;
+        sqlx::query("DELETE FROM events_outbox WHERE seq = ANY($1)").bind(&seqs).execute(&mut *self.tx).await?;
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// Where a replay has got to: the last event's receive time (µs since the epoch) and seq.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayPosition {
+    pub received_us: i64,
+    pub seq: i64,
 }
 
 /// Which stored events `hookgate replay` republishes.
@@ -175,7 +187,7 @@ impl ReplayFilter {
 
 impl Store {
     /// Builds the pool; connects lazily, so a gateway can start while the database restarts.
-    pub fn new(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub fn new(config: &StoreConfig, outbox: bool) -> Result<Self, StoreError> {
         let options: PgConnectOptions = config.url.parse().map_err(StoreError::Url)?;
         let options = options.application_name("hookgate");
         let pool = PgPoolOptions::new()
@@ -185,7 +197,7 @@ impl Store {
             // A connection that failed mid-query must not be handed out again.
             .test_before_acquire(false)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self { pool, outbox })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -195,6 +207,17 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Opens `n` connections now, so the first batches do not wait for connection set-up.
+    pub async fn warm_up(&self, n: usize) {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.pool.acquire().await {
+                Ok(connection) => held.push(connection),
+                Err(_) => break, // the database is not there yet: the pool connects on demand later
+            }
+        }
     }
 
     /// Is the database reachable? One `SELECT 1`.
@@ -224,6 +247,7 @@ impl Store {
             .bind(&api_versions)
             .bind(&accounts)
             .bind(&bodies)
+            .bind(self.outbox)
             .fetch_all(&self.pool)
             .await?;
         let mut inserted: HashMap<(String, String), Inserted> = HashMap::with_capacity(rows.len());
@@ -236,12 +260,9 @@ impl Store {
         Ok(events.iter().map(|e| inserted.remove(&(e.source.to_string(), e.id.clone()))).collect())
     }
 
-    /// Marks events published by the normal path (one statement for the whole batch).
+    /// Marks events published by the normal path (one statement, however many batches).
     pub async fn mark_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("UPDATE events SET published_at = now() WHERE seq = ANY($1) AND published_at IS NULL")
-            .bind(seqs)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query("DELETE FROM events_outbox WHERE seq = ANY($1)").bind(seqs).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -250,8 +271,8 @@ impl Store {
     pub async fn claim_unpublished(&self, grace: Duration, limit: i64) -> Result<Claimed, StoreError> {
         let mut tx = self.pool.begin().await?;
         let query = format!(
-            "SELECT {NOTIFY_COLUMNS} FROM events WHERE published_at IS NULL \
-             AND received_at < now() - make_interval(secs => $1) ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED"
+            "SELECT {NOTIFY_COLUMNS} FROM events_outbox o JOIN events e ON (e.source, e.event_id) = (o.source, o.event_id) \
+             WHERE o.queued_at < now() - make_interval(secs => $1) ORDER BY o.seq LIMIT $2 FOR UPDATE OF o SKIP LOCKED"
         );
         let rows = sqlx::query(&query).bind(grace.as_secs_f64()).bind(limit).fetch_all(&mut *tx).await?;
         let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
@@ -260,32 +281,39 @@ impl Store {
 
     /// Events not yet published (all sources).
     pub async fn count_unpublished(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM events WHERE published_at IS NULL").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&self.pool).await?)
     }
 
-    /// One page of stored events matching `filter` with `seq > after`, in order of receipt.
+    /// One page of stored events matching `filter`, in order of receipt (`received_at`, then `seq`), after
+    /// the position `after` (a previous page's last `ReplayPosition`). Walks the (source, received_at) index.
     pub async fn replay_page(
         &self,
         filter: &ReplayFilter,
-        after: i64,
+        after: ReplayPosition,
         limit: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<(Vec<StoredEvent>, ReplayPosition), StoreError> {
         let query = format!(
-            "SELECT {NOTIFY_COLUMNS} FROM events WHERE source = $1 AND seq > $2 \
+            "SELECT {NOTIFY_COLUMNS}, (extract(epoch FROM e.received_at) * 1000000)::int8 FROM events e \
+             WHERE source = $1 AND (received_at, seq) > (timestamptz 'epoch' + $2 * interval '1 microsecond', $7) \
              AND ($3::int8 IS NULL OR received_at >= to_timestamp($3)) \
              AND ($4::int8 IS NULL OR received_at < to_timestamp($4)) \
-             AND ($5::text IS NULL OR event_type LIKE $5) ORDER BY seq LIMIT $6"
+             AND ($5::text IS NULL OR event_type LIKE $5) ORDER BY received_at, seq LIMIT $6"
         );
         let rows = sqlx::query(&query)
             .bind(&filter.source)
-            .bind(after)
+            .bind(after.received_us)
             .bind(filter.since)
             .bind(filter.until)
             .bind(filter.type_like())
             .bind(limit)
+            .bind(after.seq)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?)
+        let mut next = after;
+        if let Some(last) = rows.last() {
+            next = ReplayPosition { received_us: last.try_get(8)?, seq: last.try_get(0)? };
+        }
+        Ok((rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?, next))
     }
 
     /// How many stored events match `filter`.

@@ -128,7 +128,7 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
     .max(1);
 
     // Connections first, so the schedule does not start with a connect storm.
-    let senders = connect_all(&config).await?;
+    let mut conns = connect_all(&config, workers).await.into_iter();
     let start = Instant::now() + Duration::from_millis(20);
     let start_unix_ns = unix_ns() + 20_000_000;
     let meta = Meta {
@@ -176,9 +176,9 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
     let factory = Arc::new(factory);
     let mut handles = Vec::with_capacity(workers);
     for w in 0..workers {
-        let conn = senders[w % senders.len()].open();
+        let Some(conn) = conns.next() else { break };
         let ctx = WorkerContext {
-            target_index: (w % senders.len()) % config.targets.len(),
+            target_index: (w % config.connections.max(1)) % config.targets.len(),
             config: config.clone(),
             factory: factory.clone(),
             row_tx: row_tx.clone(),
@@ -237,33 +237,28 @@ enum Conn {
     H2(Uri, SharedH2),
 }
 
-#[derive(Clone)]
-enum ConnSpec {
-    H1(Uri),
-    H2(Uri, SharedH2),
-}
-
-impl ConnSpec {
-    fn open(&self) -> Conn {
-        match self {
-            ConnSpec::H1(t) => Conn::H1(t.clone(), None),
-            ConnSpec::H2(t, shared) => Conn::H2(t.clone(), shared.clone()),
-        }
-    }
-}
-
-async fn connect_all(config: &AttackConfig) -> anyhow::Result<Vec<ConnSpec>> {
-    let mut specs = Vec::new();
-    for c in 0..config.connections.max(1) {
-        let target = config.targets[c % config.targets.len()].clone();
-        if config.http2 {
+/// One connection per worker for HTTP/1.1, opened before the schedule starts so that it does not begin
+/// with a connect storm; for HTTP/2, `--connections` shared connections, handed out round robin. A target
+/// that cannot be reached yet is retried on first use.
+async fn connect_all(config: &AttackConfig, workers: usize) -> Vec<Conn> {
+    let targets = &config.targets;
+    if config.http2 {
+        let mut shared = Vec::new();
+        for c in 0..config.connections.max(1) {
+            let target = targets[c % targets.len()].clone();
             let sender = open_h2(&target).await.ok();
-            specs.push(ConnSpec::H2(target, Arc::new(tokio::sync::Mutex::new(sender))));
-        } else {
-            specs.push(ConnSpec::H1(target));
+            shared.push((target, Arc::new(tokio::sync::Mutex::new(sender))));
         }
+        (0..workers).map(|w| Conn::H2(shared[w % shared.len()].0.clone(), shared[w % shared.len()].1.clone())).collect()
+    } else {
+        let mut conns = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let target = targets[w % targets.len()].clone();
+            let sender = open_h1(&target).await.ok();
+            conns.push(Conn::H1(target, sender));
+        }
+        conns
     }
-    Ok(specs)
 }
 
 async fn open_tcp(target: &Uri) -> std::io::Result<TcpStream> {

@@ -57,7 +57,12 @@ pub struct PayloadFactory {
     size: usize,
     template: Option<String>,
     created_base: i64,
+    /// Padding text, long enough for one copy per body; bodies start at different offsets.
+    padding: String,
 }
+
+/// Bodies of consecutive events start their padding at offsets cycling through this period.
+const PAD_PERIOD: u64 = 97;
 
 impl PayloadFactory {
     pub fn new(
@@ -82,6 +87,7 @@ impl PayloadFactory {
             size,
             template,
             created_base,
+            padding: "abcdefghijklmnopqrstuvwxyz0123456789".repeat((size + PAD_PERIOD as usize) / 36 + 2),
         })
     }
 
@@ -121,11 +127,18 @@ impl PayloadFactory {
             ),
             Scheme::Github => (format!(r#"{{"action":"{event_type}","hook_id":{index},"description":""#), r#""}"#),
         };
-        let mut body = head;
-        let pad = self.size.saturating_sub(body.len() + tail.len());
-        // Varied but deterministic padding: compressible-looking bodies would flatter nobody.
-        let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        body.extend((0..pad).map(|i| alphabet[(i * 7 + index as usize) % alphabet.len()] as char));
+        let pad = self.size.saturating_sub(head.len() + tail.len());
+        let mut body = String::with_capacity(head.len() + pad + tail.len());
+        body.push_str(&head);
+        // Varied but deterministic padding (a window into a precomputed text, one copy per request).
+        let mut remaining = pad;
+        let mut offset = (index % PAD_PERIOD) as usize;
+        while remaining > 0 {
+            let take = remaining.min(self.padding.len() - offset);
+            body.push_str(&self.padding[offset..offset + take]);
+            remaining -= take;
+            offset = 0;
+        }
         body.push_str(tail);
         body
     }

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, Instrument};
 
-use super::error::{json_response, ApiError};
+use super::error::ApiError;
 use crate::config::{AckMode, Source};
 use crate::event;
 use crate::pipeline::{Outcome, Pipeline, StoreFailed, SubmitError};
@@ -29,12 +29,19 @@ pub struct WebhookState {
     pub retry_after_s: u32,
 }
 
+/// The 202 body.
+#[derive(serde::Serialize)]
+struct Acknowledged<'a> {
+    id: &'a str,
+    status: &'static str,
+}
+
 /// Routes one request and records its metric. Never fails: every refusal is a response.
 pub async fn handle(state: Arc<WebhookState>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let method = request.method().clone();
     let (route, result) = match request.uri().path().strip_prefix(WEBHOOK_PREFIX) {
-        Some(name) => ("/webhooks/{source}", receive(&state, name.to_owned(), request, started).await),
+        Some(name) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, name.to_owned(), request, started).await),
         None => ("other", Err(ApiError::NotFound)),
     };
     let response = result.unwrap_or_else(|e| {
@@ -110,8 +117,13 @@ async fn receive(
             },
         };
         debug!(status, "acknowledged");
-        let builder = Response::builder().status(StatusCode::ACCEPTED).header(header::CONTENT_TYPE, "application/json");
-        Ok(json_response(builder, &serde_json::json!({ "id": event_id, "status": status })))
+        let body = serde_json::to_vec(&Acknowledged { id: &event_id, status }).unwrap_or_default();
+        let response = Response::builder()
+            .status(StatusCode::ACCEPTED)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+        Ok(response)
     }
     .instrument(span)
     .await

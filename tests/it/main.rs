@@ -3,6 +3,7 @@
 mod admin;
 mod delivery;
 mod notify;
+mod observability;
 mod overload;
 mod process;
 mod refusals;

@@ -33,12 +33,7 @@ async fn an_accepted_event_is_on_its_stream_once_and_a_duplicate_adds_nothing() 
     assert_eq!(again.json["status"], "duplicate");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(read_stream(&redis, &key).await.len(), 1, "a duplicate delivery is not notified again");
-    let published_at: Option<String> = sqlx::query_scalar("SELECT published_at::text FROM events WHERE event_id = $1")
-        .bind(&id)
-        .fetch_one(&db.pool)
-        .await
-        .expect("row");
-    assert!(published_at.is_some(), "the outbox marks the event published");
+    assert!(outbox_empties(&db).await, "a published event leaves the outbox");
     gateway.stop().await;
 }
 
@@ -118,8 +113,10 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     let ids: Vec<String> = (0..50).map(|_| unique("evt_crash")).collect();
     for id in &ids {
         sqlx::query(
-            "INSERT INTO events (source, event_id, event_type, body, received_at) \
-             VALUES ('stripe', $1, 'charge.succeeded', $2, now() - interval '1 minute')",
+            "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
+               VALUES ('stripe', $1, 'charge.succeeded', $2) RETURNING seq, source, event_id) \
+             INSERT INTO events_outbox (seq, source, event_id, queued_at) \
+               SELECT seq, source, event_id, now() - interval '1 minute' FROM e",
         )
         .bind(id)
         .bind(stripe_event(id).into_bytes())
@@ -135,11 +132,7 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     );
     let stream = stream_ids(&redis, &key).await;
     assert!(ids.iter().all(|id| stream.get(id) == Some(&1)));
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE published_at IS NULL")
-        .fetch_one(&db.pool)
-        .await
-        .expect("count");
-    assert_eq!(pending, 0);
+    assert!(outbox_empties(&db).await);
     gateway.stop().await;
 }
 
@@ -152,9 +145,11 @@ async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
     let key = config.notify.stream_for("stripe");
     Gateway::start(config.clone()).await.stop().await;
     sqlx::query(
-        "INSERT INTO events (source, event_id, event_type, body, received_at) \
-         SELECT 'stripe', 'evt_backlog_' || i, 'charge.succeeded', convert_to('{}', 'UTF8'), now() - interval '1 minute' \
-         FROM generate_series(1, 3000) AS i",
+        "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
+           SELECT 'stripe', 'evt_backlog_' || i, 'charge.succeeded', convert_to('{}', 'UTF8') \
+           FROM generate_series(1, 3000) AS i RETURNING seq, source, event_id) \
+         INSERT INTO events_outbox (seq, source, event_id, queued_at) \
+           SELECT seq, source, event_id, now() - interval '1 minute' FROM e",
     )
     .execute(&db.pool)
     .await
@@ -163,10 +158,8 @@ async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
     let redis = redis_url();
     assert!(
         eventually(Duration::from_secs(30), || async {
-            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE published_at IS NULL")
-                .fetch_one(&db.pool)
-                .await
-                .expect("count");
+            let pending: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
             pending == 0
         })
         .await
@@ -225,4 +218,14 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// Waits (up to 5 s) for the outbox to be empty: every stored event marked published.
+async fn outbox_empties(db: &TestDb) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let queued: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
+        queued == 0
+    })
+    .await
 }

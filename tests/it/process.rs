@@ -18,16 +18,68 @@ pub fn hookgate() -> Command {
     command
 }
 
-/// Writes a config file for the binary: the test's sources and database, the given ports.
-fn config_file(db_url: &str, port: u16, admin_port: u16) -> std::path::PathBuf {
+/// Writes a config file for the binary: the test's sources, database and Redis streams, the given ports.
+pub fn config_file(db_url: &str, port: u16, admin_port: u16) -> std::path::PathBuf {
+    config_file_with_streams(db_url, port, admin_port, &format!("{}:{{source}}", unique("hg-it")))
+}
+
+pub fn config_file_with_streams(db_url: &str, port: u16, admin_port: u16, stream_key: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("hookgate-it")));
     let text = format!(
         "{}\n[server]\nlisten = '127.0.0.1:{port}'\n[admin]\nlisten = '127.0.0.1:{admin_port}'\n\
-         [store]\nurl = '{db_url}'\n[shutdown]\nrequests_grace_ms = 10000\ndrain_grace_ms = 10000\n",
-        sources_toml()
+         [store]\nurl = '{db_url}'\n[notify]\nredis_url = '{}'\nstream_key = '{stream_key}'\n\
+         [log]\nlevel = 'warn'\n[shutdown]\nrequests_grace_ms = 10000\ndrain_grace_ms = 10000\n",
+        sources_toml(),
+        redis_url()
     );
     std::fs::write(&path, text).expect("config file");
     path
+}
+
+/// A gateway process of its own (its metrics are its own), stopped with SIGTERM when dropped.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl GatewayProcess {
+    /// Starts `hookgate serve` with `config` and waits until /readyz answers 200.
+    pub async fn start(config: &std::path::Path, port: u16, admin_port: u16) -> Self {
+        let child = hookgate()
+            .args(["--config", config.to_str().expect("utf-8 path"), "serve"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn hookgate");
+        let ready = format!("http://127.0.0.1:{admin_port}/readyz");
+        let c = client();
+        let up = eventually(Duration::from_secs(20), || {
+            let (c, ready) = (c.clone(), ready.clone());
+            async move {
+                let request =
+                    http::Request::get(&ready).body(http_body_util::Full::new(bytes::Bytes::new())).expect("req");
+                matches!(c.request(request).await, Ok(r) if r.status() == 200)
+            }
+        })
+        .await;
+        assert!(up, "gateway on port {port} did not become ready");
+        Self { child, port, admin_port }
+    }
+
+    pub fn url(&self, source: &str) -> String {
+        format!("http://127.0.0.1:{}/webhooks/{source}", self.port)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.admin_port)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test]

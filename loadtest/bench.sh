@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The headline benchmark, in one command: release build, local Postgres and Redis, then on this machine
+#   1. the baseline: hookgate-load sink's highest sustainable rate (find-max, P99 SLO);
+#   2. the gateway in enqueue mode and in durable mode (1 KiB Stripe-signed events, Redis fan-out on):
+#      find-max, then a sustained run at the rate found, audited with `hookgate-load verify`;
+#   3. the raw Postgres limit for the same rows: the gateway's batched insert run by pgbench;
+# and writes loadtest/results/<timestamp>/RESULTS.md (a Markdown table) with the plots beside it.
+#
+# Settings (environment): SLO (10ms), STEP (5s, each find-max step), SUSTAIN (60s), START_RATE (2000),
+# MAX_RATE (100000), CONNECTIONS (128), WORKERS / BATCH_MAX / LINGER_MS / POOL_MAX (gateway knobs),
+# MODES ("enqueue durable").
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+SLO=${SLO:-10ms}
+STEP=${STEP:-5s}
+SUSTAIN=${SUSTAIN:-60s}
+START_RATE=${START_RATE:-2000}
+MAX_RATE=${MAX_RATE:-100000}
+CONNECTIONS=${CONNECTIONS:-128}
+MODES=${MODES:-"enqueue durable"}
+OUT=${OUT:-loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+
+cargo build --release --workspace --quiet
+eval "$(deploy/services.sh start)"
+PG="psql -h 127.0.0.1 -p ${HOOKGATE_PG_PORT:-54329} -U postgres -q"
+L=target/release/hookgate-load
+G=target/release/hookgate
+SECRET="whsec_bench_$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+echo "$SECRET" > "$OUT/secret"
+
+# --- helpers -------------------------------------------------------------------------------------------
+cpu_ticks() { # user+system clock ticks of the given pids, summed
+  local total=0 p
+  for p in "$@"; do
+    # A process may exit between listing and reading: count it as 0.
+    t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || t=0
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+rss_mib() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+pg_pids() { pgrep -u postgres -x postgres | tr '\n' ' '; }
+redis_pid() { pgrep -f "redis-server 127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}" | head -n 1; }
+hz=$(getconf CLK_TCK)
+json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
+
+ROWS=()
+BATCHES=()
+row() { ROWS+=("$1"); }
+
+# Runs find-max against $1 (label $2); records its CPU use via the pids in $3. Sets RATE.
+find_max() {
+  local target=$1 label=$2 pids=$3
+  echo "== find-max: $label" >&2
+  local before; before=$(cpu_ticks $pids)
+  local t0; t0=$(date +%s.%N)
+  $L find-max --target "$target" --secret "$SECRET" --slo-p99 "$SLO" --step "$STEP" \
+    --start-rate "$START_RATE" --max-rate "$MAX_RATE" --connections "$CONNECTIONS" \
+    --report-json "$OUT/findmax-$label.json" > "$OUT/findmax-$label.txt"
+  RATE=$(json "$OUT/findmax-$label.json" "int(d['max_sustainable_rate'])")
+  cat "$OUT/findmax-$label.txt" >&2
+}
+
+# A run at $RATE for $SUSTAIN against $1, label $2, gateway pid $3 (or empty); writes results and plot.
+sustain() {
+  local target=$1 label=$2 gw=$3
+  echo "== sustained run: $label at $RATE/s for $SUSTAIN" >&2
+  local pids="$gw $(pg_pids) $(redis_pid)"
+  local gw_before pg_before rd_before t0 t1
+  gw_before=$(cpu_ticks $gw); pg_before=$(cpu_ticks $(pg_pids)); rd_before=$(cpu_ticks $(redis_pid))
+  t0=$(date +%s.%N)
+  /usr/bin/time -f "%U %S %M" -o "$OUT/time-$label" \
+    $L attack --target "$target" --secret "$SECRET" --rate "$RATE" --duration "$SUSTAIN" \
+      --connections "$CONNECTIONS" --no-progress --output "$OUT/run-$label.csv" --report-json "$OUT/run-$label.json" \
+      > "$OUT/run-$label.txt"
+  t1=$(date +%s.%N)
+  local wall; wall=$(python3 -c "print($t1 - $t0)")
+  cpu() { python3 -c "print(f'{($2 - $1) / $hz / $wall * 100:.0f}%')" ; }
+  GW_CPU=$( [ -n "$gw" ] && cpu "$gw_before" "$(cpu_ticks $gw)" || echo "-")
+  GW_RSS=$( [ -n "$gw" ] && rss_mib "$gw" || echo "-")
+  PG_CPU=$(cpu "$pg_before" "$(cpu_ticks $(pg_pids))")
+  RD_CPU=$(cpu "$rd_before" "$(cpu_ticks $(redis_pid))")
+  read -r gu gs gm < "$OUT/time-$label"
+  GEN_CPU=$(python3 -c "print(f'{($gu + $gs) / $wall * 100:.0f}%')")
+  GEN_RSS=$((gm / 1024))
+  $L plot "$OUT/run-$label.csv" -o "$OUT/plot-$label.html" --title "hookgate-load: $label at $RATE/s" 2>/dev/null
+  cat "$OUT/run-$label.txt" >&2
+}
+
+summary_cells() { # p50 p99 p99.9 achieved success from a run's JSON
+  json "$1" "'%.0f | %.2f ms | %.2f ms | %.2f ms | %.3f%%' % (d['achieved_rate'], d['latency_corrected']['p50_us']/1000, d['latency_corrected']['p99_us']/1000, d['latency_corrected']['p999_us']/1000, d['success_ratio']*100)"
+}
+
+# --- 1. baseline: the sink ------------------------------------------------------------------------------
+$L sink --listen 127.0.0.1:18090 > "$OUT/sink.log" 2>&1 &
+SINK=$!
+trap 'kill $SINK 2>/dev/null || true; [ -n "${GW:-}" ] && kill $GW 2>/dev/null || true' EXIT
+sleep 0.5
+find_max http://127.0.0.1:18090/webhooks/stripe sink "$SINK"
+BASE=$RATE
+sustain http://127.0.0.1:18090/webhooks/stripe sink "$SINK"
+row "| sink (baseline) | $BASE | 100% | $(summary_cells "$OUT/run-sink.json") | $GW_CPU / $GW_RSS MiB | - | - | $GEN_CPU / $GEN_RSS MiB | - |"
+kill $SINK; wait $SINK 2>/dev/null || true
+
+# --- 2. the gateway ---------------------------------------------------------------------------------------
+for mode in $MODES; do
+  $PG -d postgres -c "DROP DATABASE IF EXISTS hookgate_bench" -c "CREATE DATABASE hookgate_bench"
+  redis-cli -p "${HOOKGATE_REDIS_PORT:-63799}" del "bench:stripe" > /dev/null
+  cat > "$OUT/gateway-$mode.toml" <<TOML
+[server]
+listen = "127.0.0.1:18080"
+[admin]
+listen = "127.0.0.1:19464"
+[queue]
+ack_mode = "$mode"
+[store]
+url = "postgres://postgres@127.0.0.1:${HOOKGATE_PG_PORT:-54329}/hookgate_bench"
+[notify]
+redis_url = "redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}"
+stream_key = "bench:{source}"
+[log]
+level = "warn"
+[sources.stripe]
+scheme = "stripe"
+secret_file = "$OUT/secret"
+TOML
+  env ${WORKERS:+HOOKGATE__WORKERS__COUNT=$WORKERS} ${BATCH_MAX:+HOOKGATE__WORKERS__BATCH_MAX=$BATCH_MAX} \
+      ${LINGER_MS:+HOOKGATE__WORKERS__BATCH_LINGER_MS=$LINGER_MS} ${POOL_MAX:+HOOKGATE__STORE__POOL_MAX=$POOL_MAX} \
+      $G --config "$OUT/gateway-$mode.toml" serve 2> "$OUT/gateway-$mode.log" &
+  GW=$!
+  for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19464/readyz > /dev/null && break; sleep 0.1; done
+  find_max http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
+  sustain http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
+  sleep 3 # let the last notifications land
+  if $L verify "$OUT/run-$mode.csv" --database-url "postgres://postgres@127.0.0.1:${HOOKGATE_PG_PORT:-54329}/hookgate_bench" \
+      --redis-url "redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}" --stream-key "bench:{source}" \
+      --report-json "$OUT/verify-$mode.json" > /dev/null; then
+    VERIFY="ok: $(json "$OUT/verify-$mode.json" "d['acknowledged']") acknowledged, 0 lost"
+  else
+    VERIFY="FAILED: $(json "$OUT/verify-$mode.json" "d['lost']") lost"
+  fi
+  RATIO=$(python3 -c "print(f'{$RATE / $BASE * 100:.0f}%')")
+  row "| gateway, $mode | $RATE | $RATIO | $(summary_cells "$OUT/run-$mode.json") | $GW_CPU / $GW_RSS MiB | $PG_CPU | $RD_CPU | $GEN_CPU / $GEN_RSS MiB | $VERIFY |"
+  eval "RATE_$mode=$RATE"
+  curl -s http://127.0.0.1:19464/metrics > "$OUT/metrics-$mode.txt"
+  BATCHES+=("$mode: mean batch $(awk '/^hookgate_batch_size_sum/ {s=$2} /^hookgate_batch_size_count/ {c=$2} END {printf "%.1f", s / (c ? c : 1)}' "$OUT/metrics-$mode.txt") events, mean commit $(awk '/^hookgate_store_commit_duration_seconds_sum/ {s=$2} /^hookgate_store_commit_duration_seconds_count/ {c=$2} END {printf "%.2f", s / (c ? c : 1) * 1000}' "$OUT/metrics-$mode.txt") ms")
+  kill -TERM $GW; wait $GW 2>/dev/null || true
+  GW=
+done
+
+# --- 3. the raw Postgres limit: the same batched insert, from pgbench --------------------------------------
+BATCH=${BATCH_MAX:-512}
+# The gateway's own statement (src/store.rs INSERT_BATCH), outbox included, with rows made server-side.
+cat > "$OUT/pgbench-insert.sql" <<SQL
+WITH inserted AS (
+    INSERT INTO events (source, event_id, event_type, created, livemode, api_version, account, body)
+    SELECT 'pgbench', md5(random()::text || clock_timestamp()::text || g), 'payment_intent.succeeded', 1700000000,
+           false, '2026-07-29.dahlia', NULL, convert_to(repeat('x', 1024), 'UTF8')
+    FROM generate_series(1, $BATCH) AS g
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING source, event_id, seq, received_at
+), queued AS (
+    INSERT INTO events_outbox (seq, source, event_id) SELECT seq, source, event_id FROM inserted
+)
+SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8 FROM inserted;
+SQL
+echo "== pgbench: batches of $BATCH rows" >&2
+pg_before=$(cpu_ticks $(pg_pids))
+pgbench -h 127.0.0.1 -p "${HOOKGATE_PG_PORT:-54329}" -U postgres -n -c "${WORKERS:-4}" -j 2 -T 20 -f "$OUT/pgbench-insert.sql" hookgate_bench > "$OUT/pgbench.txt" 2>&1
+PG_BENCH_CPU=$(python3 -c "print(f'{($(cpu_ticks $(pg_pids)) - $pg_before) / $hz / 20 * 100:.0f}%')")
+TPS=$(awk '/^tps/ {print $3; exit}' "$OUT/pgbench.txt")
+PG_RATE=$(python3 -c "print(int(float('$TPS') * $BATCH))")
+row "| raw Postgres (pgbench, the gateway's insert, $BATCH-row batches) | $PG_RATE rows/s | - | - | - | - | - | - | - | $PG_BENCH_CPU | - | - | - |"
+
+# --- the table --------------------------------------------------------------------------------------------
+{
+  echo "# hookgate benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(free -g | awk '/Mem:/ {print $2}') GiB;"
+  echo "gateway, Postgres $($PG -d postgres -Atc 'show server_version'), Redis and the load generator all on this machine."
+  echo "Events: 1 KiB Stripe-signed, Redis fan-out on, synchronous_commit on. P99 SLO $SLO, find-max steps of $STEP,"
+  echo "sustained runs of $SUSTAIN at the rate found, $CONNECTIONS connections. Latencies are corrected for coordinated omission."
+  echo
+  echo "| target | max sustainable rate/s | vs sink | achieved/s (sustained) | P50 | P99 | P99.9 | success | CPU / RSS (target) | Postgres CPU | Redis CPU | generator CPU / RSS | verify |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  DUR=${RATE_durable:-0}
+  echo "Durable ingest vs raw Postgres batched insert: $(python3 -c "print(f'{$DUR / max($PG_RATE, 1) * 100:.0f}%')")."
+  echo
+  echo "Gateway batches over the whole mode (find-max steps included): $(printf '%s; ' "${BATCHES[@]}")"
+  echo
+  echo "Plots: $(cd "$OUT" && ls plot-*.html | tr '\n' ' ')"
+  echo
+  echo "Reproduce: \`loadtest/bench.sh\` (settings: SLO=$SLO STEP=$STEP SUSTAIN=$SUSTAIN CONNECTIONS=$CONNECTIONS${WORKERS:+ WORKERS=$WORKERS}${BATCH_MAX:+ BATCH_MAX=$BATCH_MAX}${LINGER_MS:+ LINGER_MS=$LINGER_MS})."
+} > "$OUT/RESULTS.md"
+cat "$OUT/RESULTS.md"
