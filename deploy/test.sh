@@ -13,5 +13,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets
+echo "== fuzz: parser properties, 50000 cases each"
+HOOKGATE_FUZZ_CASES=50000 cargo test --quiet --lib never_panics
 echo "== deployment files"
 bash deploy/validate.sh

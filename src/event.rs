@@ -14,6 +14,10 @@ use crate::signature::Scheme;
 /// Longest event id or type accepted (bytes). Stripe ids are ~30 characters.
 pub const MAX_ID_LEN: usize = 255;
 
+/// Deepest nesting of objects and arrays accepted. Real payment events nest a handful of levels; a body
+/// nested thousands deep is an attack on whoever parses it downstream.
+pub const MAX_DEPTH: usize = 64;
+
 pub const GITHUB_DELIVERY: &str = "x-github-delivery";
 pub const GITHUB_EVENT: &str = "x-github-event";
 
@@ -41,6 +45,36 @@ pub enum EventError {
     NotAnEvent(String),
     #[error("`{0}` is empty, too long or holds control characters")]
     Invalid(&'static str),
+    #[error("the body nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+/// Refuses bodies nested deeper than [`MAX_DEPTH`]: one pass over the bytes, skipping strings.
+fn check_depth(body: &[u8]) -> Result<(), EventError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(EventError::TooDeep);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A JSON string borrowed from the body when it has no escapes (serde only borrows a `Cow` that is the
@@ -73,6 +107,11 @@ struct TypedBody<'a> {
 
 /// Extracts the event from a body (and, for Standard Webhooks and GitHub, its headers).
 pub fn parse<'a>(scheme: Scheme, headers: &'a HeaderMap, body: &'a [u8]) -> Result<Event<'a>, EventError> {
+    // JSON is UTF-8 (RFC 8259); serde does not check the strings it skips, so check the whole body once.
+    if std::str::from_utf8(body).is_err() {
+        return Err(EventError::NotJson("the body is not valid UTF-8".into()));
+    }
+    check_depth(body)?;
     let event = match scheme {
         Scheme::Stripe => parse_stripe(body)?,
         Scheme::Standard => {
@@ -197,6 +236,14 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_is_refused_even_where_serde_would_skip_it() {
+        let mut body = br#"{"id":"e","object":"event","type":"x","note":""#.to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(br#""}"#);
+        assert!(matches!(parse(Scheme::Stripe, &HeaderMap::new(), &body), Err(EventError::NotJson(_))));
+    }
+
+    #[test]
     fn escaped_id_is_decoded() {
         let e = stripe(r#"{"id":"evt_\u00e9","object":"event","type":"x"}"#).unwrap();
         assert_eq!(e.id, "evt_é");
@@ -225,20 +272,21 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_is_skipped_without_recursion() {
-        // Fields we do not need are skipped iteratively: 100,000 levels cannot overflow the stack.
-        let body = format!(
-            r#"{{"id":"e","object":"event","type":"x","data":{}{}}}"#,
-            "[".repeat(100_000),
-            "]".repeat(100_000)
-        );
-        assert_eq!(stripe(&body).map(|e| e.id.into_owned()), Ok("e".to_owned()));
-        let unbalanced = format!(r#"{{"id":"e","object":"event","type":"x","data":{}}}"#, "[".repeat(100_000));
-        assert!(matches!(stripe(&unbalanced), Err(EventError::NotJson(_))));
+    fn deep_nesting_is_refused() {
+        let nested =
+            |n: usize| format!(r#"{{"id":"e","object":"event","type":"x","data":{}{}}}"#, "[".repeat(n), "]".repeat(n));
+        assert_eq!(stripe(&nested(100_000)), Err(EventError::TooDeep));
+        assert_eq!(stripe(&nested(MAX_DEPTH)), Err(EventError::TooDeep), "the outer object counts as a level");
+        assert_eq!(stripe(&nested(MAX_DEPTH - 1)).map(|e| e.id.into_owned()), Ok("e".to_owned()));
+        // Brackets inside strings are text, not nesting; an escaped quote does not end the string.
+        let in_string = format!(r#"{{"id":"e","object":"event","type":"x","note":"{}"}}"#, "[{".repeat(1000));
+        assert!(stripe(&in_string).is_ok());
+        let escaped_quote = format!(r#"{{"id":"e","object":"event","type":"x","note":"\"{}"}}"#, "[".repeat(1000));
+        assert!(stripe(&escaped_quote).is_ok());
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2048))]
+        #![proptest_config(ProptestConfig::with_cases(crate::signature::fuzz_cases(2048)))]
         #[test]
         fn parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let h = HeaderMap::new();

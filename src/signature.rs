@@ -305,6 +305,12 @@ fn decode_base64_tag(encoded: &str) -> Option<[u8; TAG_LEN]> {
     bytes.try_into().ok()
 }
 
+/// Cases per property test: `HOOKGATE_FUZZ_CASES` when set (the fuzz run raises it), else `default`.
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("HOOKGATE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,7 +436,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(4096))]
+        #![proptest_config(ProptestConfig::with_cases(super::fuzz_cases(4096)))]
 
         #[test]
         fn stripe_header_parser_never_panics(s in "\\PC*") {

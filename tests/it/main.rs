@@ -2,6 +2,7 @@
 
 mod admin;
 mod delivery;
+mod hardening;
 mod notify;
 mod observability;
 mod overload;

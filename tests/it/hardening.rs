@@ -1,0 +1,501 @@
+//! Faults and hostile input: the gateway keeps serving, refuses what it must, and loses nothing it
+//! acknowledged. Each fault test prints a `RELIABILITY |` line (sent, acknowledged, lost, recovery) that
+//! deploy/faults.sh gathers into the README's table.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::process::{config_file_with_streams, GatewayProcess};
+use crate::support::*;
+
+/// The outcome of a load: what was sent, what got a 2xx (ids), the other statuses, the slowest answer.
+#[derive(Default, Debug)]
+struct Load {
+    sent: u64,
+    acknowledged: Vec<String>,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    slowest: Duration,
+    /// (sent, answered, status) of every request, as times since the load began, for recovery times.
+    timeline: Vec<(Duration, Duration, u16)>,
+}
+
+/// `senders` loops posting fresh Stripe events to `url` every `pause`, until `stop`. A refused connection
+/// (the gateway is down) counts as status 0 and is retried after the pause.
+async fn run_load(url: String, senders: usize, pause: Duration, stop: Arc<AtomicBool>) -> Load {
+    let began = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for s in 0..senders {
+        let (url, stop) = (url.clone(), stop.clone());
+        set.spawn(async move {
+            let mut load = Load::default();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("evt_fault_{s}_{i}_{}", unique("x"));
+                i += 1;
+                let body = stripe_event(&id);
+                let client = client();
+                let mut request = http::Request::post(&url);
+                for (k, v) in stripe_headers(body.as_bytes()) {
+                    request = request.header(k, v);
+                }
+                let request = request.body(http_body_util::Full::new(bytes::Bytes::from(body))).expect("request");
+                let t0 = Instant::now();
+                let sent_at = began.elapsed();
+                let status = match tokio::time::timeout(Duration::from_secs(30), client.request(request)).await {
+                    Ok(Ok(response)) => {
+                        let status = response.status().as_u16();
+                        if status == 503 {
+                            assert!(response.headers().contains_key("retry-after"), "503 without Retry-After");
+                        }
+                        status
+                    }
+                    Ok(Err(_)) => 0,
+                    Err(elapsed) => panic!("a request hung for 30 s: {elapsed}"),
+                };
+                load.sent += 1;
+                load.slowest = load.slowest.max(t0.elapsed());
+                *load.statuses.entry(status).or_default() += 1;
+                load.timeline.push((sent_at, began.elapsed(), status));
+                if (200..300).contains(&status) {
+                    load.acknowledged.push(id);
+                }
+                tokio::time::sleep(pause).await;
+            }
+            load
+        });
+    }
+    let mut total = Load::default();
+    while let Some(result) = set.join_next().await {
+        let load = result.expect("sender");
+        total.sent += load.sent;
+        total.acknowledged.extend(load.acknowledged);
+        for (k, v) in load.statuses {
+            *total.statuses.entry(k).or_default() += v;
+        }
+        total.slowest = total.slowest.max(load.slowest);
+        total.timeline.extend(load.timeline);
+    }
+    total.timeline.sort();
+    total
+}
+
+fn report(fault: &str, load: &Load, lost: usize, recovery: &str) {
+    println!(
+        "RELIABILITY | {fault} | {} | {} | {lost} | {recovery} | {:?}",
+        load.sent,
+        load.acknowledged.len(),
+        load.statuses
+    );
+}
+
+/// Acknowledged ids missing from Postgres.
+async fn lost_from(db: &TestDb, acknowledged: &[String]) -> usize {
+    let stored = db.stored_ids().await;
+    acknowledged.iter().filter(|id| !stored.contains(*id)).count()
+}
+
+#[tokio::test]
+async fn kill_9_during_durable_load_loses_no_acknowledged_event() {
+    let db = TestDb::create().await;
+    let stream = format!("{}:{{source}}", unique("hg-it-kill"));
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file_with_streams(&db.url, port, admin, &stream);
+    let env = [("HOOKGATE__NOTIFY__CATCHUP_GRACE_MS", "1000")];
+    let mut gateway = GatewayProcess::start_with(&config, port, admin, &env, None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(run_load(gateway.url("stripe"), 16, Duration::from_millis(2), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gateway.kill_9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load = load.await.expect("load");
+    assert!(load.acknowledged.len() > 200, "{load:?}");
+
+    let restarted = Instant::now();
+    let gateway = GatewayProcess::start_with(&config, port, admin, &env, None).await;
+    let ready_after = restarted.elapsed();
+    let lost = lost_from(&db, &load.acknowledged).await;
+    assert_eq!(lost, 0, "acknowledged events lost to kill -9");
+    // The outbox publishes what the killed process had stored but not yet published.
+    let key = stream.replace("{source}", "stripe");
+    let redis = redis_url();
+    let notified = eventually(Duration::from_secs(20), || async {
+        let ids = stream_ids(&redis, &key).await;
+        load.acknowledged.iter().all(|id| ids.contains_key(id))
+    })
+    .await;
+    assert!(notified, "some acknowledged events never reached the stream after the restart");
+    report(
+        "kill -9 of the gateway under durable load, then restart",
+        &load,
+        lost,
+        &format!("ready {ready_after:.1?} after restart"),
+    );
+    drop(gateway);
+}
+
+#[tokio::test]
+async fn postgres_down_for_10_seconds_gets_503s_then_ingest_resumes() {
+    let dir = std::env::temp_dir().join(unique("hookgate-it-pg-outage"));
+    let pg_port = free_port();
+    let services = |action: &str| {
+        let status = std::process::Command::new("bash")
+            .arg(repo_root().join("deploy/services.sh"))
+            .arg(action)
+            .env("HOOKGATE_STATE_DIR", &dir)
+            .env("HOOKGATE_PG_PORT", pg_port.to_string())
+            .status()
+            .expect("services.sh");
+        assert!(status.success());
+    };
+    services("start-postgres");
+    let db = TestDb::create_on(&format!("postgres://postgres@127.0.0.1:{pg_port}/postgres")).await;
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-pg")));
+    let env = [("HOOKGATE__SERVER__REQUEST_TIMEOUT_MS", "3000"), ("HOOKGATE__STORE__CONNECT_TIMEOUT_MS", "1000")];
+    let gateway = GatewayProcess::start_with(&config, port, admin, &env, None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(run_load(gateway.url("stripe"), 8, Duration::from_millis(20), stop.clone()));
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    services("stop-postgres");
+    let down_at = began.elapsed();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(5), || async { get_text(&client, &ready).await.0 == 503 }).await,
+        "/readyz reflects the outage"
+    );
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(began.elapsed().saturating_sub(down_at))).await;
+    services("start-postgres");
+    let up_at = began.elapsed();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load = load.await.expect("load");
+
+    // Requests sent once Postgres was gone, and answered before it came back.
+    let during = |status: u16| {
+        load.timeline.iter().filter(|(sent, done, s)| *sent > down_at && *done < up_at && *s == status).count()
+    };
+    let (refused_during, accepted_during) = (during(503), during(202));
+    assert!(refused_during > 0, "503s while Postgres is down: {:?}", load.statuses);
+    assert_eq!(accepted_during, 0, "no 2xx that the gateway cannot keep while Postgres is down");
+    assert!(
+        load.slowest < Duration::from_millis(4500),
+        "an answer took {:?}, past the 3 s request timeout",
+        load.slowest
+    );
+    assert!(load.statuses.keys().all(|s| [202, 503].contains(s)), "{:?}", load.statuses);
+    // Recovery: until a request sent after Postgres restarted is acknowledged.
+    let first_202_after = load
+        .timeline
+        .iter()
+        .filter(|(sent, _, s)| *sent > up_at && *s == 202)
+        .map(|(_, done, _)| done.saturating_sub(up_at))
+        .min();
+    let recovery = first_202_after.expect("ingest resumes after Postgres is back");
+    assert!(recovery < Duration::from_secs(5), "ingest resumed only {recovery:?} after Postgres came back");
+    assert!(eventually(Duration::from_secs(5), || async { get_text(&client, &ready).await.0 == 200 }).await);
+    let lost = lost_from(&db, &load.acknowledged).await;
+    assert_eq!(lost, 0);
+    report(
+        "Postgres stopped for 10 s under load",
+        &load,
+        lost,
+        &format!("{refused_during} requests answered 503 during the outage, none 2xx; new requests acknowledged {recovery:.1?} after Postgres restarted"),
+    );
+    drop(gateway);
+    db.pool.close().await;
+    services("stop-postgres");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_burst_far_above_capacity_gets_503s_with_bounded_memory_and_recovers() {
+    let db = TestDb::create().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-burst")));
+    let env =
+        [("HOOKGATE__QUEUE__CAPACITY", "64"), ("HOOKGATE__WORKERS__COUNT", "1"), ("HOOKGATE__STORE__POOL_MAX", "3")];
+    let gateway = GatewayProcess::start_with(&config, port, admin, &env, None).await;
+    let rss_before = gateway.peak_rss_mib();
+    // Ten waves of 400 simultaneous deliveries, each on a connection of its own.
+    let mut load = Load::default();
+    for _ in 0..10 {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..400 {
+            let url = gateway.url("stripe");
+            set.spawn(async move {
+                let id = unique("evt_burst");
+                let body = stripe_event(&id);
+                let answer = post(&client(), &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await;
+                (id, answer)
+            });
+        }
+        while let Some(result) = set.join_next().await {
+            let (id, answer) = result.expect("task");
+            load.sent += 1;
+            *load.statuses.entry(answer.status).or_default() += 1;
+            match answer.status {
+                202 => load.acknowledged.push(id),
+                503 => assert_eq!(answer.kind(), "queue_full"),
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    let rss_after = gateway.peak_rss_mib();
+    assert!(
+        load.statuses.get(&503).copied().unwrap_or(0) > 0,
+        "a 64-slot queue refuses part of 400 at once: {:?}",
+        load.statuses
+    );
+    assert!(rss_after < 200, "peak RSS {rss_after} MiB");
+    // Recovery: once the burst is over, a delivery is accepted and the gateway is ready.
+    let recovered = Instant::now();
+    let answer = post_stripe_to(&gateway.url("stripe"), &unique("evt_after")).await;
+    assert_eq!(answer.status, 202);
+    let (status, _) = get_text(&client(), &format!("http://127.0.0.1:{admin}/readyz")).await;
+    assert_eq!(status, 200);
+    let lost = lost_from(&db, &load.acknowledged).await;
+    assert_eq!(lost, 0);
+    report(
+        "burst of 10 x 400 simultaneous requests into a 64-slot queue",
+        &load,
+        lost,
+        &format!(
+            "next request accepted in {:.1?}; peak RSS {rss_after} MiB (idle {rss_before} MiB)",
+            recovered.elapsed()
+        ),
+    );
+    drop(gateway);
+}
+
+async fn post_stripe_to(url: &str, id: &str) -> Answer {
+    let body = stripe_event(id);
+    post(&client(), url, &stripe_headers(body.as_bytes()), body.as_bytes()).await
+}
+
+#[tokio::test]
+async fn slowloris_connections_do_not_starve_normal_traffic() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.server.header_read_timeout_ms = 1000;
+    let gateway = Gateway::start(config).await;
+    let addr = gateway.addr;
+    // 300 connections sending their headers one byte every 200 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed_by_server = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut attackers = Vec::new();
+    for _ in 0..300 {
+        let (stop, closed) = (stop.clone(), closed_by_server.clone());
+        attackers.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else { return };
+            let head = b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+            for byte in head.iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if stream.write_all(&[*byte]).await.is_err() {
+                    closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Normal traffic beside it: 300 deliveries, one after another, each timed.
+    let client = client();
+    let mut latencies = Vec::new();
+    for _ in 0..300 {
+        let t0 = Instant::now();
+        let answer = post_stripe(&client, &gateway, &unique("evt_normal")).await;
+        latencies.push(t0.elapsed());
+        assert_eq!(answer.status, 202);
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        let _ = attacker.await;
+    }
+    let closed = closed_by_server.load(Ordering::Relaxed);
+    println!("RELIABILITY | slowloris: 300 connections, 1 byte / 200 ms, beside 300 normal requests | 300 | 300 | 0 | normal P99 {p99:.1?}; {closed} of 300 slow connections cut by the 1 s header timeout | -");
+    assert!(p99 < Duration::from_millis(250), "normal traffic P99 {p99:?} under slowloris");
+    assert!(closed >= 290, "only {closed} slowloris connections were closed by the header read timeout");
+    gateway.stop().await;
+}
+
+/// Sends raw bytes on a fresh connection and returns the status of the answer (0 when the connection
+/// was closed without one).
+fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> u16 {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let _ = stream.write_all(request);
+    let mut buf = [0u8; 128];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn hostile_requests_get_their_4xx_quickly_and_store_nothing() {
+    let db = TestDb::create().await;
+    let gateway = Gateway::start(test_config(&db.url)).await;
+    let addr = gateway.addr;
+    let body = stripe_event(&unique("evt"));
+    let sig = stripe_headers(body.as_bytes())[0].1.clone();
+    let started = Instant::now();
+    let statuses = tokio::task::spawn_blocking(move || {
+        let huge_header = format!(
+            "POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nStripe-Signature: {}\r\nContent-Length: 2\r\n\r\n{{}}",
+            "v".repeat(100 * 1024)
+        );
+        let many_headers = format!(
+            "POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n{}Content-Length: 2\r\n\r\n{{}}",
+            (0..5000).fold(String::new(), |mut all, i| {
+                let _ = write!(all, "X-H{i}: v\r\n");
+                all
+            })
+        );
+        let long_path =
+            format!("POST /webhooks/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}", "a".repeat(10 * 1024));
+        let with_sig = |path: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nStripe-Signature: {sig}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        vec![
+            ("100 KiB signature header", raw_status(addr, huge_header.as_bytes())),
+            ("5000 headers", raw_status(addr, many_headers.as_bytes())),
+            ("10 KiB source", raw_status(addr, long_path.as_bytes())),
+            ("source with ..", raw_status(addr, with_sig("/webhooks/../webhooks/stripe").as_bytes())),
+            ("source with %2F", raw_status(addr, with_sig("/webhooks/..%2Fstripe").as_bytes())),
+            ("source with %0A", raw_status(addr, with_sig("/webhooks/stripe%0Ainjected").as_bytes())),
+        ]
+    })
+    .await
+    .expect("raw requests");
+    for (what, status) in &statuses {
+        assert!((400..500).contains(status), "{what}: {status}");
+    }
+    let header_refusals: Vec<u16> = statuses.iter().take(2).map(|(_, s)| *s).collect();
+    assert_eq!(header_refusals, [431, 431], "oversized heads: 431 Request Header Fields Too Large");
+    assert!(statuses.iter().skip(2).all(|(_, s)| *s == 404), "{statuses:?}");
+
+    // Signed correctly but hostile bodies: invalid UTF-8, deep nesting, a control character in the id.
+    let client = client();
+    let mut invalid_utf8 = br#"{"id":"evt_bad","object":"event","type":"x","note":""#.to_vec();
+    invalid_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
+    invalid_utf8.extend_from_slice(br#""}"#);
+    let deep =
+        format!(r#"{{"id":"evt_deep","object":"event","type":"x","d":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
+    let control = r#"{"id":"evt_\n{\"forged\":1}","object":"event","type":"x"}"#.to_owned();
+    for (what, payload) in
+        [("invalid UTF-8", invalid_utf8), ("deep nesting", deep.into_bytes()), ("newline in id", control.into_bytes())]
+    {
+        let answer = post(&client, &gateway.url("stripe"), &stripe_headers(&payload), &payload).await;
+        assert_eq!((answer.status, answer.kind()), (400, "invalid_event"), "{what}: {answer:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "hostile requests took {:?}", started.elapsed());
+    assert_eq!(db.count().await, 0, "nothing hostile is stored");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn http2_stream_limits_and_rapid_reset_do_not_exhaust_the_server() {
+    use hyper::client::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.server.http2_max_concurrent_streams = 32;
+    let gateway = Gateway::start(config).await;
+
+    // 500 requests at once on one connection: the server admits 32 streams at a time; all complete. One
+    // request first, so the client has the server's SETTINGS (its stream limit) before the burst.
+    let client = h2c_client();
+    assert_eq!(post_stripe(&client, &gateway, &unique("evt_h2_first")).await.status, 202);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let (client, url) = (client.clone(), gateway.url("stripe"));
+        set.spawn(async move {
+            let body = stripe_event(&unique("evt_h2"));
+            post(&client, &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await.status
+        });
+    }
+    while let Some(status) = set.join_next().await {
+        assert_eq!(status.expect("task"), 202);
+    }
+
+    // Rapid reset: open a stream and cancel it at once, 5,000 times on one connection, while a normal
+    // client keeps sending; the normal client must stay fast.
+    let io = TokioIo::new(tokio::net::TcpStream::connect(gateway.addr).await.expect("connect"));
+    let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io).await.expect("h2 handshake");
+    let flood_connection = tokio::spawn(connection);
+    let url = gateway.url("stripe");
+    let flood = tokio::spawn(async move {
+        let mut resets = 0;
+        for _ in 0..5_000 {
+            if sender.ready().await.is_err() {
+                return (resets, true); // the server closed the connection (GOAWAY)
+            }
+            let request = http::Request::post(&url)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .expect("request");
+            // Poll once so HEADERS go out, then drop the response future: the client sends RST_STREAM.
+            let _ = tokio::time::timeout(Duration::ZERO, sender.send_request(request)).await;
+            resets += 1;
+        }
+        (resets, sender.ready().await.is_err())
+    });
+    let mut slowest = Duration::ZERO;
+    while !flood.is_finished() {
+        let t0 = Instant::now();
+        let answer = post_stripe(&client, &gateway, &unique("evt_during_flood")).await;
+        assert_eq!(answer.status, 202);
+        slowest = slowest.max(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (resets, closed) = flood.await.expect("flood");
+    assert!(slowest < Duration::from_secs(1), "a normal request took {slowest:?} during the flood");
+    println!("RELIABILITY | HTTP/2 rapid reset: {resets} streams opened and cancelled on one connection, normal h2c traffic beside it | {resets} | 0 | 0 | slowest normal request during the flood {slowest:.1?}; flood connection closed by the server: {closed} | -");
+    flood_connection.abort();
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn logs_cannot_be_forged_and_never_contain_a_secret() {
+    let db = TestDb::create().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-logs")));
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-logs")));
+    let env = [("HOOKGATE__LOG__FORMAT", "json"), ("RUST_LOG", "debug")];
+    let gateway = GatewayProcess::start_with(&config, port, admin, &env, Some(&log)).await;
+    let client = client();
+    // Attempts to smuggle line breaks into the log: path, header, event id; plus ordinary traffic.
+    let url = gateway.url("stripe");
+    let _ = post(&client, &format!("{url}%0A%7B%22forged%22%3A1%7D"), &[], b"{}").await;
+    let _ = post(&client, &url, &[("Stripe-Signature".into(), "t=1\t,v1=\"}\t{\"forged\":1".into())], b"{}").await;
+    let forged = r#"{"id":"evt_\n{\"forged\":1}","object":"event","type":"x\r\ny"}"#;
+    let _ = post(&client, &url, &stripe_headers(forged.as_bytes()), forged.as_bytes()).await;
+    assert_eq!(post_stripe_to(&url, &unique("evt_log")).await.status, 202);
+    let (_, metrics) = get_text(&client, &gateway.metrics_url()).await;
+    drop(gateway); // SIGTERM: the shutdown is logged too
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.lines().count() >= 3, "too few log lines: {text}");
+    for line in text.lines() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("forged or broken log line ({e}): {line}"));
+        assert!(parsed.get("forged").is_none(), "{line}");
+    }
+    for secret in [STRIPE_SECRET, STANDARD_SECRET, GITHUB_SECRET] {
+        assert!(!text.contains(secret), "a secret reached the logs");
+        assert!(!metrics.contains(secret), "a secret reached the metrics");
+    }
+    let _ = std::fs::remove_file(log);
+}
