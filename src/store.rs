@@ -209,7 +209,8 @@ impl Store {
         Ok(())
     }
 
-    /// Opens `n` connections now, so the first batches do not wait for connection set-up.
+    /// Opens `n` connections and prepares the batch insert on each (an empty batch), so the first
+    /// requests after a start do not wait for connection set-up and statement planning.
     pub async fn warm_up(&self, n: usize) {
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
@@ -217,6 +218,10 @@ impl Store {
                 Ok(connection) => held.push(connection),
                 Err(_) => break, // the database is not there yet: the pool connects on demand later
             }
+        }
+        for connection in &mut held {
+            // Harmless when it fails (for example before migrations): the first batch prepares it then.
+            let _ = self.insert_with(&mut **connection, &[]).await;
         }
     }
 
@@ -230,6 +235,13 @@ impl Store {
     /// event in order, where it was inserted, or `None` when it was already stored. The batch must not
     /// hold the same (source, id) twice.
     pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Vec<Option<Inserted>>, StoreError> {
+        self.insert_with(&self.pool, events).await
+    }
+
+    async fn insert_with<'e, E>(&self, executor: E, events: &[&NewEvent]) -> Result<Vec<Option<Inserted>>, StoreError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+    {
         let sources: Vec<&str> = events.iter().map(|e| &*e.source).collect();
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
@@ -248,7 +260,7 @@ impl Store {
             .bind(&accounts)
             .bind(&bodies)
             .bind(self.outbox)
-            .fetch_all(&self.pool)
+            .fetch_all(executor)
             .await?;
         let mut inserted: HashMap<(String, String), Inserted> = HashMap::with_capacity(rows.len());
         for row in rows {

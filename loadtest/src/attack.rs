@@ -35,6 +35,9 @@ pub struct AttackConfig {
     pub connections: usize,
     pub http2: bool,
     pub timeout: Duration,
+    /// Sent at the target rate before the measured run, and not recorded: connections, caches and the
+    /// target's pools reach their steady state first (as wrk2's calibration period). Open loop only.
+    pub warmup: Duration,
     pub duplicate_ratio: f64,
     pub bad_signature_ratio: f64,
     pub output: Option<PathBuf>,
@@ -47,6 +50,8 @@ pub struct AttackConfig {
 struct Ticket {
     index: u64,
     due: Instant,
+    /// False during the warm-up: sent, not recorded.
+    measured: bool,
 }
 
 /// What an attack produced.
@@ -129,8 +134,12 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
 
     // Connections first, so the schedule does not start with a connect storm.
     let mut conns = connect_all(&config, workers).await.into_iter();
-    let start = Instant::now() + Duration::from_millis(20);
-    let start_unix_ns = unix_ns() + 20_000_000;
+    // The schedule starts 20 ms from now; measurement starts after the warm-up.
+    let warmup = if closed_loop { Duration::ZERO } else { config.warmup };
+    let warmup_requests = (warmup.as_secs_f64() * config.rate.max(0.0)).ceil() as u64;
+    let schedule_start = Instant::now() + Duration::from_millis(20);
+    let start = schedule_start + warmup;
+    let start_unix_ns = unix_ns() + 20_000_000 + warmup.as_nanos();
     let meta = Meta {
         start_unix_ns,
         rate: config.rate.max(0.0),
@@ -155,8 +164,8 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
     } else {
         let rate = config.rate;
         Some(std::thread::Builder::new().name("schedule".into()).spawn(move || {
-            for index in 0..planned {
-                let due = start + Duration::from_secs_f64(index as f64 / rate);
+            for index in 0..planned.saturating_add(warmup_requests) {
+                let due = schedule_start + Duration::from_secs_f64(index as f64 / rate);
                 if end_of_schedule.is_some_and(|e| due >= e) {
                     break;
                 }
@@ -164,9 +173,8 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                if hard_stop.is_some_and(|h| Instant::now() > h)
-                    || ticket_tx.send_blocking(Ticket { index, due }).is_err()
-                {
+                let ticket = Ticket { index, due, measured: index >= warmup_requests };
+                if hard_stop.is_some_and(|h| Instant::now() > h) || ticket_tx.send_blocking(ticket).is_err() {
                     break;
                 }
             }
@@ -196,7 +204,7 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
                     if index >= planned || end_of_schedule.is_some_and(|e| now >= e) {
                         break;
                     }
-                    worker.fire(Ticket { index, due: now }).await;
+                    worker.fire(Ticket { index, due: now, measured: true }).await;
                 }
             } else {
                 while let Ok(ticket) = tickets.recv().await {
@@ -330,6 +338,9 @@ impl Worker {
                 (0, 0, "timeout".to_owned())
             }
         };
+        if !ticket.measured {
+            return;
+        }
         let ns = |t: Instant| t.saturating_duration_since(self.ctx.start).as_nanos() as u64;
         let row = Row {
             due_ns: ns(ticket.due),

@@ -145,6 +145,9 @@ struct AttackArgs {
     /// Event types to cycle through, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "payment_intent.succeeded,charge.succeeded,invoice.paid")]
     event_types: Vec<String>,
+    /// Send at the target rate for this long first, without recording (steady-state measurement).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    warmup: Duration,
     /// Share of requests that resend an earlier event (same id and body).
     #[arg(long, default_value_t = 0.0)]
     duplicate_ratio: f64,
@@ -203,6 +206,7 @@ impl AttackArgs {
             connections: self.connections,
             http2: self.http2,
             timeout: self.timeout,
+            warmup: self.warmup,
             duplicate_ratio: self.duplicate_ratio,
             bad_signature_ratio: self.bad_signature_ratio,
             output: self.output.clone(),
@@ -324,6 +328,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             attack.validate()?;
             let mut base = attack.config();
             base.progress = false;
+            if base.warmup.is_zero() {
+                // Each step starts from idle connections: without a warm-up, its first few hundred ms
+                // (cold connections and caches) would decide the step's P99.
+                base.warmup = Duration::from_secs(1);
+            }
             let config = findmax::FindMaxConfig {
                 attack: base,
                 slo_p99,

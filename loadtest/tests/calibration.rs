@@ -32,6 +32,7 @@ fn attack_config(target: &str, rate: f64, seconds: u64, connections: usize, outp
         connections,
         http2: false,
         timeout: Duration::from_secs(5),
+        warmup: Duration::ZERO,
         duplicate_ratio: 0.0,
         bad_signature_ratio: 0.0,
         output,
@@ -177,4 +178,19 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
     let response = client.get(url.parse().unwrap()).await.unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warmup_is_sent_at_the_rate_but_not_recorded() {
+    let _serial = SERIAL.lock().await;
+    let verifier = Verifier::new(Scheme::Stripe, &[SECRET], 300).unwrap();
+    let target = start_sink(SinkConfig { verifier: Some(verifier), ..SinkConfig::default() }).await;
+    let mut config = attack_config(&target, 500.0, 2, 8, None);
+    config.warmup = Duration::from_secs(1);
+    let s = attack(config, "warm").await.summary;
+    let stats: SinkStats = fetch_json(&target.replace("/webhooks/stripe", "/stats")).await;
+    assert_eq!((s.planned, s.requests), (1000, 1000), "only the measured 2 s are reported");
+    assert_eq!(stats.requests, 1500, "the warm-up's 500 requests were sent too");
+    assert_eq!(stats.unique_ids, 1500, "warm-up events have ids of their own");
+    assert!(s.rate_met(0.01), "{}", s.achieved_rate);
 }

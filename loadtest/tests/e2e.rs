@@ -81,6 +81,7 @@ async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
             connections: 16,
             http2: false,
             timeout: Duration::from_secs(10),
+            warmup: Duration::ZERO,
             duplicate_ratio: 0.05,
             bad_signature_ratio: 0.02,
             output: Some(output.clone()),
