@@ -2,7 +2,8 @@
 //!
 //! - [`payload`]: deterministic event bodies, signed afresh per request (Stripe, Standard Webhooks, GitHub).
 //! - [`attack`]: the schedule (absolute deadlines on a thread of its own), workers, the result collector.
-//! - [`recorder`]: per-worker HdrHistograms (corrected, uncorrected, send lateness) and counts; merged.
+//! - [`recorder`]: HdrHistograms (corrected, uncorrected, send lateness) and counts, in a few shards
+//!   the workers share, merged at the end.
 //! - [`results`]: the streamed CSV results file that `report`, `plot` and `verify` read.
 //! - [`report`]: the summary and its text / JSON / histogram renderings.
 //! - [`plot`]: a self-contained HTML page with SVG charts.

@@ -1,6 +1,6 @@
-//! Per-worker measurements: HdrHistograms of corrected and uncorrected latency and of send lateness,
-//! plus counts. Workers record into their own `Recorder` without sharing; recorders merge at the end, so
-//! memory stays flat however long the run.
+//! Measurements: HdrHistograms of corrected and uncorrected latency and of send lateness, plus counts.
+//! Workers record into a few shards of `Recorder`s, merged at the end, so memory stays flat however
+//! long the run (histograms have fixed size; nothing keeps samples).
 
 use std::collections::BTreeMap;
 
