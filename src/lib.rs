@@ -90,7 +90,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let notifier_stop = CancellationToken::new();
     let notify_tx = if config.notify.enabled {
         let notifier = Notifier::new(&config.notify, store.clone())?;
-        let (tx, rx) = tokio::sync::mpsc::channel(config.notify.queue_batches);
+        let (tx, rx) = notifier.queue(config.notify.queue_batches);
         notifier_tasks.spawn(notifier.clone().run_publisher(rx));
         notifier_tasks.spawn(notifier.run_catchup(notifier_stop.clone()));
         Some(tx)

@@ -24,6 +24,9 @@ use crate::store::{ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent}
 /// republish what the normal path has just published.
 const MARK_INTERVAL: Duration = Duration::from_millis(100);
 const MARK_MAX: usize = 4096;
+/// While the normal path keeps up, the outbox is only scanned this often, as a safety net (another
+/// replica's crash). Scanning it every interval costs Postgres more as dead rows accumulate.
+const SAFETY_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -39,6 +42,23 @@ pub enum NotifyError {
     Store(#[from] StoreError),
 }
 
+/// What the workers hold: hands a committed batch to the publisher without ever waiting.
+#[derive(Debug, Clone)]
+pub struct NotifyQueue {
+    tx: mpsc::Sender<Vec<StoredEvent>>,
+    backlog_suspected: Arc<AtomicBool>,
+}
+
+impl NotifyQueue {
+    /// Offers a batch; when the publisher is behind, the batch stays in the outbox for the catch-up.
+    pub fn offer(&self, events: Vec<StoredEvent>) {
+        if self.tx.try_send(events).is_err() {
+            crate::metrics::record_notify_deferred();
+            self.backlog_suspected.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// Publishes stored events to their streams; cheap to clone.
 #[derive(Clone)]
 pub struct Notifier {
@@ -46,6 +66,9 @@ pub struct Notifier {
     config: Arc<NotifyConfig>,
     store: Store,
     redis_up: Arc<AtomicBool>,
+    /// Set whenever an event may have been left in the outbox (a failed publish or mark, a deferred
+    /// batch): the next catch-up tick then scans it.
+    backlog_suspected: Arc<AtomicBool>,
     last_warning: Arc<Mutex<Option<Instant>>>,
 }
 
@@ -68,6 +91,8 @@ impl Notifier {
             config: Arc::new(config.clone()),
             store,
             redis_up: Arc::new(AtomicBool::new(true)),
+            // At start-up the outbox may hold what a crash left behind.
+            backlog_suspected: Arc::new(AtomicBool::new(true)),
             last_warning: Arc::new(Mutex::new(None)),
         })
     }
@@ -138,6 +163,7 @@ impl Notifier {
     fn note_failure(&self, error: &NotifyError) {
         crate::metrics::record_notify_failure();
         self.redis_up.store(false, Ordering::Release);
+        self.backlog_suspected.store(true, Ordering::Release);
         let interval = Duration::from_secs(self.config.warn_interval_s);
         let mut last = self.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.is_none_or(|at| at.elapsed() >= interval) {
@@ -149,7 +175,9 @@ impl Notifier {
     /// Publishes a batch from the workers; on success its seqs join `to_mark`.
     async fn publish_new(&self, events: &[StoredEvent], to_mark: &mut Vec<i64>) {
         if !self.redis_up.load(Ordering::Acquire) {
-            return; // Redis is down: the catch-up publishes these once it is back.
+            // Redis is down: the catch-up publishes these once it is back.
+            self.backlog_suspected.store(true, Ordering::Release);
+            return;
         }
         match self.publish(events, "normal").await {
             Ok(()) => to_mark.extend(events.iter().map(|e| e.seq)),
@@ -165,6 +193,7 @@ impl Notifier {
         }
         if let Err(e) = self.store.mark_published(to_mark).await {
             warn!(error = %error_chain(&e), events = to_mark.len(), "could not mark published events");
+            self.backlog_suspected.store(true, Ordering::Release);
         }
         to_mark.clear();
     }
@@ -214,31 +243,51 @@ impl Notifier {
         debug!("publisher stopped");
     }
 
-    /// The catch-up task: at start (crash recovery), then every `catchup_interval_ms` until `stop`.
+    /// The catch-up task: at start (crash recovery), then each `catchup_interval_ms` when a backlog is
+    /// possible (Redis was down, a batch was deferred or not marked), and every 30 s regardless, until `stop`.
     pub async fn run_catchup(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.catchup_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_scan: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.cancelled() => return,
             }
+            self.update_pending().await;
             if !self.redis_up.load(Ordering::Acquire) {
                 if !self.ping().await {
-                    self.update_pending().await;
                     continue;
                 }
                 info!("Redis is reachable again; publishing the outbox");
                 self.redis_up.store(true, Ordering::Release);
             }
+            let due = self.backlog_suspected.swap(false, Ordering::AcqRel)
+                || last_scan.is_none_or(|at| at.elapsed() >= SAFETY_SCAN_INTERVAL);
+            if !due {
+                continue;
+            }
+            last_scan = Some(Instant::now());
             match self.catch_up().await {
                 Ok(0) => {}
-                Ok(n) => info!(published = n, "outbox catch-up published events"),
-                Err(NotifyError::Store(e)) => debug!(error = %error_chain(&e), "outbox catch-up: database unavailable"),
+                Ok(n) => {
+                    info!(published = n, "outbox catch-up published events");
+                    // Rows younger than the grace may still be waiting: look again next tick.
+                    self.backlog_suspected.store(true, Ordering::Release);
+                }
+                Err(NotifyError::Store(e)) => {
+                    debug!(error = %error_chain(&e), "outbox catch-up: database unavailable");
+                    self.backlog_suspected.store(true, Ordering::Release);
+                }
                 Err(e) => self.note_failure(&e),
             }
-            self.update_pending().await;
         }
+    }
+
+    /// The workers' end of the publisher's queue (bounded to `capacity` batches), and the publisher's end.
+    pub fn queue(&self, capacity: usize) -> (NotifyQueue, mpsc::Receiver<Vec<StoredEvent>>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (NotifyQueue { tx, backlog_suspected: self.backlog_suspected.clone() }, rx)
     }
 
     async fn update_pending(&self) {

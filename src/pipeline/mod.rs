@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::WorkersConfig;
-use crate::store::{NewEvent, Store, StoredEvent};
+use crate::notify::NotifyQueue;
+use crate::store::{NewEvent, Store};
 
 pub use worker::WorkerControl;
 
@@ -74,7 +75,7 @@ impl Pipeline {
         high_water_ratio: f64,
         config: &WorkersConfig,
         store: &Store,
-        notify: Option<&mpsc::Sender<Vec<StoredEvent>>>,
+        notify: Option<&NotifyQueue>,
         tracker: &TaskTracker,
     ) -> (Self, WorkerControl) {
         let (tx, rx) = mpsc::channel(capacity);

@@ -11,6 +11,7 @@ use tracing::{debug, error, warn, Instrument};
 
 use super::{Job, Outcome, StoreFailed};
 use crate::config::WorkersConfig;
+use crate::notify::NotifyQueue;
 use crate::store::{Inserted, NewEvent, Store, StoredEvent};
 
 /// How the shutdown sequence steers the workers.
@@ -30,7 +31,7 @@ pub(super) async fn run(
     store: Store,
     config: WorkersConfig,
     control: WorkerControl,
-    notify: Option<mpsc::Sender<Vec<StoredEvent>>>,
+    notify: Option<NotifyQueue>,
 ) {
     let linger = Duration::from_millis(config.batch_linger_ms);
     let mut batch: Vec<Job> = Vec::with_capacity(config.batch_max);
@@ -78,7 +79,7 @@ async fn write_batch(
     batch: &mut [Job],
     config: &WorkersConfig,
     control: &WorkerControl,
-    notify: Option<&mpsc::Sender<Vec<StoredEvent>>>,
+    notify: Option<&NotifyQueue>,
 ) {
     // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates.
     let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(batch.len());
@@ -149,8 +150,8 @@ async fn write_batch(
             .zip(flags)
             .filter_map(|(job, at)| at.map(|at| StoredEvent::from_new(&job.event, at)))
             .collect();
-        if !fresh.is_empty() && notify.try_send(fresh).is_err() {
-            crate::metrics::record_notify_deferred();
+        if !fresh.is_empty() {
+            notify.offer(fresh);
         }
     }
     debug!("batch resolved");
