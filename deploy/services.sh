@@ -97,6 +97,10 @@ start_postgres() {
     as_pg "$(pg_bin initdb)" -D "$data" -U postgres --auth=trust --encoding=UTF8 --no-locale >/dev/null
   fi
   if ! pg_running; then
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; then
+      log "port $PG_PORT is taken by another process (another checkout's Postgres?): stop it, or set HOOKGATE_PG_PORT"
+      exit 1
+    fi
     log "starting postgres on 127.0.0.1:$PG_PORT"
     # synchronous_commit and fsync stay on: a 202 means the event is on disk. Checkpoints are spaced out
     # and full-page images compressed, as for any write-heavy Postgres: a checkpoint's burst of full-page

@@ -11,9 +11,12 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+mkdir -p .local
 echo "== cargo test"
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets 2>&1 | tee .local/test-output.log
 echo "== fuzz: parser properties, 50000 cases each"
-HOOKGATE_FUZZ_CASES=50000 cargo test --quiet --lib never_panics
+HOOKGATE_FUZZ_CASES=50000 cargo test --quiet --lib never_panics 2>&1 | tee -a .local/test-output.log
 echo "== deployment files"
 bash deploy/validate.sh
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' .local/test-output.log

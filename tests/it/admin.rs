@@ -41,7 +41,7 @@ async fn metrics_show_the_named_series_after_traffic() {
 }
 
 /// Runs deploy/services.sh for a private Postgres in `dir` on `port`.
-fn private_postgres(action: &str, dir: &std::path::Path, port: u16) {
+pub fn private_postgres(action: &str, dir: &std::path::Path, port: u16) {
     let status = Command::new("bash")
         .arg(repo_root().join("deploy/services.sh"))
         .arg(action)

@@ -141,16 +141,7 @@ async fn kill_9_during_durable_load_loses_no_acknowledged_event() {
 async fn postgres_down_for_10_seconds_gets_503s_then_ingest_resumes() {
     let dir = std::env::temp_dir().join(unique("hookgate-it-pg-outage"));
     let pg_port = free_port();
-    let services = |action: &str| {
-        let status = std::process::Command::new("bash")
-            .arg(repo_root().join("deploy/services.sh"))
-            .arg(action)
-            .env("HOOKGATE_STATE_DIR", &dir)
-            .env("HOOKGATE_PG_PORT", pg_port.to_string())
-            .status()
-            .expect("services.sh");
-        assert!(status.success());
-    };
+    let services = |action: &str| crate::admin::private_postgres(action, &dir, pg_port);
     services("start-postgres");
     let db = TestDb::create_on(&format!("postgres://postgres@127.0.0.1:{pg_port}/postgres")).await;
     let (port, admin) = (free_port(), free_port());
