@@ -41,6 +41,18 @@ use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 
+/// `error: cause: cause` in one line, so logs keep the chain that `Display` alone would drop.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
 /// The two listening sockets, bound before [`run`] so that callers choose the ports.
 #[derive(Debug)]
 pub struct Listeners {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::NotifyConfig;
-use crate::pipeline::worker::error_chain;
+use crate::error_chain;
 use crate::store::{ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
 
 /// Longest a published event waits to be marked; well under `catchup_grace_ms`, so the catch-up does not

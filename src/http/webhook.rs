@@ -40,8 +40,11 @@ struct Acknowledged<'a> {
 pub async fn handle(state: Arc<WebhookState>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let method = request.method().clone();
-    let (route, result) = match request.uri().path().strip_prefix(WEBHOOK_PREFIX) {
-        Some(name) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, name.to_owned(), request, started).await),
+    // The source is looked up while the path is still borrowed from the request: no allocation.
+    let route = request.uri().path().strip_prefix(WEBHOOK_PREFIX).map(|name| state.sources.get(name));
+    let (route, result) = match route {
+        Some(Some(source)) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, source, request, started).await),
+        Some(None) => (crate::metrics::WEBHOOK_ROUTE, Err(ApiError::UnknownSource)),
         None => ("other", Err(ApiError::NotFound)),
     };
     let response = result.unwrap_or_else(|e| {
@@ -65,11 +68,10 @@ fn method_label(method: &Method) -> &'static str {
 
 async fn receive(
     state: &WebhookState,
-    source_name: String,
+    (source_label, source): &(Arc<str>, Source),
     request: Request<Incoming>,
     started: Instant,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (source_label, source) = state.sources.get(&source_name).ok_or(ApiError::UnknownSource)?;
     if request.method() != Method::POST {
         return Err(ApiError::MethodNotAllowed);
     }

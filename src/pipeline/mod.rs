@@ -4,7 +4,7 @@
 //! buffer). In durable mode the job carries a oneshot sender that a worker resolves after the batch holding
 //! the event has committed.
 
-pub(crate) mod worker;
+mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

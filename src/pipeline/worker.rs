@@ -11,6 +11,7 @@ use tracing::{debug, error, warn, Instrument};
 
 use super::{Job, Outcome, StoreFailed};
 use crate::config::WorkersConfig;
+use crate::error_chain;
 use crate::notify::NotifyQueue;
 use crate::store::{Inserted, NewEvent, Store, StoredEvent};
 
@@ -155,16 +156,4 @@ async fn write_batch(
         }
     }
     debug!("batch resolved");
-}
-
-/// `error: cause: cause` in one line, so logs keep the chain that `Display` alone would drop.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

@@ -246,7 +246,7 @@ async fn a_burst_far_above_capacity_gets_503s_with_bounded_memory_and_recovers()
     assert!(rss_after < 200, "peak RSS {rss_after} MiB");
     // Recovery: once the burst is over, a delivery is accepted and the gateway is ready.
     let recovered = Instant::now();
-    let answer = post_stripe_to(&gateway.url("stripe"), &unique("evt_after")).await;
+    let answer = post_stripe_with(&client(), &gateway.url("stripe"), &unique("evt_after")).await;
     assert_eq!(answer.status, 202);
     let (status, _) = get_text(&client(), &format!("http://127.0.0.1:{admin}/readyz")).await;
     assert_eq!(status, 200);
@@ -262,11 +262,6 @@ async fn a_burst_far_above_capacity_gets_503s_with_bounded_memory_and_recovers()
         ),
     );
     drop(gateway);
-}
-
-async fn post_stripe_to(url: &str, id: &str) -> Answer {
-    let body = stripe_event(id);
-    post(&client(), url, &stripe_headers(body.as_bytes()), body.as_bytes()).await
 }
 
 #[tokio::test]
@@ -474,7 +469,7 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
     let _ = post(&client, &url, &[("Stripe-Signature".into(), "t=1\t,v1=\"}\t{\"forged\":1".into())], b"{}").await;
     let forged = r#"{"id":"evt_\n{\"forged\":1}","object":"event","type":"x\r\ny"}"#;
     let _ = post(&client, &url, &stripe_headers(forged.as_bytes()), forged.as_bytes()).await;
-    assert_eq!(post_stripe_to(&url, &unique("evt_log")).await.status, 202);
+    assert_eq!(post_stripe_with(&client, &url, &unique("evt_log")).await.status, 202);
     let (_, metrics) = get_text(&client, &gateway.metrics_url()).await;
     drop(gateway); // SIGTERM: the shutdown is logged too
     let text = std::fs::read_to_string(&log).expect("log");

@@ -305,10 +305,15 @@ pub async fn post(client: &HttpClient, url: &str, headers: &[(String, String)], 
     send(client, "POST", url, headers, body.to_vec()).await
 }
 
-/// Posts a freshly signed Stripe event with `id`.
+/// Posts a freshly signed Stripe event with `id` to an in-process gateway.
 pub async fn post_stripe(client: &HttpClient, gateway: &Gateway, id: &str) -> Answer {
+    post_stripe_with(client, &gateway.url("stripe"), id).await
+}
+
+/// Posts a freshly signed Stripe event with `id` to `url`.
+pub async fn post_stripe_with(client: &HttpClient, url: &str, id: &str) -> Answer {
     let body = stripe_event(id);
-    post(client, &gateway.url("stripe"), &stripe_headers(body.as_bytes()), body.as_bytes()).await
+    post(client, url, &stripe_headers(body.as_bytes()), body.as_bytes()).await
 }
 
 pub async fn get_text(client: &HttpClient, url: &str) -> (u16, String) {
