@@ -12,6 +12,11 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 mkdir -p .local
+# Each test makes its own database (hg_it_*, hg_e2e_*) and leaves it for a post-mortem; drop the ones
+# an earlier run left, so repeated runs do not fill the disk.
+for db in $(psql "$HOOKGATE_TEST_DATABASE_URL" -Atqc "select datname from pg_database where datname like 'hg\_it\_%' or datname like 'hg\_e2e\_%'"); do
+  psql "$HOOKGATE_TEST_DATABASE_URL" -qc "drop database if exists \"$db\" with (force)" >/dev/null
+done
 echo "== cargo test"
 cargo test --workspace --all-targets 2>&1 | tee .local/test-output.log
 echo "== fuzz: parser properties, 50000 cases each"

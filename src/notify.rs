@@ -243,32 +243,45 @@ impl Notifier {
         debug!("publisher stopped");
     }
 
-    /// The catch-up task: at start (crash recovery), then each `catchup_interval_ms` when a backlog is
-    /// possible (Redis was down, a batch was deferred or not marked), and every 30 s regardless, until `stop`.
+    /// The catch-up task: at start (crash recovery), then each `catchup_interval_ms` for a grace period
+    /// after a backlog became possible (Redis was down, a batch was deferred or not marked), and every 30 s
+    /// regardless, until `stop`. The pending gauge is counted at each scan, and each tick while Redis is down.
     pub async fn run_catchup(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.catchup_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_scan: Option<Instant> = None;
+        // Once a backlog is suspected, scan every tick for a whole grace period: rows deferred just now are
+        // younger than the grace and only claimable once it has passed.
+        let mut scan_until: Option<Instant> = None;
+        let window = Duration::from_millis(self.config.catchup_grace_ms + self.config.catchup_interval_ms);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.cancelled() => return,
             }
-            self.update_pending().await;
             if !self.redis_up.load(Ordering::Acquire) {
+                // While Redis is down the backlog grows: count it every tick (the pending gauge).
+                self.update_pending().await;
                 if !self.ping().await {
                     continue;
                 }
                 info!("Redis is reachable again; publishing the outbox");
                 self.redis_up.store(true, Ordering::Release);
             }
-            let due = self.backlog_suspected.swap(false, Ordering::AcqRel)
+            if self.backlog_suspected.swap(false, Ordering::AcqRel) {
+                scan_until = Some(Instant::now() + window);
+            }
+            let due = scan_until.is_some_and(|until| Instant::now() < until)
                 || last_scan.is_none_or(|at| at.elapsed() >= SAFETY_SCAN_INTERVAL);
             if !due {
                 continue;
             }
             last_scan = Some(Instant::now());
-            match self.catch_up().await {
+            let result = self.catch_up().await;
+            // Counted only when a scan is due, not every tick: with a busy outbox the count walks every
+            // dead row since the last vacuum, a burst of Postgres CPU that showed as a latency bump each second.
+            self.update_pending().await;
+            match result {
                 Ok(0) => {}
                 Ok(n) => {
                     info!(published = n, "outbox catch-up published events");
