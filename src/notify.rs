@@ -278,8 +278,8 @@ impl Notifier {
             }
             last_scan = Some(Instant::now());
             let result = self.catch_up().await;
-            // Counted only when a scan is due, not every tick: with a busy outbox the count walks every
-            // dead row since the last vacuum, a burst of Postgres CPU that showed as a latency bump each second.
+            // Counted only when a scan is due, not every tick: on a busy outbox the count walks every row
+            // deleted since the last vacuum.
             self.update_pending().await;
             match result {
                 Ok(0) => {}
