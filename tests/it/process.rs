@@ -67,16 +67,7 @@ impl GatewayProcess {
         }
         let child = command.spawn().expect("spawn hookgate");
         let ready = format!("http://127.0.0.1:{admin_port}/readyz");
-        let c = client();
-        let up = eventually(Duration::from_secs(20), || {
-            let (c, ready) = (c.clone(), ready.clone());
-            async move {
-                let request =
-                    http::Request::get(&ready).body(http_body_util::Full::new(bytes::Bytes::new())).expect("req");
-                matches!(c.request(request).await, Ok(r) if r.status() == 200)
-            }
-        })
-        .await;
+        let up = answers_200_within(&ready, Duration::from_secs(20)).await;
         assert!(up, "gateway on port {port} did not become ready");
         Self { child, port, admin_port }
     }
@@ -126,17 +117,7 @@ async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
         .spawn()
         .expect("spawn hookgate");
     let health = format!("http://127.0.0.1:{admin_port}/readyz");
-    let c = client();
-    let up = eventually(Duration::from_secs(20), || {
-        let c = c.clone();
-        let health = health.clone();
-        async move {
-            let request =
-                http::Request::get(&health).body(http_body_util::Full::new(bytes::Bytes::new())).expect("req");
-            matches!(c.request(request).await, Ok(r) if r.status() == 200)
-        }
-    })
-    .await;
+    let up = answers_200_within(&health, Duration::from_secs(20)).await;
     assert!(up, "gateway did not become ready");
 
     // 64 senders, 4000 events in all; SIGTERM once a good share is in flight.
