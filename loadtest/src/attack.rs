@@ -38,12 +38,17 @@ pub struct AttackConfig {
     /// Sent at the target rate before the measured run, and not recorded: connections, caches and the
     /// target's pools reach their steady state first (as wrk2's calibration period). Open loop only.
     pub warmup: Duration,
+    /// The scheduler's shortest sleep: requests due within it are released together.
+    pub pace_quantum: Duration,
     pub duplicate_ratio: f64,
     pub bad_signature_ratio: f64,
     pub output: Option<PathBuf>,
     pub progress: bool,
     pub scheme: String,
 }
+
+/// How often the collector drains the result channel.
+const COLLECT_EVERY: Duration = Duration::from_millis(20);
 
 /// Recorder shards shared by the workers (more than the runtime's threads, so locks are rarely contended).
 const RECORDER_SHARDS: usize = 8;
@@ -171,6 +176,7 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
         None
     } else {
         let rate = config.rate;
+        let quantum = config.pace_quantum;
         Some(std::thread::Builder::new().name("schedule".into()).spawn(move || {
             for index in 0..planned.saturating_add(warmup_requests) {
                 let due = schedule_start + Duration::from_secs_f64(index as f64 / rate);
@@ -179,7 +185,9 @@ pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Resul
                 }
                 let now = Instant::now();
                 if due > now {
-                    std::thread::sleep(due - now);
+                    // Never shorter than the quantum: what falls due meanwhile is released on waking,
+                    // late by less than the quantum, and measured from its due time all the same.
+                    std::thread::sleep((due - now).max(quantum));
                 }
                 let ticket = Ticket { index, due, measured: index >= warmup_requests };
                 if hard_stop.is_some_and(|h| Instant::now() > h) || ticket_tx.send_blocking(ticket).is_err() {
@@ -451,15 +459,27 @@ fn spawn_collector(
         let mut live = Recorder::default();
         let mut next_tick = Instant::now() + Duration::from_secs(1);
         loop {
-            match rows.recv_timeout(Duration::from_millis(200)) {
-                Ok(row) => {
-                    if let Some(w) = file.as_mut() {
-                        row.write_csv(w)?;
+            // Drained on a timer, not woken per row: a blocking receive would cost the workers a futex
+            // wake-up per request (a third of the generator's CPU at 14,000/s in a profile). The channel
+            // holds 16,384 rows, over half a second at 25,000/s.
+            std::thread::sleep(COLLECT_EVERY);
+            let disconnected = loop {
+                match rows.try_recv() {
+                    Ok(row) => {
+                        if let Some(w) = file.as_mut() {
+                            row.write_csv(w)?;
+                        }
+                        // The live recorder only feeds the progress line.
+                        if progress {
+                            live.record(&row);
+                        }
                     }
-                    live.record(&row);
+                    Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break true,
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            if disconnected {
+                break;
             }
             if progress && Instant::now() >= next_tick {
                 next_tick += Duration::from_secs(1);

@@ -148,6 +148,11 @@ struct AttackArgs {
     /// Send at the target rate for this long first, without recording (steady-state measurement).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     warmup: Duration,
+    /// Open loop: the scheduler sleeps at least this long between wake-ups and releases every request
+    /// due by then together. Fewer wake-ups cost the generator less CPU; each request may leave up to
+    /// this much after its due time, which its corrected latency includes (0: wake for every request).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pace_quantum: Duration,
     /// Share of requests that resend an earlier event (same id and body).
     #[arg(long, default_value_t = 0.0)]
     duplicate_ratio: f64,
@@ -207,6 +212,7 @@ impl AttackArgs {
             http2: self.http2,
             timeout: self.timeout,
             warmup: self.warmup,
+            pace_quantum: self.pace_quantum,
             duplicate_ratio: self.duplicate_ratio,
             bad_signature_ratio: self.bad_signature_ratio,
             output: self.output.clone(),

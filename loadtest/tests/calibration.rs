@@ -33,6 +33,7 @@ fn attack_config(target: &str, rate: f64, seconds: u64, connections: usize, outp
         http2: false,
         timeout: Duration::from_secs(5),
         warmup: Duration::ZERO,
+        pace_quantum: Duration::ZERO,
         duplicate_ratio: 0.0,
         bad_signature_ratio: 0.0,
         output,
@@ -118,6 +119,23 @@ async fn the_achieved_rate_is_within_one_percent_at_1000_and_5000_per_second() {
     }
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pace_quantum_releases_requests_together_keeps_the_rate_and_counts_the_wait() {
+    let _serial = SERIAL.lock().await;
+    let target = start_sink(SinkConfig::default()).await;
+    // 1,000/s with a 20 ms quantum: about 20 requests leave at each wake-up, up to 20 ms after their due time.
+    let mut config = attack_config(&target, 1000.0, 3, 64, None);
+    config.pace_quantum = Duration::from_millis(20);
+    let s = attack(config, "quantum").await.summary;
+    eprintln!("lateness {:?}\ncorrected {:?}", s.send_lateness, s.latency_corrected);
+    assert!(s.rate_met(0.01), "achieved {} dropped {}", s.achieved_rate, s.dropped);
+    assert_eq!(s.successful(), s.requests);
+    // Evenly spread over the quantum, the median request waits about half of it; the corrected latency
+    // includes the wait, the uncorrected one does not.
+    assert!((5.0..=20.0).contains(&ms(s.send_lateness.p50_us)), "lateness {:?}", s.send_lateness);
+    assert!(ms(s.latency_corrected.p50_us) >= ms(s.latency_uncorrected.p50_us) + 5.0);
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_signed_and_unique_except_the_requested_duplicates_and_bad_ones() {
     let _serial = SERIAL.lock().await;

@@ -82,6 +82,7 @@ async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
             http2: false,
             timeout: Duration::from_secs(10),
             warmup: Duration::ZERO,
+            pace_quantum: Duration::ZERO,
             duplicate_ratio: 0.05,
             bad_signature_ratio: 0.02,
             output: Some(output.clone()),
