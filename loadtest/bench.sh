@@ -223,7 +223,11 @@ TOML
   find_max http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
   FOUND=$RATE
   sustain_search http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
-  sleep 3 # let the last notifications land
+  # Let the last notifications land: the outbox is empty once every stored event is on its stream.
+  for _ in $(seq 1 240); do
+    [ "$($PG -At -d hookgate_bench -c "SELECT count(*) FROM events_outbox" 2>/dev/null)" = 0 ] && break
+    sleep 0.5
+  done
   if $L verify "$OUT/run-$mode.csv" --database-url "postgres://postgres@127.0.0.1:${HOOKGATE_PG_PORT:-54329}/hookgate_bench" \
       --redis-url "redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}" --stream-key "bench:{source}" \
       --report-json "$OUT/verify-$mode.json" > /dev/null; then
@@ -287,6 +291,9 @@ BATCH=${BATCH_MAX:-512}
 PG_RATE=$(pgbench_rate "$BATCH")
 MEAN_BATCH=$(awk '/^hookgate_batch_size_sum/ {s=$2} /^hookgate_batch_size_count/ {c=$2} END {printf "%d", s / (c ? c : 1) + 0.5}' "$OUT/metrics-durable.txt" 2>/dev/null || echo 32)
 PG_RATE_MEAN=$(pgbench_rate "${MEAN_BATCH:-32}")
+# The bench database and stream hold millions of events (over 10 GB): give the space back.
+$PG -d postgres -c "DROP DATABASE IF EXISTS hookgate_bench"
+fresh_stream
 row "| raw Postgres: the gateway's insert from pgbench, $BATCH-row batches | $PG_RATE rows/s | - | - | - | - | - | - | - | - | - | - | - |"
 row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's mean) | $PG_RATE_MEAN rows/s | - | - | - | - | - | - | - | - | - | - | - |"
 
