@@ -24,9 +24,6 @@ use crate::store::{ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent}
 /// republish what the normal path has just published.
 const MARK_INTERVAL: Duration = Duration::from_millis(100);
 const MARK_MAX: usize = 4096;
-/// Most published-but-unmarked seqs held while Postgres is slow to delete them (8 bytes each). Past it,
-/// further marks are dropped: those events are republished by the catch-up (at least once), never lost.
-const MARKS_HELD_MAX: usize = 1 << 20;
 /// Most events in one publish round trip when the publisher drains several queued batches at once.
 const PUBLISH_MAX: usize = 4096;
 /// While the normal path keeps up, the outbox is only scanned this often, as a safety net (another
@@ -61,34 +58,6 @@ impl NotifyQueue {
             crate::metrics::record_notify_deferred();
             self.backlog_suspected.store(true, Ordering::Release);
         }
-    }
-}
-
-/// Seqs published to Redis and not yet deleted from the outbox: filled by the publisher, emptied by the
-/// marker task.
-#[derive(Debug, Default)]
-struct Marks {
-    seqs: Mutex<Vec<i64>>,
-    /// Signalled when `MARK_MAX` seqs are waiting, so the marker deletes them before its next tick.
-    full: tokio::sync::Notify,
-}
-
-impl Marks {
-    /// Adds seqs to be marked; false when `MARKS_HELD_MAX` are already waiting (they were not added).
-    fn add(&self, seqs: impl ExactSizeIterator<Item = i64>) -> bool {
-        let mut held = self.seqs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.len() + seqs.len() > MARKS_HELD_MAX {
-            return false;
-        }
-        held.extend(seqs);
-        if held.len() >= MARK_MAX {
-            self.full.notify_one();
-        }
-        true
-    }
-
-    fn take(&self) -> Vec<i64> {
-        std::mem::take(&mut *self.seqs.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 
@@ -205,34 +174,30 @@ impl Notifier {
         }
     }
 
-    /// Publishes events from the workers; on success their seqs are handed to the marker.
-    async fn publish_new(&self, events: &[StoredEvent], marks: &Marks) {
+    /// Publishes events from the workers; on success their seqs join `to_mark`.
+    async fn publish_new(&self, events: &[StoredEvent], to_mark: &mut Vec<i64>) {
         if !self.redis_up.load(Ordering::Acquire) {
             // Redis is down: the catch-up publishes these once it is back.
             self.backlog_suspected.store(true, Ordering::Release);
             return;
         }
         match self.publish(events, "normal").await {
-            Ok(()) => {
-                if !marks.add(events.iter().map(|e| e.seq)) {
-                    // Postgres is far behind on deletes: leave these rows to the catch-up.
-                    self.backlog_suspected.store(true, Ordering::Release);
-                }
-            }
+            Ok(()) => to_mark.extend(events.iter().map(|e| e.seq)),
             Err(e) => self.note_failure(&e),
         }
     }
 
     /// Removes published events from the outbox. Failing here only means a later catch-up publishes them
     /// again (at least once), so it is logged, not retried.
-    async fn flush_marks(&self, seqs: Vec<i64>) {
-        if seqs.is_empty() {
+    async fn flush_marks(&self, to_mark: &mut Vec<i64>) {
+        if to_mark.is_empty() {
             return;
         }
-        if let Err(e) = self.store.mark_published(&seqs).await {
-            warn!(error = %error_chain(&e), events = seqs.len(), "could not mark published events");
+        if let Err(e) = self.store.mark_published(to_mark).await {
+            warn!(error = %error_chain(&e), events = to_mark.len(), "could not mark published events");
             self.backlog_suspected.store(true, Ordering::Release);
         }
+        to_mark.clear();
     }
 
     /// Publishes the outbox's backlog, oldest first, until it is empty or Redis fails. Returns how many.
@@ -257,48 +222,39 @@ impl Notifier {
     }
 
     /// The publisher task: runs until every worker has dropped its sender. Whatever has queued up while a
-    /// round trip was in flight goes out in the next one (up to `PUBLISH_MAX` events), so a publisher that
-    /// fell behind catches up with bigger pipelines instead of leaving batches to the outbox. The outbox
-    /// deletes run in a task of their own, grouped (every `MARK_INTERVAL` or `MARK_MAX` events): a slow
-    /// delete never holds up publishing.
+    /// round trip (or an outbox delete) was in flight goes out in the next one, up to `PUBLISH_MAX` events:
+    /// a publisher that fell behind catches up with bigger pipelines instead of leaving batches to the
+    /// outbox. Marks are grouped (every `MARK_INTERVAL` or `MARK_MAX` events): one outbox commit for many
+    /// batches. They are deleted inline, so a published row stays in the outbox only while its delete is
+    /// due or running, well under `catchup_grace_ms`: the catch-up never republishes what this path has
+    /// published. (A separate delete task was tried: when its deletes fell behind the grace, the catch-up
+    /// claimed the published rows, republished them and held locks the deletes waited on.)
     pub async fn run_publisher(self, mut batches: mpsc::Receiver<Vec<StoredEvent>>) {
-        let marks = Arc::new(Marks::default());
-        let done = CancellationToken::new();
-        let marker = tokio::spawn(self.clone().run_marker(marks.clone(), done.clone()));
+        let mut to_mark: Vec<i64> = Vec::new();
+        let mut flush = tokio::time::interval(MARK_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut queued: Vec<Vec<StoredEvent>> = Vec::new();
         let mut events: Vec<StoredEvent> = Vec::new();
         loop {
-            if batches.recv_many(&mut queued, batches.max_capacity()).await == 0 {
-                break;
+            tokio::select! {
+                received = batches.recv_many(&mut queued, batches.max_capacity()) => {
+                    if received == 0 {
+                        break;
+                    }
+                    events.extend(queued.drain(..).flatten());
+                    for chunk in events.chunks(PUBLISH_MAX) {
+                        self.publish_new(chunk, &mut to_mark).await;
+                    }
+                    events.clear();
+                    if to_mark.len() >= MARK_MAX {
+                        self.flush_marks(&mut to_mark).await;
+                    }
+                }
+                _ = flush.tick() => self.flush_marks(&mut to_mark).await,
             }
-            events.extend(queued.drain(..).flatten());
-            for chunk in events.chunks(PUBLISH_MAX) {
-                self.publish_new(chunk, &marks).await;
-            }
-            events.clear();
         }
-        done.cancel();
-        if marker.await.is_err() {
-            warn!("the outbox marker task failed; the catch-up will republish what it left");
-        }
+        self.flush_marks(&mut to_mark).await;
         debug!("publisher stopped");
-    }
-
-    /// Deletes published events from the outbox in groups, until `done`; then flushes what is left.
-    async fn run_marker(self, marks: Arc<Marks>, done: CancellationToken) {
-        let mut flush = tokio::time::interval(MARK_INTERVAL);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let last = tokio::select! {
-                _ = flush.tick() => false,
-                () = marks.full.notified() => false,
-                () = done.cancelled() => true,
-            };
-            self.flush_marks(marks.take()).await;
-            if last {
-                return;
-            }
-        }
     }
 
     /// The catch-up task: at start (crash recovery), then each `catchup_interval_ms` for a grace period

@@ -119,7 +119,6 @@ async fn the_achieved_rate_is_within_one_percent_at_1000_and_5000_per_second() {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pace_quantum_releases_requests_together_keeps_the_rate_and_counts_the_wait() {
     let _serial = SERIAL.lock().await;
