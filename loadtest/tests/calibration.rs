@@ -135,6 +135,7 @@ async fn a_pace_quantum_releases_requests_together_keeps_the_rate_and_counts_the
     assert!((5.0..=20.0).contains(&ms(s.send_lateness.p50_us)), "lateness {:?}", s.send_lateness);
     assert!(ms(s.latency_corrected.p50_us) >= ms(s.latency_uncorrected.p50_us) + 5.0);
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_signed_and_unique_except_the_requested_duplicates_and_bad_ones() {
     let _serial = SERIAL.lock().await;
