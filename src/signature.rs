@@ -331,7 +331,9 @@ mod tests {
     }
 
     fn vectors() -> Vec<Vector> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/signatures.jsonl");
+        // A copy of the design's shared vectors (`shared/vectors/signatures.jsonl`), so that a clone
+        // anywhere runs them.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/signatures.jsonl");
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
         text.lines()
             .filter(|l| !l.trim().is_empty())
