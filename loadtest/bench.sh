@@ -93,17 +93,20 @@ fresh_stream() {
   $rc del "bench:stripe" > /dev/null
   $rc bgrewriteaof > /dev/null 2>&1 || true
   for _ in $(seq 1 600); do
-    $rc info persistence | grep -q "^aof_rewrite_in_progress:0" && $rc info persistence | grep -q "^aof_rewrite_scheduled:0" && break
+    [ "$($rc info persistence | grep -cE "^aof_rewrite_(in_progress|scheduled):0")" = 2 ] && break
     sleep 0.1
   done
   sleep 2 # Redis deletes the old files in a background thread
 }
 
-# Starts the gateway with $OUT/gateway-$1.toml and the knobs from the environment; sets GW.
+# Starts the gateway with $OUT/gateway-$1.toml, logging to $OUT/gateway-$2.log, with the knobs from the
+# environment and any further HOOKGATE__ overrides given after; sets GW.
 start_gateway() {
+  local config=$1 log=$2
+  shift 2
   env ${WORKERS:+HOOKGATE__WORKERS__COUNT=$WORKERS} ${BATCH_MAX:+HOOKGATE__WORKERS__BATCH_MAX=$BATCH_MAX} \
-      ${LINGER_MS:+HOOKGATE__WORKERS__BATCH_LINGER_MS=$LINGER_MS} ${POOL_MAX:+HOOKGATE__STORE__POOL_MAX=$POOL_MAX} \
-      $G --config "$OUT/gateway-$1.toml" serve 2> "$OUT/gateway-$1.log" &
+      ${LINGER_MS:+HOOKGATE__WORKERS__BATCH_LINGER_MS=$LINGER_MS} ${POOL_MAX:+HOOKGATE__STORE__POOL_MAX=$POOL_MAX} "$@" \
+      $G --config "$OUT/gateway-$config.toml" serve 2> "$OUT/gateway-$log.log" &
   GW=$!
   for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19464/readyz > /dev/null && break; sleep 0.1; done
 }
@@ -219,7 +222,7 @@ level = "warn"
 scheme = "stripe"
 secret_file = "$OUT/secret"
 TOML
-  start_gateway "$mode"
+  start_gateway "$mode" "$mode"
   find_max http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
   FOUND=$RATE
   sustain_search http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
@@ -245,9 +248,8 @@ TOML
     # A fresh gateway with the default stream cap (1,000,000 entries), as deployed: nothing verifies the
     # soak's stream, and keeping every event would grow Redis by ~1.3 GB a minute.
     kill -TERM $GW; wait $GW 2>/dev/null || true
-    grep -v "stream_maxlen\|keep them all on the stream" "$OUT/gateway-$mode.toml" > "$OUT/gateway-soak.toml"
     fresh_stream
-    start_gateway soak
+    start_gateway "$mode" soak HOOKGATE__NOTIFY__STREAM_MAXLEN=1000000
     echo "elapsed_s,rss_mib" > "$OUT/soak-rss.csv"
     ( t=0; while kill -0 "$GW" 2>/dev/null; do
         echo "$t,$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$GW/status")" >> "$OUT/soak-rss.csv"; sleep 10; t=$((t + 10)); done ) &
