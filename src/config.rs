@@ -135,6 +135,7 @@ pub struct NotifyConfig {
     pub catchup_grace_ms: u64,
     pub warn_interval_s: u64,
     pub queue_batches: usize,
+    pub publish_linger_ms: u64,
 }
 
 impl NotifyConfig {
