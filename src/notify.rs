@@ -275,11 +275,12 @@ impl Notifier {
     /// The publisher task: runs until every worker has dropped its sender. Whatever has queued up while a
     /// round trip (or an outbox delete) was in flight goes out in the next one, up to `PUBLISH_MAX` events:
     /// a publisher that fell behind catches up with bigger pipelines instead of leaving batches to the
-    /// outbox. An idle publisher lingers for more (`next_round_trip`). Marks are grouped (every `MARK_INTERVAL` or `MARK_MAX` events): one outbox commit for many
-    /// batches. They are deleted inline, so a published row stays in the outbox only while its delete is
-    /// due or running, well under `catchup_grace_ms`: the catch-up never republishes what this path has
-    /// published. (A separate delete task was tried: when its deletes fell behind the grace, the catch-up
-    /// claimed the published rows, republished them and held locks the deletes waited on.)
+    /// outbox; an idle publisher lingers for more (`next_round_trip`). Marks are grouped (every
+    /// `MARK_INTERVAL` or `MARK_MAX` events): one outbox commit for many batches. They are deleted inline,
+    /// so a published row stays in the outbox only while its delete is due or running, well under
+    /// `catchup_grace_ms`: the catch-up never republishes what this path has published. (A separate delete
+    /// task was tried: when its deletes fell behind the grace, the catch-up claimed the published rows,
+    /// republished them and held locks the deletes waited on.)
     pub async fn run_publisher(self, mut batches: mpsc::Receiver<Vec<StoredEvent>>) {
         let mut to_mark: Vec<i64> = Vec::new();
         let mut marked_at = Instant::now();
@@ -413,9 +414,8 @@ mod tests {
             .collect()
     }
 
-    /// With `first` sent at once or after `first_after`, and a second batch `second_after` the start,
-    /// returns the seqs of the publisher's first round trip and how long it took to form (paused clock: no
-    /// wall clock involved).
+    /// Sends a batch `first_after` the start and another `second_after` it, and forms one round trip as
+    /// the publisher does: returns its seqs and how long it took to form (paused clock: no wall clock).
     async fn first_round_trip(linger: Duration, first_after: Duration, second_after: Duration) -> (Vec<i64>, Duration) {
         let (tx, mut rx) = mpsc::channel(8);
         let started = tokio::time::Instant::now();
