@@ -129,6 +129,18 @@ find_max() {
   cat "$OUT/findmax-$label.txt" >&2
 }
 
+# Postgres's background work during a run of $1 seconds: every 500 ms, whether a checkpoint is in progress
+# (the checkpointer is not idle in CheckpointerMain) and whether an autovacuum worker runs. A try that missed
+# its SLO can then be read against them (README, "What remains"). Prints the share of samples with each.
+pg_background() {
+  local n; n=$(python3 -c "print(int($1 * 2))")
+  for _ in $(seq 1 "$n"); do
+    echo "SELECT count(*) FILTER (WHERE backend_type = 'checkpointer' AND wait_event IS DISTINCT FROM 'CheckpointerMain') || ' ' || count(*) FILTER (WHERE backend_type = 'autovacuum worker') FROM pg_stat_activity;"
+    echo "SELECT pg_sleep(0.5);"
+  done | $PG -At -d postgres 2>/dev/null |
+    awk 'NF == 2 {n++; c += ($1 > 0); a += ($2 > 0)} END {if (n) printf "checkpoint %d%%, autovacuum %d%% of the run", 100 * c / n, 100 * a / n}'
+}
+
 # A run at $RATE for $SUSTAIN against $1, label $2, gateway pid $3 (or empty); writes results and plot.
 sustain() {
   local target=$1 label=$2 gw=$3
@@ -141,11 +153,15 @@ sustain() {
   # The RSS column is this run's peak: reset the high-water mark left by find-max's overloaded steps.
   [ -n "$gw" ] && { echo 5 > "/proc/$gw/clear_refs"; } 2>/dev/null || true
   t0=$(date +%s.%N)
+  pg_background "$(python3 -c "import re; v='$SUSTAIN'; n=float(re.match(r'[0-9.]+', v).group()); print(2 + n * {'s': 1, 'm': 60}.get(v[-1], 1))")" \
+    > "$OUT/background-$label.txt" &
+  local background=$!
   /usr/bin/time -f "%U %S %M" -o "$OUT/time-$label" \
     $L attack --target "$target" --secret "$SECRET" --rate "$RATE" --duration "$SUSTAIN" --warmup 2s \
       --connections "$CONNECTIONS" --no-progress --output "$OUT/run-$label.csv" --report-json "$OUT/run-$label.json" \
       > "$OUT/run-$label.txt"
   t1=$(date +%s.%N)
+  wait "$background" || true
   local wall; wall=$(python3 -c "print($t1 - $t0)")
   cpu() { python3 -c "print(f'{($2 - $1) / $hz / $wall * 100:.0f}%')" ; }
   GW_CPU=$( [ -n "$gw" ] && cpu "$gw_before" "$(cpu_ticks $gw)" || echo "-")
@@ -167,7 +183,7 @@ sustain_search() {
     sustain "$target" "$label" "$gw"
     tries=$((tries + 1))
     cp "$OUT/run-$label.json" "$OUT/try-$label-$RATE.json"
-    TRIES+=("$label at $RATE/s: P99 $(json "$OUT/run-$label.json" "'%.2f ms' % (d['latency_corrected']['p99_us'] / 1000)")")
+    TRIES+=("$label at $RATE/s: P99 $(json "$OUT/run-$label.json" "'%.2f ms' % (d['latency_corrected']['p99_us'] / 1000)") ($(cat "$OUT/background-$label.txt"))")
     if [ "$(json "$OUT/run-$label.json" "int(d['latency_corrected']['p99_us'] <= $slo_us and d['success_ratio'] == 1.0)")" = 1 ]; then
       HELD="held"
       break
@@ -318,7 +334,7 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   echo "Durable ingest vs raw Postgres batched insert: $(python3 -c "print(f'{$DUR / max($PG_RATE, 1) * 100:.0f}%')") of the $BATCH-row rate,"
   echo "$(python3 -c "print(f'{$DUR / max($PG_RATE_MEAN, 1) * 100:.0f}%')") of the rate at the gateway's own mean batch size."
   echo
-  echo "Sustained tries (60 s each unless SUSTAIN says otherwise): $(printf '%s; ' "${TRIES[@]}")"
+  echo "Sustained tries ($SUSTAIN each; in brackets, the share of 500 ms samples with a Postgres checkpoint in progress and with an autovacuum worker running): $(printf '%s; ' "${TRIES[@]}")"
   echo
   echo "Gateway batches over the whole mode (find-max steps included): $(printf '%s; ' "${BATCHES[@]}")"
   echo
