@@ -82,6 +82,10 @@ pg_pids() { pgrep -u postgres -x postgres | tr '\n' ' '; }
 redis_pid() { pgrep -f "redis-server 127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}" | head -n 1; }
 hz=$(getconf CLK_TCK)
 json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
+# A duration as the settings write it (500us, 10ms, 60s, 10m) in seconds.
+seconds() {
+  python3 -c "import re,sys; n, unit = re.fullmatch(r'([0-9.]+)(us|ms|s|m)?', sys.argv[1]).groups(); print(float(n) * {'us': 1e-6, 'ms': 1e-3, 's': 1, 'm': 60, None: 1}[unit])" "$1"
+}
 
 # Empties the bench stream and compacts Redis's append-only file before a measured run. The AOF grows by
 # ~1.3 KB per event and Redis rewrites it past 4 GB (deploy/services.sh); the rewrite writes the stream
@@ -153,7 +157,7 @@ sustain() {
   # The RSS column is this run's peak: reset the high-water mark left by find-max's overloaded steps.
   [ -n "$gw" ] && { echo 5 > "/proc/$gw/clear_refs"; } 2>/dev/null || true
   t0=$(date +%s.%N)
-  pg_background "$(python3 -c "import re; v='$SUSTAIN'; n=float(re.match(r'[0-9.]+', v).group()); print(2 + n * {'s': 1, 'm': 60}.get(v[-1], 1))")" \
+  pg_background "$(python3 -c "print(2 + $(seconds "$SUSTAIN"))")" \
     > "$OUT/background-$label.txt" &
   local background=$!
   /usr/bin/time -f "%U %S %M" -o "$OUT/time-$label" \
@@ -178,7 +182,7 @@ sustain() {
 # sustain, then step down by 10% while the P99 misses the SLO (at most 5 tries). Sets RATE to the rate held.
 sustain_search() {
   local target=$1 label=$2 gw=$3 tries=0
-  local slo_us; slo_us=$(python3 -c "import re; v='$SLO'; n=float(re.match(r'[0-9.]+', v).group()); print(int(n * (1000 if v.endswith('ms') else 1 if v.endswith('us') else 1000000)))")
+  local slo_us; slo_us=$(python3 -c "print(round($(seconds "$SLO") * 1e6))")
   while :; do
     sustain "$target" "$label" "$gw"
     tries=$((tries + 1))
