@@ -10,6 +10,9 @@
 # the SLO, retries at 90% of the rate (up to 5 times). The table reports the rate that held.
 # With SOAK (e.g. 10m), durable mode then runs that long at 80% of its sustained rate, sampling the
 # gateway's RSS every 10 s (soak-rss.csv).
+# During every sustained run it samples what the gateway's Postgres sessions wait on (every 50 ms) and probes
+# the disk's own write + fdatasync latency (`hookgate-load sync-probe`, every 20 ms), so that RESULTS.md
+# says where a durable request's time went and how much of its tail is the disk's.
 #
 # Settings (environment): SLO (10ms), STEP (5s, each find-max step), SUSTAIN (60s), START_RATE (2000),
 # MAX_RATE (100000), CONNECTIONS (256), TUNE_HOST (1), WORKERS / BATCH_MAX / LINGER_MS / POOL_MAX (gateway knobs),
@@ -118,6 +121,7 @@ start_gateway() {
 ROWS=()
 BATCHES=()
 TRIES=()
+PROFILES=()
 row() { ROWS+=("$1"); }
 
 # Runs find-max against $1 (label $2); records its CPU use via the pids in $3. Sets RATE.
@@ -133,16 +137,31 @@ find_max() {
   cat "$OUT/findmax-$label.txt" >&2
 }
 
-# Postgres's background work during a run of $1 seconds: every 500 ms, whether a checkpoint is in progress
-# (the checkpointer is not idle in CheckpointerMain) and whether an autovacuum worker runs. A try that missed
-# its SLO can then be read against them (README, "What remains"). Prints the share of samples with each.
+# Postgres during a run of $1 seconds, sampled every 50 ms. Line 1: the share of samples with a checkpoint
+# in progress (the checkpointer is not idle in CheckpointerMain) and with an autovacuum worker running, so
+# that a try that missed its SLO can be read against them (README, "What remains"). Line 2: what the
+# gateway's active Postgres sessions were doing (wait events; CPU when none), the store's side of a profile.
 pg_background() {
-  local n; n=$(python3 -c "print(int($1 * 2))")
+  local n; n=$(python3 -c "print(int($1 * 20))")
   for _ in $(seq 1 "$n"); do
-    echo "SELECT count(*) FILTER (WHERE backend_type = 'checkpointer' AND wait_event IS DISTINCT FROM 'CheckpointerMain') || ' ' || count(*) FILTER (WHERE backend_type = 'autovacuum worker') FROM pg_stat_activity;"
-    echo "SELECT pg_sleep(0.5);"
-  done | $PG -At -d postgres 2>/dev/null |
-    awk 'NF == 2 {n++; c += ($1 > 0); a += ($2 > 0)} END {if (n) printf "checkpoint %d%%, autovacuum %d%% of the run", 100 * c / n, 100 * a / n}'
+    echo "SELECT count(*) FILTER (WHERE backend_type = 'checkpointer' AND wait_event IS DISTINCT FROM 'CheckpointerMain') || ' ' || count(*) FILTER (WHERE backend_type = 'autovacuum worker') || ' ' || coalesce(string_agg(coalesce(wait_event_type || ':' || wait_event, 'CPU'), ',') FILTER (WHERE application_name = 'hookgate' AND state = 'active'), '-') FROM pg_stat_activity;"
+    echo "SELECT pg_sleep(0.05);"
+  done | $PG -At -d postgres 2>/dev/null | python3 -c '
+import collections, sys
+rows = [line.split() for line in sys.stdin if len(line.split()) == 3]
+if rows:
+    n = len(rows)
+    checkpoint = sum(int(r[0]) > 0 for r in rows) * 100 // n
+    autovacuum = sum(int(r[1]) > 0 for r in rows) * 100 // n
+    print(f"checkpoint {checkpoint}%, autovacuum {autovacuum}% of the run")
+    waits = collections.Counter(w for r in rows if r[2] != "-" for w in r[2].split(","))
+    total = sum(waits.values())
+    if not total:
+        sys.exit(print("no active gateway session sampled"))
+    shown = [(w, c) for w, c in waits.most_common() if c * 100 >= 2 * total]
+    other = total - sum(c for _, c in shown)
+    print(", ".join(f"{w} {c * 100 // total}%" for w, c in shown) + f", other {other * 100 // total}% ({total} samples)")
+'
 }
 
 # A run at $RATE for $SUSTAIN against $1, label $2, gateway pid $3 (or empty); writes results and plot.
@@ -151,21 +170,28 @@ sustain() {
   echo "== sustained run: $label at $RATE/s for $SUSTAIN (after a 2 s warm-up)" >&2
   # Only this run's events on the stream: verify reads it whole.
   fresh_stream
+  rm -f "$OUT/syncprobe-$label.json"
   local pids="$gw $(pg_pids) $(redis_pid)"
   local gw_before pg_before rd_before t0 t1
   gw_before=$(cpu_ticks $gw); pg_before=$(cpu_ticks $(pg_pids)); rd_before=$(cpu_ticks $(redis_pid))
   # The RSS column is this run's peak: reset the high-water mark left by find-max's overloaded steps.
   [ -n "$gw" ] && { echo 5 > "/proc/$gw/clear_refs"; } 2>/dev/null || true
   t0=$(date +%s.%N)
-  pg_background "$(python3 -c "print(2 + $(seconds "$SUSTAIN"))")" \
-    > "$OUT/background-$label.txt" &
+  local window; window=$(python3 -c "print(2 + $(seconds "$SUSTAIN"))")
+  pg_background "$window" > "$OUT/background-$label.txt" &
   local background=$!
+  # The disk's own write + fdatasync latency meanwhile, 50 times a second, on the disk Postgres and Redis
+  # use: the floor under a durable ack (and, during the sink's run, the disk with no database load).
+  $L sync-probe --dir "${HOOKGATE_STATE_DIR:-$ROOT/.local}" --interval 20ms --duration "${window}s" \
+    --report-json "$OUT/syncprobe-$label.json" > "$OUT/syncprobe-$label.txt" &
+  local probe=$!
   /usr/bin/time -f "%U %S %M" -o "$OUT/time-$label" \
     $L attack --target "$target" --secret "$SECRET" --rate "$RATE" --duration "$SUSTAIN" --warmup 2s \
       --connections "$CONNECTIONS" --no-progress --output "$OUT/run-$label.csv" --report-json "$OUT/run-$label.json" \
       > "$OUT/run-$label.txt"
   t1=$(date +%s.%N)
   wait "$background" || true
+  wait "$probe" || true
   local wall; wall=$(python3 -c "print($t1 - $t0)")
   cpu() { python3 -c "print(f'{($2 - $1) / $hz / $wall * 100:.0f}%')" ; }
   GW_CPU=$( [ -n "$gw" ] && cpu "$gw_before" "$(cpu_ticks $gw)" || echo "-")
@@ -187,7 +213,7 @@ sustain_search() {
     sustain "$target" "$label" "$gw"
     tries=$((tries + 1))
     cp "$OUT/run-$label.json" "$OUT/try-$label-$RATE.json"
-    TRIES+=("$label at $RATE/s: P99 $(json "$OUT/run-$label.json" "'%.2f ms' % (d['latency_corrected']['p99_us'] / 1000)") ($(cat "$OUT/background-$label.txt"))")
+    TRIES+=("$label at $RATE/s: P99 $(json "$OUT/run-$label.json" "'%.2f ms' % (d['latency_corrected']['p99_us'] / 1000)") ($(head -n 1 "$OUT/background-$label.txt")$(disk_sync "$label" "; disk sync"))")
     if [ "$(json "$OUT/run-$label.json" "int(d['latency_corrected']['p99_us'] <= $slo_us and d['success_ratio'] == 1.0)")" = 1 ]; then
       HELD="held"
       break
@@ -200,6 +226,11 @@ sustain_search() {
     RATE=$(python3 -c "print(int($RATE * 0.9))")
     sleep 3
   done
+}
+
+disk_sync() { # the sync probe's figures for try $1, after the prefix $2 (nothing if the probe failed)
+  [ -s "$OUT/syncprobe-$1.json" ] || return 0
+  json "$OUT/syncprobe-$1.json" "'$2 P99 %.2f ms, max %.1f ms, %d of %d over 10 ms' % (d['p99_us'] / 1000, d['max_us'] / 1000, d['over_10ms'], d['samples'])"
 }
 
 summary_cells() { # p50 p99 p99.9 achieved success from a run's JSON
@@ -246,6 +277,7 @@ TOML
   find_max http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
   FOUND=$RATE
   sustain_search http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
+  PROFILES+=("- $mode at $RATE/s: $(tail -n 1 "$OUT/background-$mode.txt");$(disk_sync "$mode" " disk write + fdatasync meanwhile:")")
   # Let the last notifications land: the outbox is empty once every stored event is on its stream.
   for _ in $(seq 1 240); do
     [ "$($PG -At -d hookgate_bench -c "SELECT count(*) FROM events_outbox" 2>/dev/null)" = 0 ] && break
@@ -338,7 +370,12 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   echo "Durable ingest vs raw Postgres batched insert: $(python3 -c "print(f'{$DUR / max($PG_RATE, 1) * 100:.0f}%')") of the $BATCH-row rate,"
   echo "$(python3 -c "print(f'{$DUR / max($PG_RATE_MEAN, 1) * 100:.0f}%')") of the rate at the gateway's own mean batch size."
   echo
-  echo "Sustained tries ($SUSTAIN each; in brackets, the share of 500 ms samples with a Postgres checkpoint in progress and with an autovacuum worker running): $(printf '%s; ' "${TRIES[@]}")"
+  echo "Sustained tries ($SUSTAIN each; in brackets, the share of 50 ms samples with a Postgres checkpoint in progress and with an autovacuum worker running, and the disk's write + fdatasync latency probed alongside): $(printf '%s; ' "${TRIES[@]}")"
+  echo
+  echo "Where the gateway's Postgres sessions spent their active time in each mode's last sustained try (wait events"
+  echo "sampled every 50 ms; CPU: no wait), and the disk's own latency, probed alongside (8 KiB write + fdatasync every 20 ms):"
+  echo
+  printf '%s\n' "${PROFILES[@]}"
   echo
   echo "Gateway batches over the whole mode (find-max steps included): $(printf '%s; ' "${BATCHES[@]}")"
   echo

@@ -1,4 +1,4 @@
-//! The `hookgate-load` command line: attack, report, plot, sink, verify, find-max.
+//! The `hookgate-load` command line: attack, report, plot, sink, verify, find-max, sync-probe.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use hookgate::signature::{Scheme, Verifier};
 use hookgate_load::attack::{self, AttackConfig};
 use hookgate_load::payload::PayloadFactory;
 use hookgate_load::report::{self, Summary};
-use hookgate_load::{findmax, plot, sink, verify};
+use hookgate_load::{findmax, plot, sink, syncprobe, verify};
 
 #[derive(Parser, Debug)]
 #[command(name = "hookgate-load", version, about = "Open-loop load generator for signed webhooks, with a loss audit.")]
@@ -87,6 +87,19 @@ enum Command {
         step: Duration,
         #[arg(long, default_value_t = 0.05)]
         precision: f64,
+    },
+    /// Measure the disk under a directory: an 8 KiB write + fdatasync every interval (a WAL flush's shape).
+    SyncProbe {
+        /// A directory on the disk to measure, e.g. the Postgres data directory's parent.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+        interval: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Write the figures as JSON here too.
+        #[arg(long)]
+        report_json: Option<PathBuf>,
     },
 }
 
@@ -357,6 +370,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             )?;
             if let Some(path) = &attack.report_json {
                 std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
+            }
+        }
+        Command::SyncProbe { dir, interval, duration, report_json } => {
+            let config = syncprobe::SyncProbeConfig { dir, interval, duration };
+            let report = tokio::task::spawn_blocking(move || syncprobe::run(&config)).await??;
+            writeln!(
+                stdout,
+                "write + fdatasync of {} bytes in {}: {} samples ({} ticks skipped behind a slow sync); \
+                 P50 {}, P99 {}, P99.9 {}, max {}; {} over 10 ms",
+                syncprobe::BLOCK,
+                report.dir.display(),
+                report.samples,
+                report.skipped,
+                report::fmt_us(report.p50_us),
+                report::fmt_us(report.p99_us),
+                report::fmt_us(report.p999_us),
+                report::fmt_us(report.max_us),
+                report.over_10ms
+            )?;
+            if let Some(path) = &report_json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
             }
         }
     }

@@ -1,0 +1,47 @@
+//! The `hookgate-load` binary as bench.sh calls it: `sync-probe` writes its figures, and bad input is a
+//! clear error with exit status 2.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hookgate-load-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+#[test]
+fn sync_probe_reports_every_tick_as_json() {
+    let dir = scratch_dir("probe");
+    let report = dir.join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_hookgate-load"))
+        .args(["sync-probe", "--interval", "10ms", "--duration", "100ms", "--dir"])
+        .arg(&dir)
+        .arg("--report-json")
+        .arg(&report)
+        .output()
+        .expect("run hookgate-load");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("write + fdatasync of 8192 bytes"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    let samples = json["samples"].as_u64().expect("samples");
+    let skipped = json["skipped"].as_u64().expect("skipped");
+    assert_eq!(samples + skipped, 10, "{json}");
+    assert!(json["max_us"].as_u64().expect("max") >= json["p50_us"].as_u64().expect("p50"));
+    // Only the report is left behind: the probe file is removed.
+    let left: Vec<_> = std::fs::read_dir(&dir).expect("read dir").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("report.json")]);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn sync_probe_on_a_missing_directory_fails_clearly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_hookgate-load"))
+        .args(["sync-probe", "--duration", "10ms", "--dir", "/nonexistent/hookgate-load"])
+        .output()
+        .expect("run hookgate-load");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/hookgate-load is not a directory"), "{stderr}");
+}
