@@ -1,5 +1,10 @@
 //! `find-max`: the headline number. Runs short open-loop steps, doubling the rate until P99 passes the SLO,
 //! errors appear or the schedule cannot be kept, then bisects between the last good and first bad rate.
+//!
+//! On a shared or noisy host one short step can fail on a passing disturbance (a checkpoint, a neighbour's
+//! I/O) and cap the whole search. With `retries`, a failed step is run again at the same rate, and the
+//! rate counts as failed only when every attempt fails, as RFC 2544's repeated trials do. Every attempt
+//! is reported.
 
 use std::time::Duration;
 
@@ -20,11 +25,15 @@ pub struct FindMaxConfig {
     pub precision: f64,
     /// Pause between steps, so a backlog from a failed step does not spill into the next.
     pub pause: Duration,
+    /// How many times a failed step is run again at the same rate before the rate counts as failed.
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub rate: f64,
+    /// 0 for the first attempt at this rate, 1 for its first retry, ...
+    pub attempt: u32,
     pub ok: bool,
     pub why: String,
     pub achieved_rate: f64,
@@ -55,34 +64,44 @@ pub async fn run(
     let (mut good, mut bad) = (0.0f64, f64::INFINITY);
     let mut rate = config.start_rate;
     loop {
-        let mut attack = config.attack.clone();
-        attack.rate = rate;
-        attack.duration = Some(config.step);
-        attack.requests = None;
-        let summary = attack::run(attack, factory_for(steps.len())?).await?.summary;
-        let why = judge(&summary, slo_us);
-        let ok = why.is_empty();
-        eprintln!(
-            "find-max: {rate:>9.0}/s  achieved {:>9.1}/s  p99 {:>10}  success {:>7.3}%  {}",
-            summary.achieved_rate,
-            fmt_us(summary.latency_corrected.p99_us),
-            summary.success_ratio * 100.0,
-            if ok { "ok".to_owned() } else { format!("FAIL: {why}") }
-        );
-        steps.push(Step {
-            rate,
-            ok,
-            why,
-            achieved_rate: summary.achieved_rate,
-            p50_us: summary.latency_corrected.p50_us,
-            p99_us: summary.latency_corrected.p99_us,
-            p999_us: summary.latency_corrected.p999_us,
-            success_ratio: summary.success_ratio,
-        });
-        if ok {
-            good = rate;
-            best = Some(summary);
-        } else {
+        let mut ok = false;
+        for attempt in 0..=config.retries {
+            if attempt > 0 {
+                tokio::time::sleep(config.pause).await;
+            }
+            let mut attack = config.attack.clone();
+            attack.rate = rate;
+            attack.duration = Some(config.step);
+            attack.requests = None;
+            let summary = attack::run(attack, factory_for(steps.len())?).await?.summary;
+            let why = judge(&summary, slo_us);
+            ok = why.is_empty();
+            eprintln!(
+                "find-max: {rate:>9.0}/s  achieved {:>9.1}/s  p99 {:>10}  success {:>7.3}%  {}{}",
+                summary.achieved_rate,
+                fmt_us(summary.latency_corrected.p99_us),
+                summary.success_ratio * 100.0,
+                if ok { "ok".to_owned() } else { format!("FAIL: {why}") },
+                if attempt > 0 { format!(" (retry {attempt})") } else { String::new() }
+            );
+            steps.push(Step {
+                rate,
+                attempt,
+                ok,
+                why,
+                achieved_rate: summary.achieved_rate,
+                p50_us: summary.latency_corrected.p50_us,
+                p99_us: summary.latency_corrected.p99_us,
+                p999_us: summary.latency_corrected.p999_us,
+                success_ratio: summary.success_ratio,
+            });
+            if ok {
+                good = rate;
+                best = Some(summary);
+                break;
+            }
+        }
+        if !ok {
             bad = rate;
         }
         let next = if bad.is_infinite() { (rate * 2.0).min(config.max_rate) } else { f64::midpoint(good, bad) };

@@ -87,6 +87,9 @@ enum Command {
         step: Duration,
         #[arg(long, default_value_t = 0.05)]
         precision: f64,
+        /// Run a failed step again at the same rate up to this many times; the rate fails only if all do.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
     },
     /// Measure the disk under a directory: an 8 KiB write + fdatasync every interval (a WAL flush's shape).
     SyncProbe {
@@ -343,7 +346,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             eprintln!("verify: ok: {} acknowledged events, all stored once with their exact body", report.acknowledged);
         }
-        Command::FindMax { attack, slo_p99, start_rate, max_rate, step, precision } => {
+        Command::FindMax { attack, slo_p99, start_rate, max_rate, step, precision, retries } => {
             attack.validate()?;
             let mut base = attack.config();
             base.progress = false;
@@ -360,6 +363,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 step,
                 precision,
                 pause: Duration::from_secs(2),
+                retries,
             };
             let result = findmax::run(&config, |i| attack.factory(&format!("s{i}"))).await?;
             writeln!(

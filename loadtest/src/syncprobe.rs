@@ -74,11 +74,17 @@ impl Drop for ProbeFile {
     }
 }
 
+/// Microseconds from 1 µs to an hour at 3 significant digits. Fixed bounds: an auto-resizing histogram
+/// starts at 2,048 and `saturating_record` would clamp every slower sync to ~2 ms instead of growing it.
+fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("histogram bounds")
+}
+
 /// Runs the probe (blocking: call it off the async runtime).
 pub fn run(config: &SyncProbeConfig) -> anyhow::Result<SyncProbeReport> {
     anyhow::ensure!(!config.interval.is_zero(), "--interval must be more than 0");
     let probe = ProbeFile::create(&config.dir)?;
-    let mut latencies = Histogram::<u64>::new(3).context("histogram")?;
+    let mut latencies = latency_histogram()?;
     let mut block = vec![0u8; BLOCK];
     let (mut samples, mut skipped, mut over_10ms) = (0u64, 0u64, 0u64);
     let start = Instant::now();
@@ -146,6 +152,15 @@ mod tests {
         assert!(report.over_10ms <= report.samples);
         assert_eq!(std::fs::read_dir(&dir).expect("read dir").count(), 0, "the probe file is removed");
         std::fs::remove_dir(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_slow_sync_is_recorded_at_its_length_not_clamped() {
+        let mut latencies = latency_histogram().expect("histogram");
+        latencies.saturating_record(180);
+        latencies.saturating_record(250_000);
+        assert!(latencies.max() >= 249_000, "max {}", latencies.max());
+        assert!(latencies.value_at_quantile(0.5) < 200);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use tokio::sync::Mutex;
 
 use hookgate::signature::{Scheme, Verifier};
 use hookgate_load::attack::{self, AttackConfig, Outcome};
+use hookgate_load::findmax::{self, FindMaxConfig};
 use hookgate_load::payload::PayloadFactory;
 use hookgate_load::report::{self, Summary};
 use hookgate_load::sink::{self, SinkConfig, SinkStats};
@@ -211,4 +212,42 @@ async fn the_warmup_is_sent_at_the_rate_but_not_recorded() {
     assert_eq!(stats.requests, 1500, "the warm-up's 500 requests were sent too");
     assert_eq!(stats.unique_ids, 1500, "warm-up events have ids of their own");
     assert!(s.rate_met(0.01), "{}", s.achieved_rate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_not() {
+    let _serial = SERIAL.lock().await;
+    for retries in [0, 1] {
+        // A fresh sink for each search: its one stall (400 ms, 200 ms after its first request) falls in
+        // the first step, whose P99 it pushes far over the 50 ms SLO; the sink answers at once otherwise.
+        let target = start_sink(SinkConfig {
+            stall: Duration::from_millis(400),
+            stall_after: Duration::from_millis(200),
+            ..SinkConfig::default()
+        })
+        .await;
+        let config = FindMaxConfig {
+            attack: attack_config(&target, 0.0, 2, 32, None),
+            slo_p99: Duration::from_millis(50),
+            start_rate: 500.0,
+            max_rate: 1000.0,
+            step: Duration::from_secs(2),
+            precision: 0.05,
+            pause: Duration::from_millis(100),
+            retries,
+        };
+        let result = findmax::run(&config, |i| Ok(factory(&format!("findmax-{retries}-{i}")))).await.unwrap();
+        let steps: Vec<(f64, u32, bool)> = result.steps.iter().map(|s| (s.rate, s.attempt, s.ok)).collect();
+        eprintln!("retries {retries}: {steps:?}");
+        assert!(result.steps[0].p99_us > 50_000, "the stall fails the first step: {:?}", result.steps[0]);
+        if retries == 0 {
+            // The failed start rate ends the search: nothing is sustainable.
+            assert_eq!(steps, vec![(500.0, 0, false)]);
+            assert!(result.max_sustainable_rate.abs() < 0.5, "{}", result.max_sustainable_rate);
+        } else {
+            // The retry at the same rate passes, and the search goes on to the maximum.
+            assert_eq!(steps, vec![(500.0, 0, false), (500.0, 1, true), (1000.0, 0, true)]);
+            assert!((result.max_sustainable_rate - 1000.0).abs() < 0.5, "{}", result.max_sustainable_rate);
+        }
+    }
 }
