@@ -136,6 +136,10 @@ find_max() {
     --report-json "$OUT/findmax-$label.json" > "$OUT/findmax-$label.txt"
   RATE=$(json "$OUT/findmax-$label.json" "int(d['max_sustainable_rate'])")
   cat "$OUT/findmax-$label.txt" >&2
+  if [ "$RATE" -le 0 ]; then
+    echo "bench.sh: $label met the SLO ($SLO) at no rate, not even START_RATE=$START_RATE/s; nothing to sustain" >&2
+    exit 1
+  fi
 }
 
 # Postgres during a run of $1 seconds, sampled every 50 ms. Line 1: the share of samples with a checkpoint
