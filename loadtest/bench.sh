@@ -133,7 +133,7 @@ find_max() {
   local t0; t0=$(date +%s.%N)
   $L find-max --target "$target" --secret "$SECRET" --slo-p99 "$SLO" --step "$STEP" \
     --start-rate "$START_RATE" --max-rate "$MAX_RATE" --connections "$CONNECTIONS" --retries 1 \
-    --report-json "$OUT/findmax-$label.json" > "$OUT/findmax-$label.txt"
+    ${SETTLE:+--settle "$SETTLE"} --report-json "$OUT/findmax-$label.json" > "$OUT/findmax-$label.txt"
   RATE=$(json "$OUT/findmax-$label.json" "int(d['max_sustainable_rate'])")
   cat "$OUT/findmax-$label.txt" >&2
   if [ "$RATE" -le 0 ]; then
@@ -173,6 +173,7 @@ if rows:
 sustain() {
   local target=$1 label=$2 gw=$3
   echo "== sustained run: $label at $RATE/s for $SUSTAIN (after a 2 s warm-up)" >&2
+  [ -z "${SETTLE:-}" ] || sh -c "$SETTLE"
   # Only this run's events on the stream: verify reads it whole.
   fresh_stream
   rm -f "$OUT/syncprobe-$label.json"
@@ -263,6 +264,21 @@ row "| sink (baseline) | $BASE, $HELD (find-max: $FOUND_sink) | 100% | $(summary
 kill $SINK; wait $SINK 2>/dev/null || true
 
 # --- 2. the gateway ---------------------------------------------------------------------------------------
+# Before each find-max step and each sustained run: wait until the gateway's outbox is empty. An overloaded
+# step leaves stored events that are not yet on their stream, and the catch-up publishes them (reading each
+# body back from Postgres) while the next step is measured: in one run, ~930,000 after enqueue find-max's
+# failed steps, with the outbox DELETEs at 59% of a core, and every later step failed.
+cat > "$OUT/outbox-empty.sh" <<SH
+#!/bin/sh
+# Waits (up to 5 minutes) until every stored event is on its stream: the gateway's outbox is empty.
+for _ in \$(seq 1 600); do
+  [ "\$($PG -At -d hookgate_bench -c "SELECT count(*) FROM events_outbox" 2>/dev/null)" = 0 ] && exit 0
+  sleep 0.5
+done
+echo "outbox-empty.sh: the outbox did not drain within 5 minutes" >&2
+exit 1
+SH
+SETTLE="sh $OUT/outbox-empty.sh"
 for mode in $MODES; do
   $PG -d postgres -c "DROP DATABASE IF EXISTS hookgate_bench" -c "CREATE DATABASE hookgate_bench"
   fresh_stream
@@ -292,10 +308,7 @@ TOML
   sustain_search http://127.0.0.1:18080/webhooks/stripe "$mode" "$GW"
   PROFILES+=("- $mode at $RATE/s: $(tail -n 1 "$OUT/background-$mode.txt");$(disk_sync "$mode" " disk write + fdatasync meanwhile:")")
   # Let the last notifications land: the outbox is empty once every stored event is on its stream.
-  for _ in $(seq 1 240); do
-    [ "$($PG -At -d hookgate_bench -c "SELECT count(*) FROM events_outbox" 2>/dev/null)" = 0 ] && break
-    sleep 0.5
-  done
+  sh -c "$SETTLE" || true
   if $L verify "$OUT/run-$mode.csv" --database-url "postgres://postgres@127.0.0.1:${HOOKGATE_PG_PORT:-54329}/hookgate_bench" \
       --redis-url "redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}" --stream-key "bench:{source}" \
       --report-json "$OUT/verify-$mode.json" > /dev/null; then

@@ -5,6 +5,10 @@
 //! I/O) and cap the whole search. With `retries`, a failed step is run again at the same rate, and the
 //! rate counts as failed only when every attempt fails, as RFC 2544's repeated trials do. Every attempt
 //! is reported.
+//!
+//! A failed step can also leave work behind in the target (an overloaded gateway's outbox backlog, drained
+//! by its catch-up), which would then load the next step. `settle` is a shell command run before every
+//! step after the first, once the pause is over; find-max waits for it (e.g. until the backlog is empty).
 
 use std::time::Duration;
 
@@ -27,6 +31,8 @@ pub struct FindMaxConfig {
     pub pause: Duration,
     /// How many times a failed step is run again at the same rate before the rate counts as failed.
     pub retries: u32,
+    /// A shell command run between steps, after the pause; the next step waits for it to succeed.
+    pub settle: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +73,7 @@ pub async fn run(
         let mut ok = false;
         for attempt in 0..=config.retries {
             if attempt > 0 {
-                tokio::time::sleep(config.pause).await;
+                between_steps(config).await?;
             }
             let mut attack = config.attack.clone();
             attack.rate = rate;
@@ -110,9 +116,29 @@ pub async fn run(
             break;
         }
         rate = next.round();
-        tokio::time::sleep(config.pause).await;
+        between_steps(config).await?;
     }
     Ok(FindMaxResult { max_sustainable_rate: good, slo_p99_us: slo_us, steps, best })
+}
+
+/// The pause, then the settle command (if any). A settle command that fails ends the search: the next
+/// step would be measured against a target in an unknown state.
+async fn between_steps(config: &FindMaxConfig) -> anyhow::Result<()> {
+    tokio::time::sleep(config.pause).await;
+    let Some(command) = &config.settle else { return Ok(()) };
+    let started = std::time::Instant::now();
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot run the settle command {command:?}: {e}"))?;
+    anyhow::ensure!(status.success(), "the settle command {command:?} failed ({status})");
+    if started.elapsed() >= Duration::from_millis(500) {
+        eprintln!("find-max: settled in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    Ok(())
 }
 
 /// Why a step failed, or empty when it passed: every answer as expected, the schedule kept, P99 under the SLO.

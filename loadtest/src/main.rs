@@ -90,6 +90,10 @@ enum Command {
         /// Run a failed step again at the same rate up to this many times; the rate fails only if all do.
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// A shell command run between steps (after a 2 s pause); the next step waits until it succeeds,
+        /// e.g. until work an overloaded step left in the target has drained.
+        #[arg(long)]
+        settle: Option<String>,
     },
     /// Measure the disk under a directory: an 8 KiB write + fdatasync every interval (a WAL flush's shape).
     SyncProbe {
@@ -346,7 +350,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             eprintln!("verify: ok: {} acknowledged events, all stored once with their exact body", report.acknowledged);
         }
-        Command::FindMax { attack, slo_p99, start_rate, max_rate, step, precision, retries } => {
+        Command::FindMax { attack, slo_p99, start_rate, max_rate, step, precision, retries, settle } => {
             attack.validate()?;
             let mut base = attack.config();
             base.progress = false;
@@ -364,6 +368,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 precision,
                 pause: Duration::from_secs(2),
                 retries,
+                settle,
             };
             let result = findmax::run(&config, |i| attack.factory(&format!("s{i}"))).await?;
             writeln!(

@@ -215,9 +215,11 @@ async fn the_warmup_is_sent_at_the_rate_but_not_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_not() {
+async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_not_and_settles_between_steps() {
     let _serial = SERIAL.lock().await;
     for retries in [0, 1] {
+        let settles = temp(&format!("settles-{retries}"));
+        let _ = std::fs::remove_file(&settles);
         // A fresh sink for each search: its one stall (400 ms, 200 ms after its first request) falls in
         // the first step, whose P99 it pushes far over the 50 ms SLO; the sink answers at once otherwise.
         let target = start_sink(SinkConfig {
@@ -235,11 +237,16 @@ async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_no
             precision: 0.05,
             pause: Duration::from_millis(100),
             retries,
+            settle: Some(format!("echo step >> {}", settles.display())),
         };
         let result = findmax::run(&config, |i| Ok(factory(&format!("findmax-{retries}-{i}")))).await.unwrap();
         let steps: Vec<(f64, u32, bool)> = result.steps.iter().map(|s| (s.rate, s.attempt, s.ok)).collect();
         eprintln!("retries {retries}: {steps:?}");
         assert!(result.steps[0].p99_us > 50_000, "the stall fails the first step: {:?}", result.steps[0]);
+        // The settle command ran once before every step after the first.
+        let settled = std::fs::read_to_string(&settles).unwrap_or_default().lines().count();
+        assert_eq!(settled, result.steps.len() - 1);
+        let _ = std::fs::remove_file(&settles);
         if retries == 0 {
             // The failed start rate ends the search: nothing is sustainable.
             assert_eq!(steps, vec![(500.0, 0, false)]);
@@ -250,4 +257,23 @@ async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_no
             assert!((result.max_sustainable_rate - 1000.0).abs() < 0.5, "{}", result.max_sustainable_rate);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_max_stops_with_a_clear_error_when_the_settle_command_fails() {
+    let _serial = SERIAL.lock().await;
+    let target = start_sink(SinkConfig::default()).await;
+    let config = FindMaxConfig {
+        attack: attack_config(&target, 0.0, 1, 8, None),
+        slo_p99: Duration::from_millis(50),
+        start_rate: 200.0,
+        max_rate: 1000.0,
+        step: Duration::from_secs(1),
+        precision: 0.05,
+        pause: Duration::from_millis(10),
+        retries: 0,
+        settle: Some("exit 3".into()),
+    };
+    let err = findmax::run(&config, |i| Ok(factory(&format!("settle-fails-{i}")))).await.expect_err("settle fails");
+    assert!(err.to_string().contains("the settle command \"exit 3\" failed"), "{err}");
 }
