@@ -11,7 +11,8 @@ use crate::results::Row;
 /// Histogram range: 1 µs to 1 hour, 3 significant digits (0.1% error).
 const MAX_MICROS: u64 = 3_600_000_000;
 
-fn histogram() -> Histogram<u64> {
+/// A latency histogram in microseconds over that range (also the sync probe's).
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("constant histogram bounds are valid")
 }
 

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// The bytes written per sample: one Postgres page.
@@ -74,17 +73,13 @@ impl Drop for ProbeFile {
     }
 }
 
-/// Microseconds from 1 µs to an hour at 3 significant digits. Fixed bounds: an auto-resizing histogram
-/// starts at 2,048 and `saturating_record` would clamp every slower sync to ~2 ms instead of growing it.
-fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("histogram bounds")
-}
-
 /// Runs the probe (blocking: call it off the async runtime).
 pub fn run(config: &SyncProbeConfig) -> anyhow::Result<SyncProbeReport> {
     anyhow::ensure!(!config.interval.is_zero(), "--interval must be more than 0");
     let probe = ProbeFile::create(&config.dir)?;
-    let mut latencies = latency_histogram()?;
+    // The recorder's fixed bounds (1 µs to an hour): an auto-resizing histogram starts at 2,048 and
+    // `saturating_record` would clamp every slower sync to ~2 ms instead of growing it.
+    let mut latencies = crate::recorder::histogram();
     let mut block = vec![0u8; BLOCK];
     let (mut samples, mut skipped, mut over_10ms) = (0u64, 0u64, 0u64);
     let start = Instant::now();
@@ -156,7 +151,7 @@ mod tests {
 
     #[test]
     fn a_slow_sync_is_recorded_at_its_length_not_clamped() {
-        let mut latencies = latency_histogram().expect("histogram");
+        let mut latencies = crate::recorder::histogram();
         latencies.saturating_record(180);
         latencies.saturating_record(250_000);
         assert!(latencies.max() >= 249_000, "max {}", latencies.max());
