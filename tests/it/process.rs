@@ -1,4 +1,4 @@
-//! The `hookgate` binary as a process: SIGTERM under load, `check-config`, `sign`.
+//! The `hookgate` binary as a process: SIGTERM under load, `check-config`, `sign`, `migrate`.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -245,4 +245,33 @@ async fn sign_prints_headers_the_gateway_accepts() {
     gateway.stop().await;
     let _ = std::fs::remove_file(config);
     let _ = std::fs::remove_file(body_path);
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_with_its_vacuum_settings() {
+    let db = TestDb::create().await;
+    let config = config_file(&db.url, free_port(), free_port());
+    let out = hookgate().args(["--config", config.to_str().expect("path"), "migrate"]).output().expect("run migrate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_file(config);
+
+    let options = |table: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let row = sqlx::query("SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = $1::regclass")
+                .bind(table)
+                .fetch_one(&pool)
+                .await
+                .expect("table exists");
+            sqlx::Row::get::<Vec<String>, _>(&row, 0)
+        }
+    };
+    // events: vacuumed every 50,000 inserted rows, while its new pages are still cached (0004).
+    let events = options("events").await;
+    assert!(events.contains(&"autovacuum_vacuum_insert_threshold=50000".to_owned()), "{events:?}");
+    assert!(events.contains(&"autovacuum_vacuum_insert_scale_factor=0.0".to_owned()), "{events:?}");
+    // events_outbox: a fixed dead-row threshold (0003), throttled again (0004).
+    let outbox = options("events_outbox").await;
+    assert!(outbox.contains(&"autovacuum_vacuum_threshold=10000".to_owned()), "{outbox:?}");
+    assert!(!outbox.iter().any(|o| o.starts_with("autovacuum_vacuum_cost_delay")), "{outbox:?}");
 }
