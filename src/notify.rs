@@ -252,24 +252,36 @@ impl Notifier {
     }
 
     /// Publishes the outbox's backlog, oldest first, until it is empty or Redis fails. Returns how many.
+    ///
+    /// Each page is claimed while the previous one is on its way to Redis, so the database query and the
+    /// Redis round trip overlap, and each claim resumes after the previous page's last seq.
     pub async fn catch_up(&self) -> Result<u64, NotifyError> {
         let grace = Duration::from_millis(self.config.catchup_grace_ms);
+        let page = i64::from(self.config.catchup_batch);
         let mut published = 0;
-        loop {
-            let claimed = self.store.claim_unpublished(grace, i64::from(self.config.catchup_batch)).await?;
-            if claimed.events.is_empty() {
-                return Ok(published);
-            }
+        let mut claimed = self.store.claim_unpublished(grace, 0, page).await?;
+        while let Some(last_seq) = claimed.last_seq() {
             let n = claimed.events.len() as u64;
-            // On failure the claim is dropped: its transaction rolls back and the rows stay unpublished.
-            self.publish(&claimed.events, "catchup").await?;
+            // A short page means the backlog is drained (as far as the grace allows): claim no further.
+            let claim_next = async {
+                if n < u64::from(self.config.catchup_batch) {
+                    None
+                } else {
+                    Some(self.store.claim_unpublished(grace, last_seq, page).await)
+                }
+            };
+            let (sent, next) = tokio::join!(self.publish(&claimed.events, "catchup"), claim_next);
+            // On failure the claims are dropped: their transactions roll back and the rows stay unpublished.
+            sent?;
             claimed.mark_published().await?;
             crate::metrics::record_notify_catchup_batch();
             published += n;
-            if n < u64::from(self.config.catchup_batch) {
-                return Ok(published);
+            match next {
+                Some(next) => claimed = next?,
+                None => break,
             }
         }
+        Ok(published)
     }
 
     /// The publisher task: runs until every worker has dropped its sender. Whatever has queued up while a

@@ -150,6 +150,11 @@ pub struct Claimed {
 }
 
 impl Claimed {
+    /// The highest seq claimed (events come oldest first), or `None` for an empty claim.
+    pub fn last_seq(&self) -> Option<i64> {
+        self.events.last().map(|e| e.seq)
+    }
+
     pub async fn mark_published(mut self) -> Result<(), StoreError> {
         let seqs: Vec<i64> = self.events.iter().map(|e| e.seq).collect();
         sqlx::query("DELETE FROM events_outbox WHERE seq = ANY($1)").bind(&seqs).execute(&mut *self.tx).await?;
@@ -274,15 +279,18 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` unpublished events received more than `grace` ago, oldest first, skipping rows
-    /// another replica holds. The grace leaves fresh rows to the normal path, which publishes them itself.
-    pub async fn claim_unpublished(&self, grace: Duration, limit: i64) -> Result<Claimed, StoreError> {
+    /// Claims up to `limit` unpublished events received more than `grace` ago with a seq above `after`,
+    /// oldest first, skipping rows another replica holds. The grace leaves fresh rows to the normal path,
+    /// which publishes them itself. `after` lets a drain resume behind its last page instead of walking, on
+    /// every page, the index entries of the rows it has just deleted (until a vacuum removes them).
+    pub async fn claim_unpublished(&self, grace: Duration, after: i64, limit: i64) -> Result<Claimed, StoreError> {
         let mut tx = self.pool.begin().await?;
         let query = format!(
             "SELECT {NOTIFY_COLUMNS} FROM events_outbox o JOIN events e ON (e.source, e.event_id) = (o.source, o.event_id) \
-             WHERE o.queued_at < now() - make_interval(secs => $1) ORDER BY o.seq LIMIT $2 FOR UPDATE OF o SKIP LOCKED"
+             WHERE o.seq > $3 AND o.queued_at < now() - make_interval(secs => $1) \
+             ORDER BY o.seq LIMIT $2 FOR UPDATE OF o SKIP LOCKED"
         );
-        let rows = sqlx::query(&query).bind(grace.as_secs_f64()).bind(limit).fetch_all(&mut *tx).await?;
+        let rows = sqlx::query(&query).bind(grace.as_secs_f64()).bind(limit).bind(after).fetch_all(&mut *tx).await?;
         let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
         Ok(Claimed { tx, events })
     }
