@@ -235,3 +235,34 @@ async fn outbox_empties(db: &TestDb) -> bool {
     })
     .await
 }
+
+/// A command that fails inside the round trip (here every `XADD`, on a key that is not a stream) fails the
+/// publish, although Redis runs the round trip's commands in `MULTI`/`EXEC` and only reports their errors
+/// in `EXEC`'s reply: the event stays in the outbox and reaches its stream once the key is fixed.
+#[tokio::test]
+async fn an_xadd_error_inside_the_round_trip_keeps_the_event_in_the_outbox() {
+    use deadpool_redis::redis;
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.notify.catchup_interval_ms = 100;
+    config.notify.catchup_grace_ms = 100;
+    let key = config.notify.stream_for("stripe");
+    let redis = redis_url();
+    let client = redis::Client::open(redis.as_str()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    redis::cmd("SET").arg(&key).arg("not a stream").query_async::<()>(&mut conn).await.expect("SET");
+
+    let gateway = Gateway::start(config).await;
+    let id = unique("evt_wrongtype");
+    assert_eq!(post_stripe(&super::support::client(), &gateway, &id).await.status, 202);
+    // Several failed publishes (the publisher's and the catch-up's) go by: the row must still be there.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let queued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
+    assert_eq!(queued, 1, "a failed XADD leaves the event unpublished");
+
+    redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await.expect("DEL");
+    assert!(eventually(Duration::from_secs(5), || async { stream_ids(&redis, &key).await.get(&id) == Some(&1) }).await);
+    assert!(outbox_empties(&db).await);
+    gateway.stop().await;
+}
