@@ -261,17 +261,17 @@ impl Notifier {
     /// Redis round trip overlap, and each claim resumes after the previous page's last seq.
     pub async fn catch_up(&self) -> Result<u64, NotifyError> {
         let grace = Duration::from_millis(self.config.catchup_grace_ms);
-        let page = i64::from(self.config.catchup_batch);
+        let page = self.config.catchup_batch;
         let mut published = 0;
-        let mut claimed = self.store.claim_unpublished(grace, 0, page).await?;
+        let mut claimed = self.store.claim_unpublished(grace, 0, i64::from(page)).await?;
         while let Some(last_seq) = claimed.last_seq() {
             let n = claimed.events.len() as u64;
             // A short page means the backlog is drained (as far as the grace allows): claim no further.
             let claim_next = async {
-                if n < u64::from(self.config.catchup_batch) {
+                if n < u64::from(page) {
                     None
                 } else {
-                    Some(self.store.claim_unpublished(grace, last_seq, page).await)
+                    Some(self.store.claim_unpublished(grace, last_seq, i64::from(page)).await)
                 }
             };
             let (sent, next) = tokio::join!(self.publish(&claimed.events, "catchup"), claim_next);

@@ -248,13 +248,13 @@ async fn an_xadd_error_inside_the_round_trip_keeps_the_event_in_the_outbox() {
     config.notify.catchup_grace_ms = 100;
     let key = config.notify.stream_for("stripe");
     let redis = redis_url();
-    let client = redis::Client::open(redis.as_str()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    let redis_client = redis::Client::open(redis.as_str()).expect("redis url");
+    let mut conn = redis_client.get_multiplexed_async_connection().await.expect("connect to redis");
     redis::cmd("SET").arg(&key).arg("not a stream").query_async::<()>(&mut conn).await.expect("SET");
 
     let gateway = Gateway::start(config).await;
     let id = unique("evt_wrongtype");
-    assert_eq!(post_stripe(&super::support::client(), &gateway, &id).await.status, 202);
+    assert_eq!(post_stripe(&client(), &gateway, &id).await.status, 202);
     // Several failed publishes (the publisher's and the catch-up's) go by: the row must still be there.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let queued: i64 =

@@ -256,22 +256,16 @@ async fn migrate_creates_the_schema_with_its_vacuum_settings() {
     let _ = std::fs::remove_file(config);
 
     let options = |table: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            let row = sqlx::query("SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = $1::regclass")
-                .bind(table)
-                .fetch_one(&pool)
-                .await
-                .expect("table exists");
-            sqlx::Row::get::<Vec<String>, _>(&row, 0)
-        }
+        sqlx::query_scalar::<_, Vec<String>>("SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = $1::regclass")
+            .bind(table)
+            .fetch_one(&db.pool)
     };
     // events: vacuumed every 50,000 inserted rows, while its new pages are still cached (0004).
-    let events = options("events").await;
+    let events = options("events").await.expect("events exists");
     assert!(events.contains(&"autovacuum_vacuum_insert_threshold=50000".to_owned()), "{events:?}");
     assert!(events.contains(&"autovacuum_vacuum_insert_scale_factor=0.0".to_owned()), "{events:?}");
     // events_outbox: a fixed dead-row threshold (0003), throttled again (0004).
-    let outbox = options("events_outbox").await;
+    let outbox = options("events_outbox").await.expect("events_outbox exists");
     assert!(outbox.contains(&"autovacuum_vacuum_threshold=10000".to_owned()), "{outbox:?}");
     assert!(!outbox.iter().any(|o| o.starts_with("autovacuum_vacuum_cost_delay")), "{outbox:?}");
 }
