@@ -360,8 +360,12 @@ impl Notifier {
             last_scan = Some(Instant::now());
             let result = self.catch_up().await;
             // Counted only when a scan is due, not every tick: on a busy outbox the count walks every row
-            // deleted since the last vacuum.
-            self.update_pending().await;
+            // deleted since the last vacuum. A backlog left (rows past the grace that this scan did not
+            // publish: another replica's, or aged past it during the scan) keeps the scans going, so the
+            // gauge is not left showing a backlog that is gone until the next safety scan, 30 s later.
+            if self.update_pending().await > 0 {
+                self.backlog_suspected.store(true, Ordering::Release);
+            }
             match result {
                 Ok(0) => {}
                 Ok(n) => {
@@ -384,9 +388,15 @@ impl Notifier {
         (NotifyQueue { tx, backlog_suspected: self.backlog_suspected.clone() }, rx)
     }
 
-    async fn update_pending(&self) {
-        if let Ok(pending) = self.store.count_unpublished().await {
-            crate::metrics::record_notify_pending(pending);
+    /// Counts the backlog for the pending gauge; returns it (0 when the database did not answer).
+    async fn update_pending(&self) -> i64 {
+        let grace = Duration::from_millis(self.config.catchup_grace_ms);
+        match self.store.count_unpublished(grace).await {
+            Ok(pending) => {
+                crate::metrics::record_notify_pending(pending);
+                pending
+            }
+            Err(_) => 0,
         }
     }
 

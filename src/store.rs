@@ -295,9 +295,13 @@ impl Store {
         Ok(Claimed { tx, events })
     }
 
-    /// Events not yet published (all sources).
-    pub async fn count_unpublished(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&self.pool).await?)
+    /// Events that have waited longer than `grace` to be published (all sources): the catch-up's backlog.
+    /// Rows younger than the grace are the normal path's, in flight between commit and delete.
+    pub async fn count_unpublished(&self, grace: Duration) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM events_outbox WHERE queued_at < now() - make_interval(secs => $1)")
+            .bind(grace.as_secs_f64())
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// One page of stored events matching `filter`, in order of receipt (`received_at`, then `seq`), after
