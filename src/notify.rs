@@ -81,6 +81,31 @@ async fn next_round_trip(
     true
 }
 
+/// Whether Redis keeps what it acknowledges, as its `CONFIG GET` reports it. The outbox row of an event
+/// is deleted once Redis acknowledges the `XADD`, so at-least-once delivery holds only if Redis has the
+/// entry on disk by then: `appendonly yes` with `appendfsync always`. With `everysec`, Redis answers
+/// writes it has not yet written while a background fsync is slow, and a crash loses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisPersistence {
+    /// `appendonly yes` and `appendfsync always`.
+    Durable,
+    /// Anything weaker, as Redis reported it (e.g. `appendonly yes, appendfsync everysec`).
+    Weaker(String),
+    /// Redis did not answer `CONFIG GET` (down, or the command is disabled, as on some managed Redis).
+    Unknown,
+}
+
+impl RedisPersistence {
+    /// Classifies the `append*` settings of a `CONFIG GET append*` reply.
+    fn from_config(config: &HashMap<String, String>) -> Self {
+        let setting = |name: &str| config.get(name).map_or("unset", String::as_str);
+        match (setting("appendonly"), setting("appendfsync")) {
+            ("yes", "always") => Self::Durable,
+            (appendonly, appendfsync) => Self::Weaker(format!("appendonly {appendonly}, appendfsync {appendfsync}")),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     #[error("invalid notify.redis_url")]
@@ -203,6 +228,35 @@ impl Notifier {
             crate::metrics::record_notify_published(source, path, n);
         }
         Ok(())
+    }
+
+    /// Asks Redis how it persists (`CONFIG GET append*`: one pattern, which Redis before 7 also accepts).
+    pub async fn redis_persistence(&self) -> RedisPersistence {
+        let timeout = Duration::from_millis(self.config.command_timeout_ms);
+        let attempt = async {
+            let mut conn = self.pool.get().await?;
+            let config: HashMap<String, String> =
+                redis::cmd("CONFIG").arg("GET").arg("append*").query_async(&mut conn).await?;
+            Ok::<_, NotifyError>(config)
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(config)) => RedisPersistence::from_config(&config),
+            _ => RedisPersistence::Unknown,
+        }
+    }
+
+    /// Warns once, at start-up, when Redis can lose what it acknowledged.
+    async fn check_persistence(&self) {
+        match self.redis_persistence().await {
+            RedisPersistence::Durable => {}
+            RedisPersistence::Weaker(settings) => warn!(
+                redis = %settings,
+                "Redis can lose acknowledged stream entries on a crash, after hookgate has deleted them from the \
+                 outbox; run it with appendonly yes and appendfsync always (`hookgate replay --since` republishes \
+                 from Postgres)"
+            ),
+            RedisPersistence::Unknown => debug!("could not read Redis's persistence settings (CONFIG GET append*)"),
+        }
     }
 
     async fn ping(&self) -> bool {
@@ -328,6 +382,7 @@ impl Notifier {
     /// after a backlog became possible (Redis was down, a batch was deferred or not marked), and every 30 s
     /// regardless, until `stop`. The pending gauge is counted at each scan, and each tick while Redis is down.
     pub async fn run_catchup(self, stop: CancellationToken) {
+        self.check_persistence().await;
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.catchup_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_scan: Option<Instant> = None;
@@ -460,6 +515,27 @@ mod tests {
     }
 
     const MS: Duration = Duration::from_millis(1);
+
+    fn redis_config(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn only_an_append_only_file_fsynced_on_every_write_counts_as_durable() {
+        let durable = redis_config(&[("appendonly", "yes"), ("appendfsync", "always"), ("appendfilename", "a.aof")]);
+        assert_eq!(RedisPersistence::from_config(&durable), RedisPersistence::Durable);
+        let everysec = redis_config(&[("appendonly", "yes"), ("appendfsync", "everysec")]);
+        assert_eq!(
+            RedisPersistence::from_config(&everysec),
+            RedisPersistence::Weaker("appendonly yes, appendfsync everysec".into())
+        );
+        let no_aof = redis_config(&[("appendonly", "no"), ("appendfsync", "always")]);
+        assert!(matches!(RedisPersistence::from_config(&no_aof), RedisPersistence::Weaker(_)));
+        assert_eq!(
+            RedisPersistence::from_config(&HashMap::new()),
+            RedisPersistence::Weaker("appendonly unset, appendfsync unset".into())
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_arriving_within_the_linger_joins_the_round_trip() {

@@ -149,6 +149,31 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     gateway.stop().await;
 }
 
+/// The start-up check reads how Redis persists: the test's Redis (`appendfsync always`, as the gateway
+/// requires) is durable, `everysec` or no append-only file is named as weaker, and a Redis that does not
+/// answer is unknown.
+#[tokio::test]
+async fn the_start_up_check_tells_a_durable_redis_from_one_that_can_lose_entries() {
+    use hookgate::notify::RedisPersistence::{Durable, Unknown, Weaker};
+    let config = test_config(&admin_database_url());
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    let persistence = |redis_url: String| {
+        let mut notify = config.notify.clone();
+        notify.redis_url = redis_url;
+        let notifier = hookgate::notify::Notifier::new(&notify, store.clone()).expect("notifier");
+        async move { notifier.redis_persistence().await }
+    };
+    let durable = RedisServer::start();
+    assert_eq!(persistence(durable.url()).await, Durable);
+    let everysec = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    assert_eq!(persistence(everysec.url()).await, Weaker("appendonly yes, appendfsync everysec".into()));
+    let no_aof = RedisServer::start_with(&["--appendonly", "no"]);
+    assert_eq!(persistence(no_aof.url()).await, Weaker("appendonly no, appendfsync always".into()));
+    let mut gone = RedisServer::start();
+    gone.stop();
+    assert_eq!(persistence(gone.url()).await, Unknown);
+}
+
 /// The pending count is the catch-up's backlog: rows that have waited past the grace. Rows younger than it
 /// are the normal path's, between commit and delete: at 20,000/s, with deletes grouped every 100 ms, ~2,000
 /// rows, above the alert's threshold of 1,000 on a healthy gateway.

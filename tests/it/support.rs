@@ -130,13 +130,20 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<std::process::Child>,
+    /// Settings of the test's own, given after the defaults (Redis applies the last one given).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(unique("hookgate-it-redis"));
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut server = Self { port: free_port(), dir, child: None };
+        let extra_args = extra_args.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Self { port: free_port(), dir, child: None, extra_args };
         server.restart();
         server
     }
@@ -149,6 +156,7 @@ impl RedisServer {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", "always"])
+            .args(&self.extra_args)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(std::process::Stdio::null())
