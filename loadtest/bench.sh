@@ -33,6 +33,16 @@ MAX_RATE=${MAX_RATE:-100000}
 CONNECTIONS=${CONNECTIONS:-256}
 MODES=${MODES:-"enqueue durable"}
 OUT=${OUT:-loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)}
+# Disk: a mode's database keeps every event of its find-max and tries (~1.45 KB each on disk: ~7 GB for
+# durable's 5M), beside up to 8 GB of WAL (max_wal_size), Redis's append-only file (rewritten past 4 GB)
+# and the per-request CSVs. A run that fills the disk dies in the middle (20261127T035230Z did, in pgbench,
+# with 23 GB free at its start and the soak's rows still in the database), so check first.
+MIN_FREE_GB=${MIN_FREE_GB:-24}
+FREE_GB=$(df -Pk "$ROOT" | awk 'NR == 2 {print int($4 / 1048576)}')
+if [ "$FREE_GB" -lt "$MIN_FREE_GB" ]; then
+  echo "bench.sh: $FREE_GB GB free on the disk of $ROOT; a run needs about $MIN_FREE_GB GB (MIN_FREE_GB)" >&2
+  exit 1
+fi
 mkdir -p "$OUT"
 
 cargo build --release --workspace --quiet
@@ -326,6 +336,9 @@ TOML
     # A fresh gateway with the default stream cap (1,000,000 entries), as deployed: nothing verifies the
     # soak's stream, and keeping every event would grow Redis by ~1.3 GB a minute.
     kill -TERM $GW; wait $GW 2>/dev/null || true
+    # And a fresh database: the tries' rows are verified, and keeping them beside the soak's doubled the
+    # disk the run needs.
+    $PG -d postgres -c "DROP DATABASE IF EXISTS hookgate_bench" -c "CREATE DATABASE hookgate_bench"
     fresh_stream
     start_gateway "$mode" soak HOOKGATE__NOTIFY__STREAM_MAXLEN=1000000
     echo "elapsed_s,rss_mib" > "$OUT/soak-rss.csv"
