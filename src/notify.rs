@@ -230,18 +230,23 @@ impl Notifier {
         Ok(())
     }
 
-    /// Asks Redis how it persists (`CONFIG GET append*`: one pattern, which Redis before 7 also accepts).
-    pub async fn redis_persistence(&self) -> RedisPersistence {
+    /// Runs one command on a pooled connection within `command_timeout_ms`; None when it did not answer.
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Option<T> {
         let timeout = Duration::from_millis(self.config.command_timeout_ms);
         let attempt = async {
             let mut conn = self.pool.get().await?;
-            let config: HashMap<String, String> =
-                redis::cmd("CONFIG").arg("GET").arg("append*").query_async(&mut conn).await?;
-            Ok::<_, NotifyError>(config)
+            Ok::<T, NotifyError>(command.query_async(&mut conn).await?)
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(config)) => RedisPersistence::from_config(&config),
-            _ => RedisPersistence::Unknown,
+        tokio::time::timeout(timeout, attempt).await.ok()?.ok()
+    }
+
+    /// Asks Redis how it persists (`CONFIG GET append*`: one pattern, which Redis before 7 also accepts).
+    pub async fn redis_persistence(&self) -> RedisPersistence {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("append*");
+        match self.query::<HashMap<String, String>>(&command).await {
+            Some(config) => RedisPersistence::from_config(&config),
+            None => RedisPersistence::Unknown,
         }
     }
 
@@ -260,13 +265,7 @@ impl Notifier {
     }
 
     async fn ping(&self) -> bool {
-        let timeout = Duration::from_millis(self.config.command_timeout_ms);
-        let attempt = async {
-            let mut conn = self.pool.get().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await?;
-            Ok::<_, NotifyError>(())
-        };
-        matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(())))
+        self.query::<String>(&redis::cmd("PING")).await.is_some()
     }
 
     /// Records a failed publish: Redis is marked down (the catch-up will probe it), and a warning is logged
