@@ -64,16 +64,22 @@ async fn a_known_delay_is_measured_within_a_millisecond() {
     let _serial = SERIAL.lock().await;
     let target = start_sink(SinkConfig { delay: Duration::from_millis(10), ..SinkConfig::default() }).await;
     let s = attack(attack_config(&target, 500.0, 5, 32, None), "delay").await.summary;
-    eprintln!("{:?}\n{:?}", s.latency_corrected, s.latency_uncorrected);
+    eprintln!("{:?}\n{:?}\n{:?}", s.latency_corrected, s.latency_uncorrected, s.send_lateness);
     assert_eq!(s.successful(), s.requests);
     assert!((ms(s.latency_corrected.p50_us) - 10.0).abs() <= 1.0, "corrected P50 {:?}", s.latency_corrected);
-    for (c, u) in [
-        (s.latency_corrected.p50_us, s.latency_uncorrected.p50_us),
-        (s.latency_corrected.p90_us, s.latency_uncorrected.p90_us),
-        (s.latency_corrected.p99_us, s.latency_uncorrected.p99_us),
+    // Nothing stalls, so correction adds only the sender's own lateness (corrected = uncorrected +
+    // lateness, request by request). That lateness is the schedule thread waking late, which a busy
+    // machine stretches in the tail: P50 must agree within 1 ms, the tail within 1 ms plus the lateness
+    // this run measured. A correction from the wrong start (or none) breaks either bound by far more.
+    let tail_bound = 1.0 + ms(s.send_lateness.p999_us);
+    for (c, u, bound) in [
+        (s.latency_corrected.p50_us, s.latency_uncorrected.p50_us, 1.0),
+        (s.latency_corrected.p90_us, s.latency_uncorrected.p90_us, tail_bound),
+        (s.latency_corrected.p99_us, s.latency_uncorrected.p99_us, tail_bound),
     ] {
-        assert!(ms(c.abs_diff(u)) <= 1.0, "corrected {c}µs vs uncorrected {u}µs");
+        assert!(ms(c.abs_diff(u)) <= bound, "corrected {c}µs vs uncorrected {u}µs, bound {bound} ms");
     }
+    assert!(ms(s.send_lateness.p50_us) <= 1.0, "the schedule runs late: {:?}", s.send_lateness);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
