@@ -25,6 +25,7 @@ pub const NOTIFY_PENDING: &str = "hookgate_notify_pending";
 pub const NOTIFY_PUBLISH_DURATION: &str = "hookgate_notify_publish_duration_seconds";
 pub const NOTIFY_CATCHUP_BATCHES: &str = "hookgate_notify_catchup_batches_total";
 pub const NOTIFY_DEFERRED: &str = "hookgate_notify_deferred_total";
+pub const NOTIFY_REDIS_DURABLE: &str = "hookgate_notify_redis_durable";
 
 /// Latency buckets (seconds): fine around the few-millisecond group commit, up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -70,6 +71,10 @@ fn describe() {
     describe_histogram!(NOTIFY_PUBLISH_DURATION, Unit::Seconds, "Duration of one pipelined publish round trip.");
     describe_counter!(NOTIFY_CATCHUP_BATCHES, "Batches published by the outbox catch-up.");
     describe_counter!(NOTIFY_DEFERRED, "Batches left to the catch-up because the notifier was busy.");
+    describe_gauge!(
+        NOTIFY_REDIS_DURABLE,
+        "1 when Redis runs appendonly yes with appendfsync always, 0 when it can lose acknowledged entries."
+    );
 }
 
 /// Exports every labelled series at zero from the start: `rate()` and alerts over a series that does not
@@ -176,4 +181,8 @@ pub fn record_notify_catchup_batch() {
 
 pub fn record_notify_deferred() {
     counter!(NOTIFY_DEFERRED).increment(1);
+}
+
+pub fn record_notify_redis_durable(durable: bool) {
+    gauge!(NOTIFY_REDIS_DURABLE).set(if durable { 1.0 } else { 0.0 });
 }

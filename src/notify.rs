@@ -148,6 +148,8 @@ pub struct Notifier {
     /// batch): the next catch-up tick then scans it.
     backlog_suspected: Arc<AtomicBool>,
     last_warning: Arc<Mutex<Option<Instant>>>,
+    /// How Redis persists, as last read (None until Redis has answered).
+    persistence: Arc<Mutex<Option<RedisPersistence>>>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -172,6 +174,7 @@ impl Notifier {
             // At start-up the outbox may hold what a crash left behind.
             backlog_suspected: Arc::new(AtomicBool::new(true)),
             last_warning: Arc::new(Mutex::new(None)),
+            persistence: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -250,9 +253,16 @@ impl Notifier {
         }
     }
 
-    /// Warns once, at start-up, when Redis can lose what it acknowledged.
-    async fn check_persistence(&self) {
-        match self.redis_persistence().await {
+    /// How Redis persisted when the catch-up last read it; None until Redis has answered.
+    pub fn last_persistence(&self) -> Option<RedisPersistence> {
+        self.persistence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Reads how Redis persists, warns when it can lose what it acknowledged, and records the reading (the
+    /// `hookgate_notify_redis_durable` gauge). False when Redis did not answer, so that the caller asks again.
+    async fn check_persistence(&self) -> bool {
+        let persistence = self.redis_persistence().await;
+        match &persistence {
             RedisPersistence::Durable => {}
             RedisPersistence::Weaker(settings) => warn!(
                 redis = %settings,
@@ -260,8 +270,17 @@ impl Notifier {
                  outbox; run it with appendonly yes and appendfsync always (`hookgate replay --since` republishes \
                  from Postgres)"
             ),
-            RedisPersistence::Unknown => debug!("could not read Redis's persistence settings (CONFIG GET append*)"),
+            RedisPersistence::Unknown if self.ping().await => {
+                // Redis answers but refuses CONFIG (as some managed services do): asking again tells no more.
+                debug!("Redis refuses CONFIG GET append*; cannot tell whether it keeps what it acknowledges");
+            }
+            RedisPersistence::Unknown => return false,
         }
+        if persistence != RedisPersistence::Unknown {
+            crate::metrics::record_notify_redis_durable(persistence == RedisPersistence::Durable);
+        }
+        *self.persistence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(persistence);
+        true
     }
 
     async fn ping(&self) -> bool {
@@ -380,8 +399,10 @@ impl Notifier {
     /// The catch-up task: at start (crash recovery), then each `catchup_interval_ms` for a grace period
     /// after a backlog became possible (Redis was down, a batch was deferred or not marked), and every 30 s
     /// regardless, until `stop`. The pending gauge is counted at each scan, and each tick while Redis is down.
+    /// How Redis persists is read at start, until Redis first answers, and again after each outage (a
+    /// restarted or failed-over Redis may persist differently).
     pub async fn run_catchup(self, stop: CancellationToken) {
-        self.check_persistence().await;
+        let mut persistence_read = self.check_persistence().await;
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.catchup_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_scan: Option<Instant> = None;
@@ -402,6 +423,10 @@ impl Notifier {
                 }
                 info!("Redis is reachable again; publishing the outbox");
                 self.redis_up.store(true, Ordering::Release);
+                persistence_read = false;
+            }
+            if !persistence_read {
+                persistence_read = self.check_persistence().await;
             }
             if self.backlog_suspected.swap(false, Ordering::AcqRel) {
                 scan_until = Some(Instant::now() + window);

@@ -174,6 +174,37 @@ async fn the_start_up_check_tells_a_durable_redis_from_one_that_can_lose_entries
     assert_eq!(persistence(gone.url()).await, Unknown);
 }
 
+/// A Redis that is down when the gateway starts is asked how it persists once it answers: the catch-up
+/// repeats the check until then, rather than leaving it unknown for the life of the process.
+#[tokio::test]
+async fn the_persistence_check_waits_for_a_redis_that_is_down_at_start() {
+    use hookgate::notify::RedisPersistence::Weaker;
+    let db = TestDb::create().await;
+    let mut redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    redis.stop();
+    let mut config = test_config(&db.url);
+    config.notify.redis_url = redis.url();
+    config.notify.catchup_interval_ms = 100;
+    config.notify.command_timeout_ms = 500;
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    store.migrate().await.expect("migrate");
+    let notifier = hookgate::notify::Notifier::new(&config.notify, store).expect("notifier");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let catchup = tokio::spawn(notifier.clone().run_catchup(stop.clone()));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(notifier.last_persistence(), None, "Redis is down: nothing is known yet");
+    redis.restart();
+    let everysec = Some(Weaker("appendonly yes, appendfsync everysec".into()));
+    assert!(
+        eventually(Duration::from_secs(5), || async { notifier.last_persistence() == everysec }).await,
+        "the check ran once Redis answered: {:?}",
+        notifier.last_persistence()
+    );
+    stop.cancel();
+    catchup.await.expect("catch-up task");
+}
+
 /// The pending count is the catch-up's backlog: rows that have waited past the grace. Rows younger than it
 /// are the normal path's, between commit and delete: at 20,000/s, with deletes grouped every 100 ms, ~2,000
 /// rows, above the alert's threshold of 1,000 on a healthy gateway.

@@ -104,6 +104,8 @@ async fn a_real_prometheus_scrapes_the_gateway_with_the_shipped_config() {
         ),
         (r#"sum(http_server_request_duration_seconds_bucket{job="hookgate",status="202",le="+Inf"})"#, 7.0),
         (r#"sum(hookgate_signature_failures_total{job="hookgate",reason="missing_header"})"#, 1.0),
+        // The test Redis runs appendonly yes with appendfsync always.
+        (r#"hookgate_notify_redis_durable{job="hookgate"}"#, 1.0),
     ];
     for (query, expected) in expectations {
         let ok = eventually(Duration::from_secs(30), || {
@@ -124,7 +126,12 @@ async fn a_real_prometheus_scrapes_the_gateway_with_the_shipped_config() {
     assert!(buckets.is_some_and(|n| n >= 10.0), "{buckets:?}");
     // The shipped alert rules loaded.
     let (_, rules) = get_text(&client, &format!("{base}/api/v1/rules")).await;
-    assert!(rules.contains("HookgateHigh5xxRatio") && rules.contains("HookgateP99AboveSLO"), "{rules}");
+    assert!(
+        rules.contains("HookgateHigh5xxRatio")
+            && rules.contains("HookgateP99AboveSLO")
+            && rules.contains("HookgateRedisCanLoseNotifications"),
+        "{rules}"
+    );
     drop(gateway);
     let _ = std::fs::remove_file(config);
 }
