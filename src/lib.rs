@@ -116,6 +116,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         config.queue.capacity,
         config.queue.high_water_ratio,
         &config.workers,
+        config.linger_until_idle(),
         &store,
         notify_tx.as_ref(),
         &workers,

@@ -69,11 +69,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Creates the queue and starts `config.count` workers on `tracker`.
+    /// Creates the queue and starts `config.count` workers on `tracker`, with group commit or a fixed linger.
     pub fn start(
         capacity: usize,
         high_water_ratio: f64,
         config: &WorkersConfig,
+        group_commit: bool,
         store: &Store,
         notify: Option<&NotifyQueue>,
         tracker: &TaskTracker,
@@ -81,6 +82,7 @@ impl Pipeline {
         let (tx, rx) = mpsc::channel(capacity);
         let control = WorkerControl { drain: CancellationToken::new(), abort: CancellationToken::new() };
         let rx = Arc::new(Mutex::new(rx));
+        let group_commit = Arc::new(worker::GroupCommit::new(group_commit));
         for index in 0..config.count {
             tracker.spawn(worker::run(
                 index,
@@ -89,6 +91,7 @@ impl Pipeline {
                 config.clone(),
                 control.clone(),
                 notify.cloned(),
+                group_commit.clone(),
             ));
         }
         crate::metrics::record_queue_capacity(capacity);

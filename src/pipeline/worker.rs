@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn, Instrument};
 
@@ -26,6 +28,36 @@ pub struct WorkerControl {
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(20);
 
+/// Group commit, shared by the workers. When enabled, the worker collecting a batch writes it as soon as
+/// no other batch is being written, and lingers (up to `batch_linger_ms`) only while one is: a lone event
+/// waits for nothing, and under load each batch gathers what arrived during the write before it.
+#[derive(Debug)]
+pub(super) struct GroupCommit {
+    enabled: bool,
+    /// Batches being written right now.
+    writing: AtomicUsize,
+    finished: Notify,
+}
+
+impl GroupCommit {
+    pub(super) fn new(enabled: bool) -> Self {
+        Self { enabled, writing: AtomicUsize::new(0), finished: Notify::new() }
+    }
+
+    fn start(&self) {
+        self.writing.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finish(&self) {
+        self.writing.fetch_sub(1, Ordering::AcqRel);
+        self.finished.notify_waiters();
+    }
+
+    fn idle(&self) -> bool {
+        self.enabled && self.writing.load(Ordering::Acquire) == 0
+    }
+}
+
 pub(super) async fn run(
     index: usize,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
@@ -33,6 +65,7 @@ pub(super) async fn run(
     config: WorkersConfig,
     control: WorkerControl,
     notify: Option<NotifyQueue>,
+    group_commit: Arc<GroupCommit>,
 ) {
     let linger = Duration::from_millis(config.batch_linger_ms);
     let mut batch: Vec<Job> = Vec::with_capacity(config.batch_max);
@@ -59,17 +92,30 @@ pub(super) async fn run(
             if !linger.is_zero() && batch.len() < config.batch_max && !control.drain.is_cancelled() {
                 let deadline = tokio::time::Instant::now() + linger;
                 while batch.len() < config.batch_max {
+                    // Registered before the count is read, so a batch finishing in between still wakes us.
+                    let finished = group_commit.finished.notified();
+                    tokio::pin!(finished);
+                    finished.as_mut().enable();
+                    if group_commit.idle() {
+                        break;
+                    }
                     let room = config.batch_max - batch.len();
-                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                        Ok(n) if n > 0 => {}
-                        _ => break,
+                    tokio::select! {
+                        received = tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)) => {
+                            if !matches!(received, Ok(n) if n > 0) {
+                                break;
+                            }
+                        }
+                        () = &mut finished, if group_commit.enabled => {}
                     }
                 }
             }
             crate::metrics::record_queue_depth(rx.len());
         }
         let span = tracing::debug_span!("batch", worker = index, batch_size = batch.len());
+        group_commit.start();
         write_batch(&store, &mut batch, &config, &control, notify.as_ref()).instrument(span).await;
+        group_commit.finish();
         batch.clear();
     }
 }

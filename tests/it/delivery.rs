@@ -126,3 +126,32 @@ async fn enqueue_mode_answers_queued_and_still_stores() {
     gateway.stop().await;
     assert!(db.body_of("stripe", &id).await.is_some());
 }
+
+/// Group commit (`linger_until_idle`): a batch is written as soon as no other batch is being written, so
+/// with a 30 s linger a lone event, and then 100 events sent at once (collected while the batch before
+/// them is written, and written when it finishes), are all acknowledged long before any linger ends.
+#[tokio::test]
+async fn with_linger_until_idle_no_batch_waits_out_the_linger() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.workers.batch_linger_ms = 30_000;
+    config.workers.linger_until_idle = Some(true);
+    config.server.request_timeout_ms = 60_000;
+    let gateway = Gateway::start(config).await;
+    let url = gateway.url("stripe");
+    let well_before_the_linger = std::time::Duration::from_secs(10);
+
+    let lone = tokio::time::timeout(well_before_the_linger, post_stripe_with(&client(), &url, &unique("evt"))).await;
+    assert_eq!(lone.expect("the lone event is written at once").status, 202);
+
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let url = url.clone();
+        senders.spawn(async move { post_stripe_with(&client(), &url, &unique("evt")).await.status });
+    }
+    let statuses = tokio::time::timeout(well_before_the_linger, senders.join_all()).await;
+    let statuses = statuses.expect("every batch is written when the one before it finishes");
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    assert_eq!(db.count().await, 101);
+    gateway.stop().await;
+}
