@@ -1,11 +1,11 @@
-//! A batching worker: collect up to `batch_max` jobs (or what arrives within the linger), dedupe, write
-//! in one round trip, then resolve every ack. Transient database errors are retried with capped backoff.
+//! A batching worker: collect up to `batch_max` jobs (what arrives within the linger, or with group commit
+//! until no other batch is being written), dedupe, write in one round trip, then resolve every ack.
+//! Transient database errors are retried with capped backoff.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
@@ -111,9 +111,11 @@ pub(super) async fn run(
                 }
             }
             crate::metrics::record_queue_depth(rx.len());
+            // Counted before the lock is released: the next collector must not find the database idle
+            // in between and write a second batch beside this one.
+            group_commit.start();
         }
         let span = tracing::debug_span!("batch", worker = index, batch_size = batch.len());
-        group_commit.start();
         write_batch(&store, &mut batch, &config, &control, notify.as_ref()).instrument(span).await;
         group_commit.finish();
         batch.clear();
