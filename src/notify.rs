@@ -263,21 +263,21 @@ impl Notifier {
     async fn check_persistence(&self) -> bool {
         let persistence = self.redis_persistence().await;
         match &persistence {
-            RedisPersistence::Durable => {}
-            RedisPersistence::Weaker(settings) => warn!(
-                redis = %settings,
-                "Redis can lose acknowledged stream entries on a crash, after hookgate has deleted them from the \
-                 outbox; run it with appendonly yes and appendfsync always (`hookgate replay --since` republishes \
-                 from Postgres)"
-            ),
+            RedisPersistence::Durable => crate::metrics::record_notify_redis_durable(true),
+            RedisPersistence::Weaker(settings) => {
+                crate::metrics::record_notify_redis_durable(false);
+                warn!(
+                    redis = %settings,
+                    "Redis can lose acknowledged stream entries on a crash, after hookgate has deleted them from \
+                     the outbox; run it with appendonly yes and appendfsync always (`hookgate replay --since` \
+                     republishes from Postgres)"
+                );
+            }
             RedisPersistence::Unknown if self.ping().await => {
                 // Redis answers but refuses CONFIG (as some managed services do): asking again tells no more.
                 debug!("Redis refuses CONFIG GET append*; cannot tell whether it keeps what it acknowledges");
             }
             RedisPersistence::Unknown => return false,
-        }
-        if persistence != RedisPersistence::Unknown {
-            crate::metrics::record_notify_redis_durable(persistence == RedisPersistence::Durable);
         }
         *self.persistence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(persistence);
         true

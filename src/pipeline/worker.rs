@@ -92,10 +92,13 @@ pub(super) async fn run(
             if !linger.is_zero() && batch.len() < config.batch_max && !control.drain.is_cancelled() {
                 let deadline = tokio::time::Instant::now() + linger;
                 while batch.len() < config.batch_max {
-                    // Registered before the count is read, so a batch finishing in between still wakes us.
+                    // Registered before the count is read, so a batch finishing in between still wakes us
+                    // (only with group commit: a fixed linger has no use for the wake-up).
                     let finished = group_commit.finished.notified();
                     tokio::pin!(finished);
-                    finished.as_mut().enable();
+                    if group_commit.enabled {
+                        finished.as_mut().enable();
+                    }
                     if group_commit.idle() {
                         break;
                     }
