@@ -75,6 +75,9 @@ if [ "${TUNE_HOST:-1}" != 0 ] && [ -w /proc/sys/vm/dirty_background_bytes ]; the
 fi
 trap restore_host EXIT
 eval "$(deploy/services.sh start)"
+# The tests' databases share this cluster; hundreds of them slow autovacuum's launcher, and a vacuum of
+# events that starts late never catches up at these rates (see deploy/services.sh).
+deploy/services.sh drop-test-databases
 PG="psql -h 127.0.0.1 -p ${HOOKGATE_PG_PORT:-54329} -U postgres -q"
 L=target/release/hookgate-load
 G=target/release/hookgate
