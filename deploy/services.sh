@@ -114,12 +114,17 @@ start_postgres() {
   fi
   local i
   for i in $(seq 1 50); do
-    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break
+    admin_psql -Atqc 'select 1' >/dev/null 2>&1 && break
     sleep 0.2
   done
-  if [ "$(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]; then
-    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "create database $PG_DB" >/dev/null
+  if [ "$(admin_psql -Atqc "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]; then
+    admin_psql -qc "create database $PG_DB" >/dev/null
   fi
+}
+
+# psql as the superuser, on the maintenance database of the local cluster.
+admin_psql() {
+  psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres "$@"
 }
 
 stop_postgres() {
@@ -171,9 +176,9 @@ ENV
 # with ~420 of them the first vacuum of a fresh events table came 46 s into a 20,000/s run instead of ~5 s;
 # from then on each round re-read and rewrote every page it visited (see README "Stalls found and removed").
 drop_test_databases() {
-  local url="postgres://postgres@127.0.0.1:$PG_PORT/postgres" n=0 db
-  for db in $(psql "$url" -Atqc "select datname from pg_database where datname like 'hg\_it\_%' or datname like 'hg\_e2e\_%'"); do
-    psql "$url" -qc "drop database if exists \"$db\" with (force)" >/dev/null
+  local n=0 db
+  for db in $(admin_psql -Atqc "select datname from pg_database where datname like 'hg\_it\_%' or datname like 'hg\_e2e\_%'"); do
+    admin_psql -qc "drop database if exists \"$db\" with (force)" >/dev/null
     n=$((n + 1))
   done
   echo "services.sh: dropped $n test databases" >&2
