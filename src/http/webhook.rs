@@ -18,6 +18,8 @@ use crate::pipeline::{Outcome, Pipeline, StoreFailed, SubmitError};
 use crate::store::NewEvent;
 
 pub const WEBHOOK_PREFIX: &str = "/webhooks/";
+/// Most memory reserved for a body before its bytes arrive.
+const PREALLOCATE_MAX: usize = 64 * 1024;
 
 /// What every webhook request needs, shared by all connections.
 #[derive(Debug)]
@@ -133,24 +135,114 @@ async fn receive(
 
 /// Reads the body up to `limit` bytes by `deadline`. A declared or streamed length past the limit is refused
 /// as soon as it is known, without reading the rest.
-async fn read_body(
+async fn read_body<B>(
     content_length: Option<&http::HeaderValue>,
-    body: Incoming,
+    body: B,
     limit: usize,
     deadline: Instant,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let declared = content_length.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+    // Capacity for the declared length, up to a bound: a client that declares a large body and then sends
+    // nothing must not reserve memory it has not sent.
+    let expected = declared.map_or(0, |n| n as usize).min(PREALLOCATE_MAX);
+    match tokio::time::timeout_at(deadline, collect_owned(Limited::new(body, limit), expected)).await {
         Err(_elapsed) => Err(ApiError::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Ok(body)) => Ok(body),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
         Ok(Err(e)) => Err(ApiError::BodyRead(e)),
     }
 }
 
+/// Copies the body's chunks into one buffer of its own.
+///
+/// hyper hands out each chunk as a slice of the connection's read buffer, and a slice keeps that whole
+/// buffer alive. The body outlives the request (the worker's batch, then the notifier's queue), so in
+/// enqueue mode at 32,000/s the retained slices held the gateway's RSS at 269-312 MiB (three 30 s runs);
+/// with a copy of 1 KiB per request, 97-110 MiB. A copy also leaves the read buffer free for reuse.
+async fn collect_owned<B>(body: B, expected: usize) -> Result<Bytes, B::Error>
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut owned = Vec::with_capacity(expected);
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame?.into_data() {
+            owned.extend_from_slice(&chunk);
+        }
+    }
+    Ok(Bytes::from(owned))
+}
+
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves one connection whose handler runs `read_body` (limit 4 KiB) and hands its result back.
+    async fn read_over_http(request: &[u8]) -> Result<Bytes, &'static str> {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let tx = tx.lock().ok().and_then(|mut tx| tx.take());
+            async move {
+                let (parts, body) = request.into_parts();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let read = read_body(parts.headers.get(header::CONTENT_LENGTH), body, 4096, deadline).await;
+                if let Some(tx) = tx {
+                    let _ = tx.send(read.map_err(|e| e.kind()));
+                }
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        });
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), service);
+        let served = tokio::spawn(connection);
+        client.write_all(request).await.unwrap();
+        let read = rx.await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        let _ = served.await;
+        read
+    }
+
+    #[tokio::test]
+    async fn a_body_owns_its_memory_and_keeps_no_connection_buffer_alive() {
+        let mut request = b"POST /webhooks/stripe HTTP/1.1\r\nhost: t\r\ncontent-length: 1024\r\n\r\n".to_vec();
+        request.extend(std::iter::repeat_n(b'x', 1024));
+        let body = read_over_http(&request).await.unwrap();
+        assert_eq!(body.len(), 1024);
+        // A slice of hyper's read buffer keeps the whole buffer (8 KiB or more) alive: the body must own
+        // exactly its own bytes, and nothing else may share them.
+        let owned = body.try_into_mut().expect("the body shares its memory with the connection");
+        assert_eq!(owned.capacity(), 1024, "the body keeps a larger buffer alive");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_joined_in_order_and_its_limit_holds() {
+        let request = b"POST /webhooks/stripe HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n\
+            5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n";
+        assert_eq!(read_over_http(request).await.unwrap(), Bytes::from_static(b"hello world"));
+
+        let mut too_long = b"POST /webhooks/stripe HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..5 {
+            too_long.extend_from_slice(b"400\r\n");
+            too_long.extend(std::iter::repeat_n(b'x', 1024));
+            too_long.extend_from_slice(b"\r\n");
+        }
+        too_long.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(read_over_http(&too_long).await, Err(ApiError::PayloadTooLarge { limit: 4096 }.kind()));
+    }
 }
