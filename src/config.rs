@@ -85,6 +85,8 @@ pub enum AckMode {
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub capacity: usize,
+    /// MiB of request bodies held in memory at once (see `pipeline::memory`).
+    pub body_memory_mb: usize,
     pub ack_mode: AckMode,
     pub high_water_ratio: f64,
     pub retry_after_s: u32,
@@ -246,6 +248,7 @@ impl Config {
             ("server.request_timeout_ms", self.server.request_timeout_ms),
             ("server.http2_max_concurrent_streams", u64::from(self.server.http2_max_concurrent_streams)),
             ("queue.capacity", self.queue.capacity as u64),
+            ("queue.body_memory_mb", self.queue.body_memory_mb as u64),
             ("queue.retry_after_s", u64::from(self.queue.retry_after_s)),
             ("workers.count", self.workers.count as u64),
             ("workers.batch_max", self.workers.batch_max as u64),
@@ -303,6 +306,15 @@ impl Config {
             }
             if source.max_body_bytes == 0 {
                 return Err(invalid(format!("sources.{name}.max_body_bytes"), "must be greater than 0"));
+            }
+            if source.max_body_bytes > self.queue.body_memory_mb.saturating_mul(1024 * 1024) {
+                return Err(invalid(
+                    format!("sources.{name}.max_body_bytes"),
+                    format!(
+                        "must fit in queue.body_memory_mb ({} MiB), or its largest bodies could never be accepted",
+                        self.queue.body_memory_mb
+                    ),
+                ));
             }
         }
         Ok(())
@@ -432,6 +444,12 @@ mod tests {
         assert!(err.contains("sources.Bad"), "{err}");
         let err = Config::from_toml("[sources.s]\nscheme='paypal'\nsecret_env='X'").unwrap_err().to_string();
         assert!(err.contains("scheme"), "{err}");
+        let err = Config::from_toml(
+            "[queue]\nbody_memory_mb = 1\n[sources.s]\nscheme='stripe'\nsecret_env='X'\nmax_body_bytes = 2000000",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.s.max_body_bytes") && err.contains("body_memory_mb"), "{err}");
     }
 
     #[test]

@@ -113,8 +113,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let workers = TaskTracker::new();
     let (pipeline, control) = Pipeline::start(
-        config.queue.capacity,
-        config.queue.high_water_ratio,
+        &config.queue,
         &config.workers,
         config.linger_until_idle(),
         &store,

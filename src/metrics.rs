@@ -14,6 +14,8 @@ pub const SIGNATURE_FAILURES: &str = "hookgate_signature_failures_total";
 pub const EVENTS: &str = "hookgate_events_total";
 pub const QUEUE_DEPTH: &str = "hookgate_queue_depth";
 pub const QUEUE_CAPACITY: &str = "hookgate_queue_capacity";
+pub const BODY_MEMORY: &str = "hookgate_body_memory_bytes";
+pub const BODY_MEMORY_LIMIT: &str = "hookgate_body_memory_limit_bytes";
 pub const QUEUE_REJECTIONS: &str = "hookgate_queue_rejections_total";
 pub const BATCH_SIZE: &str = "hookgate_batch_size";
 pub const STORE_COMMIT_DURATION: &str = "hookgate_store_commit_duration_seconds";
@@ -57,6 +59,12 @@ fn describe() {
     describe_counter!(EVENTS, "Events written to Postgres, by source and outcome (inserted or duplicate).");
     describe_gauge!(QUEUE_DEPTH, "Events accepted and waiting for a worker.");
     describe_gauge!(QUEUE_CAPACITY, "Capacity of the event queue.");
+    describe_gauge!(
+        BODY_MEMORY,
+        Unit::Bytes,
+        "Request bodies held in memory (being read, queued, being written, waiting for the notifier)."
+    );
+    describe_gauge!(BODY_MEMORY_LIMIT, Unit::Bytes, "Most request body bytes held at once (queue.body_memory_mb).");
     describe_counter!(QUEUE_REJECTIONS, "Requests answered 503 before queueing, by reason.");
     describe_histogram!(BATCH_SIZE, "Events per batch written by a worker.");
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Duration of one batch insert and commit.");
@@ -93,7 +101,7 @@ pub fn init_series(sources: &[&str]) {
             counter!(NOTIFY_PUBLISHED, "source" => source.to_string(), "path" => path).increment(0);
         }
     }
-    for reason in ["queue_full", "shutting_down"] {
+    for reason in ["queue_full", "body_memory_full", "shutting_down"] {
         counter!(QUEUE_REJECTIONS, "reason" => reason).increment(0);
     }
     for kind in ["transient", "rejected", "aborted"] {
@@ -136,6 +144,11 @@ pub fn record_events(source: &str, outcome: &'static str, count: u64) {
 
 pub fn record_queue_depth(depth: usize) {
     gauge!(QUEUE_DEPTH).set(depth as f64);
+}
+
+pub fn record_body_memory(used: usize, limit: usize) {
+    gauge!(BODY_MEMORY).set(used as f64);
+    gauge!(BODY_MEMORY_LIMIT).set(limit as f64);
 }
 
 pub fn record_queue_capacity(capacity: usize) {

@@ -74,6 +74,8 @@ async fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full
     match request.uri().path() {
         "/metrics" => {
             crate::metrics::record_queue_depth(state.pipeline.depth());
+            let memory = state.pipeline.body_memory();
+            crate::metrics::record_body_memory(memory.used(), memory.limit());
             let text = state.prometheus.render();
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
@@ -104,6 +106,7 @@ async fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         "database": database,
         "queue": queue,
         "queue_depth": state.pipeline.depth(),
+        "body_memory_bytes": state.pipeline.body_memory().used(),
         "shutting_down": shutting_down,
     });
     json_response(Response::builder().status(status), &body)

@@ -28,6 +28,8 @@ pub enum ApiError {
     Event(#[from] EventError),
     #[error("the queue is full; retry later")]
     QueueFull,
+    #[error("the gateway holds its limit of request bodies in memory; retry later")]
+    BodyMemoryFull,
     #[error("the gateway is shutting down; retry later")]
     ShuttingDown,
     #[error("the event could not be stored in time; retry later")]
@@ -45,9 +47,11 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::BodyRead(_) | ApiError::Event(_) => StatusCode::BAD_REQUEST,
             ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
-            ApiError::QueueFull | ApiError::ShuttingDown | ApiError::StoreTimeout | ApiError::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::QueueFull
+            | ApiError::BodyMemoryFull
+            | ApiError::ShuttingDown
+            | ApiError::StoreTimeout
+            | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -63,6 +67,7 @@ impl ApiError {
             ApiError::Signature(e) => e.kind(),
             ApiError::Event(_) => "invalid_event",
             ApiError::QueueFull => "queue_full",
+            ApiError::BodyMemoryFull => "body_memory_full",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::StoreTimeout => "store_timeout",
             ApiError::StoreUnavailable => "store_unavailable",

@@ -14,7 +14,8 @@ use tracing::{debug, Instrument};
 use super::error::ApiError;
 use crate::config::{AckMode, Source};
 use crate::event;
-use crate::pipeline::{Outcome, Pipeline, StoreFailed, SubmitError};
+use crate::pipeline::memory::OverBudget;
+use crate::pipeline::{BodyMemory, Outcome, Pipeline, StoreFailed, SubmitError};
 use crate::store::NewEvent;
 
 pub const WEBHOOK_PREFIX: &str = "/webhooks/";
@@ -79,7 +80,14 @@ async fn receive(
     }
     let deadline = started + state.request_timeout;
     let (parts, body) = request.into_parts();
-    let body = read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, deadline).await?;
+    let memory = state.pipeline.body_memory();
+    let body = read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline)
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ApiError::BodyMemoryFull) {
+                crate::metrics::record_queue_rejection("body_memory_full");
+            }
+        })?;
 
     let now = unix_now();
     if let Err(e) = source.verifier.verify(&parts.headers, &body, now) {
@@ -133,12 +141,13 @@ async fn receive(
     .await
 }
 
-/// Reads the body up to `limit` bytes by `deadline`. A declared or streamed length past the limit is refused
-/// as soon as it is known, without reading the rest.
+/// Reads the body up to `limit` bytes by `deadline`, within the `memory` budget. A declared or streamed length
+/// past the limit, or past what the budget has left, is refused as soon as it is known, without reading the rest.
 async fn read_body<B>(
     content_length: Option<&http::HeaderValue>,
     body: B,
     limit: usize,
+    memory: &BodyMemory,
     deadline: Instant,
 ) -> Result<Bytes, ApiError>
 where
@@ -152,32 +161,44 @@ where
     // Capacity for the declared length, up to a bound: a client that declares a large body and then sends
     // nothing must not reserve memory it has not sent.
     let expected = declared.map_or(0, |n| n as usize).min(PREALLOCATE_MAX);
-    match tokio::time::timeout_at(deadline, collect_owned(Limited::new(body, limit), expected)).await {
+    match tokio::time::timeout_at(deadline, collect_owned(Limited::new(body, limit), expected, memory)).await {
         Err(_elapsed) => Err(ApiError::BodyTimeout),
         Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
-        Ok(Err(e)) => Err(ApiError::BodyRead(e)),
+        Ok(Err(ReadError::OverBudget(_))) => Err(ApiError::BodyMemoryFull),
+        Ok(Err(ReadError::Body(e))) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Ok(Err(ReadError::Body(e))) => Err(ApiError::BodyRead(e)),
     }
 }
 
-/// Copies the body's chunks into one buffer of its own.
+enum ReadError<E> {
+    Body(E),
+    OverBudget(OverBudget),
+}
+
+/// Copies the body's chunks into one buffer of its own, reserving its capacity from `memory` as it grows.
 ///
 /// hyper hands out each chunk as a slice of the connection's read buffer, and a slice keeps that whole
 /// buffer alive. The body outlives the request (the worker's batch, then the notifier's queue), so in
-/// enqueue mode at 32,000/s the retained slices held the gateway's RSS at 269-312 MiB (three 30 s runs);
-/// with a copy of 1 KiB per request, 97-110 MiB. A copy also leaves the read buffer free for reuse.
-async fn collect_owned<B>(body: B, expected: usize) -> Result<Bytes, B::Error>
+/// enqueue mode at 32,000/s the retained slices held the gateway's RSS at 121-346 MiB (six 30 s runs);
+/// with a copy of 1 KiB per request, 75-110 MiB. A copy also leaves the read buffer free for reuse.
+async fn collect_owned<B>(body: B, expected: usize, memory: &BodyMemory) -> Result<Bytes, ReadError<B::Error>>
 where
     B: hyper::body::Body<Data = Bytes>,
 {
+    let mut reservation = memory.reservation();
+    reservation.grow_to(expected).map_err(ReadError::OverBudget)?;
     let mut body = std::pin::pin!(body);
     let mut owned = Vec::with_capacity(expected);
     while let Some(frame) = body.frame().await {
-        if let Ok(chunk) = frame?.into_data() {
+        if let Ok(chunk) = frame.map_err(ReadError::Body)?.into_data() {
+            owned.reserve(chunk.len());
+            reservation.grow_to(owned.capacity()).map_err(ReadError::OverBudget)?;
             owned.extend_from_slice(&chunk);
         }
     }
-    Ok(Bytes::from(owned))
+    Ok(reservation.into_body(owned))
 }
 
 fn unix_now() -> i64 {
@@ -190,17 +211,24 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Serves one connection whose handler runs `read_body` (limit 4 KiB) and hands its result back.
+    /// Serves one connection whose handler runs `read_body` (limit 4 KiB, a 1 MiB budget) and hands its
+    /// result back.
     async fn read_over_http(request: &[u8]) -> Result<Bytes, &'static str> {
+        read_within(request, &BodyMemory::new(1024 * 1024)).await
+    }
+
+    async fn read_within(request: &[u8], memory: &BodyMemory) -> Result<Bytes, &'static str> {
+        let memory = memory.clone();
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tx = std::sync::Mutex::new(Some(tx));
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let tx = tx.lock().ok().and_then(|mut tx| tx.take());
+            let memory = memory.clone();
             async move {
                 let (parts, body) = request.into_parts();
                 let deadline = Instant::now() + Duration::from_secs(5);
-                let read = read_body(parts.headers.get(header::CONTENT_LENGTH), body, 4096, deadline).await;
+                let read = read_body(parts.headers.get(header::CONTENT_LENGTH), body, 4096, &memory, deadline).await;
                 if let Some(tx) = tx {
                     let _ = tx.send(read.map_err(|e| e.kind()));
                 }
@@ -219,15 +247,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_owns_its_memory_and_keeps_no_connection_buffer_alive() {
+    async fn a_body_owns_exactly_its_bytes_and_keeps_no_connection_buffer_alive() {
         let mut request = b"POST /webhooks/stripe HTTP/1.1\r\nhost: t\r\ncontent-length: 1024\r\n\r\n".to_vec();
         request.extend(std::iter::repeat_n(b'x', 1024));
-        let body = read_over_http(&request).await.unwrap();
+        let memory = BodyMemory::new(1024 * 1024);
+        let body = read_within(&request, &memory).await.unwrap();
         assert_eq!(body.len(), 1024);
-        // A slice of hyper's read buffer keeps the whole buffer (8 KiB or more) alive: the body must own
-        // exactly its own bytes, and nothing else may share them.
-        let owned = body.try_into_mut().expect("the body shares its memory with the connection");
-        assert_eq!(owned.capacity(), 1024, "the body keeps a larger buffer alive");
+        // A slice of hyper's read buffer would keep the whole buffer (8,127 bytes here) alive and be counted
+        // nowhere: the body must be a buffer of its own, of exactly its length, held against the budget.
+        assert_eq!(memory.used(), 1024, "the body is not a budgeted buffer of its own length");
+        drop(body);
+        assert_eq!(memory.used(), 0);
     }
 
     #[tokio::test]
@@ -244,5 +274,32 @@ mod tests {
         }
         too_long.extend_from_slice(b"0\r\n\r\n");
         assert_eq!(read_over_http(&too_long).await, Err(ApiError::PayloadTooLarge { limit: 4096 }.kind()));
+    }
+
+    #[tokio::test]
+    async fn bodies_are_held_against_the_budget_until_dropped_and_refused_past_it() {
+        let memory = BodyMemory::new(2048);
+        let request = |len: usize| {
+            let mut request =
+                format!("POST /webhooks/stripe HTTP/1.1\r\nhost: t\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+            request.extend(std::iter::repeat_n(b'x', len));
+            request
+        };
+        let first = read_within(&request(1500), &memory).await.unwrap();
+        assert_eq!(memory.used(), 1500, "a body read is held against the budget");
+        let refused = read_within(&request(1000), &memory).await;
+        assert_eq!(refused, Err("body_memory_full"));
+        assert_eq!(memory.used(), 1500, "a refused body gives back what it took");
+        // A chunked body is refused as soon as it would cross the budget.
+        let chunked = b"POST /webhooks/stripe HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n\
+            3e8\r\n";
+        let mut chunked = chunked.to_vec();
+        chunked.extend(std::iter::repeat_n(b'x', 1000));
+        chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert_eq!(read_within(&chunked, &memory).await, Err("body_memory_full"));
+        drop(first);
+        assert_eq!(memory.used(), 0);
+        let second = read_within(&request(1000), &memory).await.unwrap();
+        assert_eq!((second.len(), memory.used()), (1000, 1000), "room again once the first body is gone");
     }
 }

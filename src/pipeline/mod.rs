@@ -4,6 +4,7 @@
 //! buffer). In durable mode the job carries a oneshot sender that a worker resolves after the batch holding
 //! the event has committed.
 
+pub mod memory;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,10 +14,11 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::WorkersConfig;
+use crate::config::{QueueConfig, WorkersConfig};
 use crate::notify::NotifyQueue;
 use crate::store::{NewEvent, Store};
 
+pub use memory::BodyMemory;
 pub use worker::WorkerControl;
 
 /// What became of an event once its batch committed.
@@ -65,20 +67,23 @@ pub struct Pipeline {
     tx: mpsc::Sender<Job>,
     capacity: usize,
     high_water: usize,
+    /// The same ratio of the body memory budget.
+    memory_high_water: usize,
     closed: Arc<AtomicBool>,
+    body_memory: BodyMemory,
 }
 
 impl Pipeline {
     /// Creates the queue and starts `config.count` workers on `tracker`, with group commit or a fixed linger.
     pub fn start(
-        capacity: usize,
-        high_water_ratio: f64,
+        queue: &QueueConfig,
         config: &WorkersConfig,
         group_commit: bool,
         store: &Store,
         notify: Option<&NotifyQueue>,
         tracker: &TaskTracker,
     ) -> (Self, WorkerControl) {
+        let capacity = queue.capacity;
         let (tx, rx) = mpsc::channel(capacity);
         let control = WorkerControl { drain: CancellationToken::new(), abort: CancellationToken::new() };
         let rx = Arc::new(Mutex::new(rx));
@@ -95,8 +100,12 @@ impl Pipeline {
             ));
         }
         crate::metrics::record_queue_capacity(capacity);
-        let high_water = ((capacity as f64 * high_water_ratio).ceil() as usize).clamp(1, capacity);
-        (Self { tx, capacity, high_water, closed: Arc::new(AtomicBool::new(false)) }, control)
+        let high_water = ((capacity as f64 * queue.high_water_ratio).ceil() as usize).clamp(1, capacity);
+        let body_memory = BodyMemory::new(queue.body_memory_mb.saturating_mul(1024 * 1024));
+        let memory_high_water = (body_memory.limit() as f64 * queue.high_water_ratio).ceil() as usize;
+        crate::metrics::record_body_memory(0, body_memory.limit());
+        let closed = Arc::new(AtomicBool::new(false));
+        (Self { tx, capacity, high_water, memory_high_water, closed, body_memory }, control)
     }
 
     /// Queues an event without waiting. With `want_ack`, returns the receiver of its outcome.
@@ -122,12 +131,18 @@ impl Pipeline {
         self.closed.store(true, Ordering::Release);
     }
 
+    /// The budget every body is read into.
+    pub fn body_memory(&self) -> &BodyMemory {
+        &self.body_memory
+    }
+
     pub fn depth(&self) -> usize {
         self.capacity - self.tx.capacity()
     }
 
-    /// Above the high-water mark the gateway reports itself not ready, so a load balancer sends elsewhere.
+    /// Above the high-water mark (of the queue's slots or of the body memory budget) the gateway reports
+    /// itself not ready, so a load balancer sends elsewhere.
     pub fn saturated(&self) -> bool {
-        self.depth() >= self.high_water
+        self.depth() >= self.high_water || self.body_memory.used() >= self.memory_high_water
     }
 }

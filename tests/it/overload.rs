@@ -86,3 +86,72 @@ async fn a_store_slower_than_the_request_deadline_answers_503_and_the_retry_is_a
     assert_eq!((retry.status, retry.json["status"].as_str()), (202, Some("duplicate")));
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_the_store_resumes() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    // The queue's 8,192 slots are not the limit here: the body memory budget is.
+    config.queue.body_memory_mb = 1;
+    config.server.request_timeout_ms = 20_000;
+    let gateway = Gateway::start(config).await;
+    assert_eq!(post_stripe(&client(), &gateway, &unique("warm")).await.status, 202);
+
+    let mut locker = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut tx = locker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
+
+    // 60 KB bodies (each read into a buffer of exactly its length): 17 fit in the 1 MiB budget.
+    let padding = "x".repeat(60_000);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (url, padding) = (gateway.url("stripe"), padding.clone());
+        set.spawn(async move {
+            let id = unique("evt_big");
+            let body = format!(r#"{{"id":"{id}","object":"event","type":"invoice.paid","pad":"{padding}"}}"#);
+            (id.clone(), post(&client(), &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ready = format!("http://{}/readyz", gateway.admin);
+    let held_while_paused = body_memory(&ready).await;
+    tx.rollback().await.expect("unlock");
+
+    let (mut acknowledged, mut refused) = (Vec::new(), 0);
+    while let Some(result) = set.join_next().await {
+        let (id, answer) = result.expect("task");
+        match answer.status {
+            202 => acknowledged.push(id),
+            503 => {
+                refused += 1;
+                assert!(answer.headers.contains_key("retry-after"), "{answer:?}");
+                assert_eq!(answer.kind(), "body_memory_full", "{answer:?}");
+            }
+            other => panic!("unexpected status {other}: {answer:?}"),
+        }
+    }
+    assert!(refused > 0 && !acknowledged.is_empty(), "{} acknowledged, {refused} refused", acknowledged.len());
+    let (held, saturated) = held_while_paused;
+    assert!(held > 0 && held <= 1024 * 1024, "bodies held while the store was paused: {held}");
+    assert!(saturated, "a budget over its high-water mark reports the gateway not ready ({held} bytes held)");
+    let stored = db.stored_ids().await;
+    for id in &acknowledged {
+        assert!(stored.contains(id), "acknowledged {id} is not stored");
+    }
+    // Written and published, every body is given back.
+    let released = eventually(Duration::from_secs(10), || async { body_memory(&ready).await == (0, false) });
+    assert!(released.await, "body memory is not given back once the events are stored");
+    let metrics = get_text(&client(), &format!("http://{}/metrics", gateway.admin)).await.1;
+    let series = r#"hookgate_queue_rejections_total{reason="body_memory_full"}"#;
+    // The recorder is shared by the test binary's gateways; only this test fills a body budget.
+    let counted = crate::notify::metric_value(&metrics, series);
+    assert!((counted - f64::from(refused)).abs() < 0.5, "{counted} rejections counted, {refused} seen");
+    gateway.stop().await;
+}
+
+/// The body memory a gateway holds, and whether it reports itself saturated, from its /readyz.
+async fn body_memory(ready_url: &str) -> (u64, bool) {
+    let (_, text) = get_text(&client(), ready_url).await;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    (json["body_memory_bytes"].as_u64().unwrap_or(u64::MAX), json["queue"] == "saturated")
+}
