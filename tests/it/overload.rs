@@ -1,8 +1,6 @@
-//! A paused store and a tiny queue: the gateway refuses with 503 + Retry-After, and every 202 is stored.
+//! A paused store and a tiny queue or body memory budget: the gateway refuses with 503 + Retry-After, and every 202 is stored.
 
 use std::time::Duration;
-
-use sqlx::Connection as _;
 
 use crate::support::*;
 
@@ -20,10 +18,7 @@ async fn full_queue_answers_503_and_every_202_is_stored_once_the_store_resumes()
     // One delivery first, so the table exists and the worker's connection is warm.
     assert_eq!(post_stripe(&client(), &gateway, &unique("warm")).await.status, 202);
 
-    // Pause the store: hold an exclusive lock on the table in an open transaction.
-    let mut locker = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let mut tx = locker.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
+    let pause = pause_store(&db).await;
 
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..40 {
@@ -36,27 +31,12 @@ async fn full_queue_answers_503_and_every_202_is_stored_once_the_store_resumes()
     }
     // Give every request time to reach the queue (or be refused), then resume the store.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    tx.rollback().await.expect("unlock");
+    pause.rollback().await.expect("unlock");
 
-    let (mut acknowledged, mut refused) = (Vec::new(), 0);
-    while let Some(result) = set.join_next().await {
-        let (id, answer) = result.expect("task");
-        match answer.status {
-            202 => acknowledged.push(id),
-            503 => {
-                refused += 1;
-                assert_eq!(answer.headers["retry-after"], "7");
-                assert_eq!(answer.kind(), "queue_full", "{answer:?}");
-            }
-            other => panic!("unexpected status {other}: {answer:?}"),
-        }
-    }
+    let (acknowledged, refused) = sort_answers(set, "queue_full", "7").await;
     assert!(refused > 0, "a 4-slot queue behind a locked table must refuse some of 40 requests");
     assert!(!acknowledged.is_empty(), "the queued requests complete once the lock is released");
-    let stored = db.stored_ids().await;
-    for id in &acknowledged {
-        assert!(stored.contains(id), "acknowledged {id} is not stored");
-    }
+    assert_all_stored(&db, &acknowledged).await;
     gateway.stop().await;
 }
 
@@ -69,16 +49,14 @@ async fn a_store_slower_than_the_request_deadline_answers_503_and_the_retry_is_a
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("warm")).await.status, 202);
 
-    let mut locker = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let mut tx = locker.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
+    let pause = pause_store(&db).await;
     let id = unique("evt");
     let body = stripe_event(&id);
     let headers = stripe_headers(body.as_bytes());
     let answer = post(&client, &gateway.url("stripe"), &headers, body.as_bytes()).await;
     assert_eq!((answer.status, answer.kind()), (503, "store_timeout"), "{answer:?}");
     assert!(answer.headers.contains_key("retry-after"));
-    tx.rollback().await.expect("unlock");
+    pause.rollback().await.expect("unlock");
 
     // The event was still written once the lock went away; the sender's retry is told it is a duplicate.
     assert!(eventually(Duration::from_secs(5), || async { db.body_of("stripe", &id).await.is_some() }).await);
@@ -97,9 +75,7 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     let gateway = Gateway::start(config).await;
     assert_eq!(post_stripe(&client(), &gateway, &unique("warm")).await.status, 202);
 
-    let mut locker = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let mut tx = locker.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
+    let pause = pause_store(&db).await;
 
     // 60 KB bodies (each read into a buffer of exactly its length): 17 fit in the 1 MiB budget.
     let padding = "x".repeat(60_000);
@@ -115,29 +91,14 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ready = format!("http://{}/readyz", gateway.admin);
     let held_while_paused = body_memory(&ready).await;
-    tx.rollback().await.expect("unlock");
+    pause.rollback().await.expect("unlock");
 
-    let (mut acknowledged, mut refused) = (Vec::new(), 0);
-    while let Some(result) = set.join_next().await {
-        let (id, answer) = result.expect("task");
-        match answer.status {
-            202 => acknowledged.push(id),
-            503 => {
-                refused += 1;
-                assert!(answer.headers.contains_key("retry-after"), "{answer:?}");
-                assert_eq!(answer.kind(), "body_memory_full", "{answer:?}");
-            }
-            other => panic!("unexpected status {other}: {answer:?}"),
-        }
-    }
+    let (acknowledged, refused) = sort_answers(set, "body_memory_full", "1").await;
     assert!(refused > 0 && !acknowledged.is_empty(), "{} acknowledged, {refused} refused", acknowledged.len());
     let (held, saturated) = held_while_paused;
     assert!(held > 0 && held <= 1024 * 1024, "bodies held while the store was paused: {held}");
     assert!(saturated, "a budget over its high-water mark reports the gateway not ready ({held} bytes held)");
-    let stored = db.stored_ids().await;
-    for id in &acknowledged {
-        assert!(stored.contains(id), "acknowledged {id} is not stored");
-    }
+    assert_all_stored(&db, &acknowledged).await;
     // Written and published, every body is given back.
     let released = eventually(Duration::from_secs(10), || async { body_memory(&ready).await == (0, false) });
     assert!(released.await, "body memory is not given back once the events are stored");
@@ -154,4 +115,42 @@ async fn body_memory(ready_url: &str) -> (u64, bool) {
     let (_, text) = get_text(&client(), ready_url).await;
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     (json["body_memory_bytes"].as_u64().unwrap_or(u64::MAX), json["queue"] == "saturated")
+}
+
+/// Pauses the store: an exclusive lock on the events table, held until the returned transaction ends.
+async fn pause_store(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
+    tx
+}
+
+/// Waits for every delivery; returns the ids answered 202 and the count of 503s, each of which must be of
+/// `kind` with `Retry-After: retry_after`. Any other answer fails the test.
+async fn sort_answers(
+    mut set: tokio::task::JoinSet<(String, Answer)>,
+    kind: &str,
+    retry_after: &str,
+) -> (Vec<String>, u32) {
+    let (mut acknowledged, mut refused) = (Vec::new(), 0);
+    while let Some(result) = set.join_next().await {
+        let (id, answer) = result.expect("task");
+        match answer.status {
+            202 => acknowledged.push(id),
+            503 => {
+                refused += 1;
+                let header = answer.headers.get("retry-after").and_then(|v| v.to_str().ok());
+                assert_eq!(header, Some(retry_after), "{answer:?}");
+                assert_eq!(answer.kind(), kind, "{answer:?}");
+            }
+            other => panic!("unexpected status {other}: {answer:?}"),
+        }
+    }
+    (acknowledged, refused)
+}
+
+async fn assert_all_stored(db: &TestDb, acknowledged: &[String]) {
+    let stored = db.stored_ids().await;
+    for id in acknowledged {
+        assert!(stored.contains(id), "acknowledged {id} is not stored");
+    }
 }
