@@ -172,6 +172,7 @@ where
     }
 }
 
+/// Why `collect_owned` stopped: the body itself failed (too long, cut off), or the budget is spent.
 enum ReadError<E> {
     Body(E),
     OverBudget(OverBudget),
@@ -193,8 +194,13 @@ where
     let mut owned = Vec::with_capacity(expected);
     while let Some(frame) = body.frame().await {
         if let Ok(chunk) = frame.map_err(ReadError::Body)?.into_data() {
-            owned.reserve(chunk.len());
-            reservation.grow_to(owned.capacity()).map_err(ReadError::OverBudget)?;
+            let needed = owned.len() + chunk.len();
+            if needed > owned.capacity() {
+                // Reserved before it is allocated; doubling keeps a body of many chunks to a few copies.
+                let capacity = needed.max(owned.capacity() * 2);
+                reservation.grow_to(capacity).map_err(ReadError::OverBudget)?;
+                owned.reserve_exact(capacity - owned.len());
+            }
             owned.extend_from_slice(&chunk);
         }
     }

@@ -1,4 +1,4 @@
-//! A paused store and a tiny queue or body memory budget: the gateway refuses with 503 + Retry-After, and every 202 is stored.
+//! A paused store behind a tiny queue or body memory budget: 503 + Retry-After, and every 202 is stored.
 
 use std::time::Duration;
 
