@@ -92,6 +92,13 @@ pub struct QueueConfig {
     pub retry_after_s: u32,
 }
 
+impl QueueConfig {
+    /// `body_memory_mb` in bytes.
+    pub fn body_memory_bytes(&self) -> usize {
+        self.body_memory_mb.saturating_mul(1024 * 1024)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
@@ -307,7 +314,7 @@ impl Config {
             if source.max_body_bytes == 0 {
                 return Err(invalid(format!("sources.{name}.max_body_bytes"), "must be greater than 0"));
             }
-            if source.max_body_bytes > self.queue.body_memory_mb.saturating_mul(1024 * 1024) {
+            if source.max_body_bytes > self.queue.body_memory_bytes() {
                 return Err(invalid(
                     format!("sources.{name}.max_body_bytes"),
                     format!(

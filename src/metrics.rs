@@ -112,6 +112,7 @@ pub fn init_series(sources: &[&str]) {
     counter!(NOTIFY_DEFERRED).increment(0);
     gauge!(NOTIFY_PENDING).set(0.0);
     gauge!(QUEUE_DEPTH).set(0.0);
+    gauge!(BODY_MEMORY).set(0.0);
 }
 
 /// The hot path's own series (POST to the webhook route, answered 202), registered once: looking a
@@ -146,8 +147,11 @@ pub fn record_queue_depth(depth: usize) {
     gauge!(QUEUE_DEPTH).set(depth as f64);
 }
 
-pub fn record_body_memory(used: usize, limit: usize) {
+pub fn record_body_memory(used: usize) {
     gauge!(BODY_MEMORY).set(used as f64);
+}
+
+pub fn record_body_memory_limit(limit: usize) {
     gauge!(BODY_MEMORY_LIMIT).set(limit as f64);
 }
 

@@ -74,8 +74,7 @@ async fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full
     match request.uri().path() {
         "/metrics" => {
             crate::metrics::record_queue_depth(state.pipeline.depth());
-            let memory = state.pipeline.body_memory();
-            crate::metrics::record_body_memory(memory.used(), memory.limit());
+            crate::metrics::record_body_memory(state.pipeline.body_memory().used());
             let text = state.prometheus.render();
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")

@@ -14,7 +14,6 @@ use tracing::{debug, Instrument};
 use super::error::ApiError;
 use crate::config::{AckMode, Source};
 use crate::event;
-use crate::pipeline::memory::OverBudget;
 use crate::pipeline::{BodyMemory, Outcome, Pipeline, StoreFailed, SubmitError};
 use crate::store::NewEvent;
 
@@ -81,13 +80,8 @@ async fn receive(
     let deadline = started + state.request_timeout;
     let (parts, body) = request.into_parts();
     let memory = state.pipeline.body_memory();
-    let body = read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline)
-        .await
-        .inspect_err(|e| {
-            if matches!(e, ApiError::BodyMemoryFull) {
-                crate::metrics::record_queue_rejection("body_memory_full");
-            }
-        })?;
+    let body =
+        read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline).await?;
 
     let now = unix_now();
     if let Err(e) = source.verifier.verify(&parts.headers, &body, now) {
@@ -164,7 +158,10 @@ where
     match tokio::time::timeout_at(deadline, collect_owned(Limited::new(body, limit), expected, memory)).await {
         Err(_elapsed) => Err(ApiError::BodyTimeout),
         Ok(Ok(body)) => Ok(body),
-        Ok(Err(ReadError::OverBudget(_))) => Err(ApiError::BodyMemoryFull),
+        Ok(Err(ReadError::OverBudget)) => {
+            crate::metrics::record_queue_rejection("body_memory_full");
+            Err(ApiError::BodyMemoryFull)
+        }
         Ok(Err(ReadError::Body(e))) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge { limit })
         }
@@ -175,7 +172,7 @@ where
 /// Why `collect_owned` stopped: the body itself failed (too long, cut off), or the budget is spent.
 enum ReadError<E> {
     Body(E),
-    OverBudget(OverBudget),
+    OverBudget,
 }
 
 /// Copies the body's chunks into one buffer of its own, reserving its capacity from `memory` as it grows.
@@ -189,7 +186,7 @@ where
     B: hyper::body::Body<Data = Bytes>,
 {
     let mut reservation = memory.reservation();
-    reservation.grow_to(expected).map_err(ReadError::OverBudget)?;
+    reservation.grow_to(expected).map_err(|_| ReadError::OverBudget)?;
     let mut body = std::pin::pin!(body);
     let mut owned = Vec::with_capacity(expected);
     while let Some(frame) = body.frame().await {
@@ -198,7 +195,7 @@ where
             if needed > owned.capacity() {
                 // Reserved before it is allocated; doubling keeps a body of many chunks to a few copies.
                 let capacity = needed.max(owned.capacity() * 2);
-                reservation.grow_to(capacity).map_err(ReadError::OverBudget)?;
+                reservation.grow_to(capacity).map_err(|_| ReadError::OverBudget)?;
                 owned.reserve_exact(capacity - owned.len());
             }
             owned.extend_from_slice(&chunk);

@@ -101,9 +101,9 @@ impl Pipeline {
         }
         crate::metrics::record_queue_capacity(capacity);
         let high_water = ((capacity as f64 * queue.high_water_ratio).ceil() as usize).clamp(1, capacity);
-        let body_memory = BodyMemory::new(queue.body_memory_mb.saturating_mul(1024 * 1024));
+        let body_memory = BodyMemory::new(queue.body_memory_bytes());
         let memory_high_water = (body_memory.limit() as f64 * queue.high_water_ratio).ceil() as usize;
-        crate::metrics::record_body_memory(0, body_memory.limit());
+        crate::metrics::record_body_memory_limit(body_memory.limit());
         let closed = Arc::new(AtomicBool::new(false));
         (Self { tx, capacity, high_water, memory_high_water, closed, body_memory }, control)
     }
