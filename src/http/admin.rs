@@ -96,7 +96,8 @@ async fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         Ok(Err(_)) => "unreachable",
         Err(_) => "timeout",
     };
-    let queue = if state.pipeline.saturated() { "saturated" } else { "ok" };
+    let saturation = state.pipeline.saturation();
+    let queue = if saturation.any() { "saturated" } else { "ok" };
     let shutting_down = state.shutting_down.is_cancelled();
     let ready = database == "ok" && queue == "ok" && !shutting_down;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -104,6 +105,7 @@ async fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         "ready": ready,
         "database": database,
         "queue": queue,
+        "saturated_by": saturation.causes(),
         "queue_depth": state.pipeline.depth(),
         "body_memory_bytes": state.pipeline.body_memory().used(),
         "shutting_down": shutting_down,

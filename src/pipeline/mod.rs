@@ -142,7 +142,32 @@ impl Pipeline {
 
     /// Above the high-water mark (of the queue's slots or of the body memory budget) the gateway reports
     /// itself not ready, so a load balancer sends elsewhere.
-    pub fn saturated(&self) -> bool {
-        self.depth() >= self.high_water || self.body_memory.used() >= self.memory_high_water
+    pub fn saturation(&self) -> Saturation {
+        Saturation {
+            slots: self.depth() >= self.high_water,
+            body_memory: self.body_memory.used() >= self.memory_high_water,
+        }
+    }
+}
+
+/// Which of the queue's two limits is past its high-water mark: the operator's next step differs (more
+/// slots or a faster store for the first; larger `body_memory_mb` or smaller bodies for the second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Saturation {
+    pub slots: bool,
+    pub body_memory: bool,
+}
+
+impl Saturation {
+    pub fn any(self) -> bool {
+        self.slots || self.body_memory
+    }
+
+    /// The limits past their mark, by the names `/readyz` gives them.
+    pub fn causes(self) -> Vec<&'static str> {
+        [(self.slots, "queue_slots"), (self.body_memory, "body_memory")]
+            .into_iter()
+            .filter_map(|(past, name)| past.then_some(name))
+            .collect()
     }
 }

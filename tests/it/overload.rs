@@ -31,9 +31,11 @@ async fn full_queue_answers_503_and_every_202_is_stored_once_the_store_resumes()
     }
     // Give every request time to reach the queue (or be refused), then resume the store.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, saturated_by) = readiness(&format!("http://{}/readyz", gateway.admin)).await;
     pause.rollback().await.expect("unlock");
 
     let (acknowledged, refused) = sort_answers(set, "queue_full", "7").await;
+    assert_eq!(saturated_by, ["queue_slots"], "/readyz names the full queue as the cause");
     assert!(refused > 0, "a 4-slot queue behind a locked table must refuse some of 40 requests");
     assert!(!acknowledged.is_empty(), "the queued requests complete once the lock is released");
     assert_all_stored(&db, &acknowledged).await;
@@ -90,17 +92,21 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ready = format!("http://{}/readyz", gateway.admin);
-    let held_while_paused = body_memory(&ready).await;
+    let held_while_paused = readiness(&ready).await;
     pause.rollback().await.expect("unlock");
 
     let (acknowledged, refused) = sort_answers(set, "body_memory_full", "1").await;
     assert!(refused > 0 && !acknowledged.is_empty(), "{} acknowledged, {refused} refused", acknowledged.len());
-    let (held, saturated) = held_while_paused;
+    let (held, saturated_by) = held_while_paused;
     assert!(held > 0 && held <= 1024 * 1024, "bodies held while the store was paused: {held}");
-    assert!(saturated, "a budget over its high-water mark reports the gateway not ready ({held} bytes held)");
+    assert_eq!(
+        saturated_by,
+        ["body_memory"],
+        "a budget over its high-water mark reports the gateway not ready ({held} bytes held)"
+    );
     assert_all_stored(&db, &acknowledged).await;
     // Written and published, every body is given back.
-    let released = eventually(Duration::from_secs(10), || async { body_memory(&ready).await == (0, false) });
+    let released = eventually(Duration::from_secs(10), || async { readiness(&ready).await == (0, vec![]) });
     assert!(released.await, "body memory is not given back once the events are stored");
     let metrics = get_text(&client(), &format!("http://{}/metrics", gateway.admin)).await.1;
     let series = r#"hookgate_queue_rejections_total{reason="body_memory_full"}"#;
@@ -110,11 +116,17 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     gateway.stop().await;
 }
 
-/// The body memory a gateway holds, and whether it reports itself saturated, from its /readyz.
-async fn body_memory(ready_url: &str) -> (u64, bool) {
+/// The body memory a gateway holds, and the limits it reports as saturating it, from its /readyz.
+async fn readiness(ready_url: &str) -> (u64, Vec<String>) {
     let (_, text) = get_text(&client(), ready_url).await;
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    (json["body_memory_bytes"].as_u64().unwrap_or(u64::MAX), json["queue"] == "saturated")
+    let saturated_by: Vec<String> = json["saturated_by"].as_array().map_or_else(
+        || vec!["<missing>".to_owned()],
+        |causes| causes.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect(),
+    );
+    // "queue" stays the summary that existing checks read.
+    assert_eq!(json["queue"] == "saturated", !saturated_by.is_empty(), "{json}");
+    (json["body_memory_bytes"].as_u64().unwrap_or(u64::MAX), saturated_by)
 }
 
 /// Pauses the store: an exclusive lock on the events table, held until the returned transaction ends.
