@@ -161,7 +161,7 @@ find_max() {
 
 # Postgres during a run of $1 seconds, sampled every 50 ms. Line 1: the share of samples with a checkpoint
 # in progress (the checkpointer is not idle in CheckpointerMain) and with an autovacuum worker running, so
-# that a try that missed its SLO can be read against them (README, "What remains"). Line 2: what the
+# that a try that missed its SLO can be read against them (loadtest/PERFORMANCE.md, "What remains"). Line 2: what the
 # gateway's active Postgres sessions were doing (wait events; CPU when none), the store's side of a profile.
 pg_background() {
   local n; n=$(python3 -c "print(int($1 * 20))")
