@@ -174,7 +174,8 @@ ENV
 # Drops the databases the integration tests create (hg_it_*, hg_e2e_*; one per test, ~100 a run).
 # Left to pile up they slow autovacuum: its launcher visits every database of the cluster in turn, and
 # with ~420 of them the first vacuum of a fresh events table came 46 s into a 20,000/s run instead of ~5 s;
-# from then on each round re-read and rewrote every page it visited (see loadtest/PERFORMANCE.md, "Stalls found and removed").
+# from then on each round re-read and rewrote every page it visited (loadtest/PERFORMANCE.md, "Stalls
+# found and removed").
 drop_test_databases() {
   local n=0 db
   for db in $(admin_psql -Atqc "select datname from pg_database where datname like 'hg\_it\_%' or datname like 'hg\_e2e\_%'"); do

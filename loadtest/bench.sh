@@ -38,9 +38,10 @@ MODES=${MODES:-"enqueue durable"}
 MAX_TRIES=${MAX_TRIES:-8}
 OUT=${OUT:-loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)}
 # Disk: a mode's database keeps every event of its find-max and tries (~1.45 KB each on disk: ~7 GB for
-# durable's 5M, up to ~20 GB for enqueue's 8 tries near 28,000/s), beside up to 8 GB of WAL (max_wal_size),
-# Redis's append-only file (rewritten past 4 GB) and the per-request CSVs. A run that fills the disk dies in the middle (20261127T035230Z did, in pgbench,
-# with 23 GB free at its start and the soak's rows still in the database), so check first.
+# durable's 5M, up to ~20 GB for enqueue's 8 tries near 28,000/s), beside up to 8 GB of WAL
+# (max_wal_size), Redis's append-only file (rewritten past 4 GB) and the per-request CSVs. A run that
+# fills the disk dies in the middle (20261127T035230Z did, in pgbench, with 23 GB free at its start and
+# the soak's rows still in the database), so check first.
 MIN_FREE_GB=${MIN_FREE_GB:-34}
 FREE_GB=$(df -Pk "$ROOT" | awk 'NR == 2 {print int($4 / 1048576)}')
 if [ "$FREE_GB" -lt "$MIN_FREE_GB" ]; then
@@ -161,8 +162,9 @@ find_max() {
 
 # Postgres during a run of $1 seconds, sampled every 50 ms. Line 1: the share of samples with a checkpoint
 # in progress (the checkpointer is not idle in CheckpointerMain) and with an autovacuum worker running, so
-# that a try that missed its SLO can be read against them (loadtest/PERFORMANCE.md, "What remains"). Line 2: what the
-# gateway's active Postgres sessions were doing (wait events; CPU when none), the store's side of a profile.
+# that a try that missed its SLO can be read against them (loadtest/PERFORMANCE.md, "What remains").
+# Line 2: what the gateway's active Postgres sessions were doing (wait events; CPU when none), the
+# store's side of a profile.
 pg_background() {
   local n; n=$(python3 -c "print(int($1 * 20))")
   for _ in $(seq 1 "$n"); do

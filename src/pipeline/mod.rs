@@ -152,7 +152,7 @@ impl Pipeline {
 
 /// Which of the queue's two limits is past its high-water mark: the operator's next step differs (more
 /// slots or a faster store for the first; larger `body_memory_mb` or smaller bodies for the second).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Saturation {
     pub slots: bool,
     pub body_memory: bool,

@@ -20,15 +20,13 @@ async fn full_queue_answers_503_and_every_202_is_stored_once_the_store_resumes()
 
     let pause = pause_store(&db).await;
 
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..40 {
-        let url = gateway.url("stripe");
-        set.spawn(async move {
-            let id = unique("evt");
+    let set = deliver_at_once(
+        &gateway,
+        (0..40).map(|_| unique("evt")).map(|id| {
             let body = stripe_event(&id);
-            (id.clone(), post(&client(), &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await)
-        });
-    }
+            (id, body)
+        }),
+    );
     // Give every request time to reach the queue (or be refused), then resume the store.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, saturated_by) = readiness(&format!("http://{}/readyz", gateway.admin)).await;
@@ -81,15 +79,13 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
 
     // 60 KB bodies (each read into a buffer of exactly its length): 17 fit in the 1 MiB budget.
     let padding = "x".repeat(60_000);
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..40 {
-        let (url, padding) = (gateway.url("stripe"), padding.clone());
-        set.spawn(async move {
-            let id = unique("evt_big");
+    let set = deliver_at_once(
+        &gateway,
+        (0..40).map(|_| unique("evt_big")).map(|id| {
             let body = format!(r#"{{"id":"{id}","object":"event","type":"invoice.paid","pad":"{padding}"}}"#);
-            (id.clone(), post(&client(), &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await)
-        });
-    }
+            (id, body)
+        }),
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ready = format!("http://{}/readyz", gateway.admin);
     let held_while_paused = readiness(&ready).await;
@@ -127,6 +123,23 @@ async fn readiness(ready_url: &str) -> (u64, Vec<String>) {
     // "queue" stays the summary that existing checks read.
     assert_eq!(json["queue"] == "saturated", !saturated_by.is_empty(), "{json}");
     (json["body_memory_bytes"].as_u64().unwrap_or(u64::MAX), saturated_by)
+}
+
+/// Posts every (id, body) to the gateway's Stripe route at once, each signed as it is sent; the answers
+/// are for `sort_answers`.
+fn deliver_at_once(
+    gateway: &Gateway,
+    events: impl Iterator<Item = (String, String)>,
+) -> tokio::task::JoinSet<(String, Answer)> {
+    let mut set = tokio::task::JoinSet::new();
+    for (id, body) in events {
+        let url = gateway.url("stripe");
+        set.spawn(async move {
+            let answer = post(&client(), &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await;
+            (id, answer)
+        });
+    }
+    set
 }
 
 /// Pauses the store: an exclusive lock on the events table, held until the returned transaction ends.
