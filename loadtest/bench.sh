@@ -380,7 +380,8 @@ WITH inserted AS (
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING source, event_id, seq, received_at
 ), queued AS (
-    INSERT INTO events_outbox (seq, source, event_id) SELECT seq, source, event_id FROM inserted
+    INSERT INTO events_outbox (sources, event_ids)
+    SELECT array_agg(source), array_agg(event_id) FROM inserted HAVING count(*) > 0
 )
 SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8 FROM inserted;
 SQL

@@ -18,15 +18,16 @@ use tracing::{debug, info, warn};
 
 use crate::config::NotifyConfig;
 use crate::error_chain;
-use crate::store::{ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
+use crate::store::{OutboxBatch, ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
 
-/// Longest a published event waits to be marked; well under `catchup_grace_ms`, so the catch-up does not
+/// Longest a published batch waits to be marked; well under `catchup_grace_ms`, so the catch-up does not
 /// republish what the normal path has just published.
 const MARK_INTERVAL: Duration = Duration::from_millis(100);
+/// Most outbox rows (batches) in one delete.
 const MARK_MAX: usize = 4096;
 /// Most events in one publish round trip when the publisher drains several queued batches at once: the
 /// default `workers.batch_max`, the largest batch a worker forms, so a coalesced round trip is never
-/// bigger than one batch could be. (At 4,096, ~5 MB pipelines to a Redis fsyncing every write timed out
+/// bigger than one batch could be (`round_trips`). (At 4,096, ~5 MB pipelines to a Redis fsyncing every write timed out
 /// under overload; each timeout marks Redis down, and the catch-up published 3.28M of 3.5M events.)
 const PUBLISH_MAX: usize = 512;
 /// While the normal path keeps up, the outbox is only scanned this often, as a safety net (another
@@ -34,7 +35,7 @@ const PUBLISH_MAX: usize = 512;
 const SAFETY_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Takes every batch already waiting, without blocking; returns how many.
-fn take_waiting(batches: &mut mpsc::Receiver<Vec<StoredEvent>>, queued: &mut Vec<Vec<StoredEvent>>) -> usize {
+fn take_waiting(batches: &mut mpsc::Receiver<OutboxBatch>, queued: &mut Vec<OutboxBatch>) -> usize {
     let before = queued.len();
     while let Ok(batch) = batches.try_recv() {
         queued.push(batch);
@@ -52,8 +53,8 @@ fn take_waiting(batches: &mut mpsc::Receiver<Vec<StoredEvent>>, queued: &mut Vec
 /// so that Redis appends, and with `appendfsync always` fsyncs, once for several batches: at 16,500
 /// events/s durable, 5 ms cut the round trips fourfold and Redis's CPU from 22% to 19% of a core.
 async fn next_round_trip(
-    batches: &mut mpsc::Receiver<Vec<StoredEvent>>,
-    queued: &mut Vec<Vec<StoredEvent>>,
+    batches: &mut mpsc::Receiver<OutboxBatch>,
+    queued: &mut Vec<OutboxBatch>,
     linger: Duration,
     marks_due_in: Option<Duration>,
 ) -> bool {
@@ -74,11 +75,36 @@ async fn next_round_trip(
         }
         () = marks_due => return true,
     }
-    if !linger.is_zero() && queued.iter().map(Vec::len).sum::<usize>() < PUBLISH_MAX {
+    if !linger.is_zero() && queued.iter().map(|b| b.events.len()).sum::<usize>() < PUBLISH_MAX {
         tokio::time::sleep(linger).await;
         take_waiting(batches, queued);
     }
     true
+}
+
+/// The events of one publish round trip, and the outbox rows they come from.
+#[derive(Debug, Default)]
+struct RoundTrip {
+    events: Vec<StoredEvent>,
+    outbox_ids: Vec<i64>,
+}
+
+/// Groups queued batches, in order, into round trips of at most `PUBLISH_MAX` events. A batch is never
+/// split, so that its outbox row is deleted only once all its events are published: a batch bigger than
+/// `PUBLISH_MAX` makes a round trip of its own.
+fn round_trips(batches: impl IntoIterator<Item = OutboxBatch>) -> Vec<RoundTrip> {
+    let mut trips: Vec<RoundTrip> = Vec::new();
+    for batch in batches {
+        let joins_last = trips.last().is_some_and(|t| t.events.len() + batch.events.len() <= PUBLISH_MAX);
+        if !joins_last {
+            trips.push(RoundTrip::default());
+        }
+        if let Some(trip) = trips.last_mut() {
+            trip.events.extend(batch.events);
+            trip.outbox_ids.push(batch.id);
+        }
+    }
+    trips
 }
 
 /// Whether Redis keeps what it acknowledges, as its `CONFIG GET` reports it. The outbox row of an event
@@ -123,14 +149,14 @@ pub enum NotifyError {
 /// What the workers hold: hands a committed batch to the publisher without ever waiting.
 #[derive(Debug, Clone)]
 pub struct NotifyQueue {
-    tx: mpsc::Sender<Vec<StoredEvent>>,
+    tx: mpsc::Sender<OutboxBatch>,
     backlog_suspected: Arc<AtomicBool>,
 }
 
 impl NotifyQueue {
     /// Offers a batch; when the publisher is behind, the batch stays in the outbox for the catch-up.
-    pub fn offer(&self, events: Vec<StoredEvent>) {
-        if self.tx.try_send(events).is_err() {
+    pub fn offer(&self, batch: OutboxBatch) {
+        if self.tx.try_send(batch).is_err() {
             crate::metrics::record_notify_deferred();
             self.backlog_suspected.store(true, Ordering::Release);
         }
@@ -301,27 +327,27 @@ impl Notifier {
         }
     }
 
-    /// Publishes events from the workers; on success their seqs join `to_mark`.
-    async fn publish_new(&self, events: &[StoredEvent], to_mark: &mut Vec<i64>) {
+    /// Publishes the events of whole batches from the workers; on success their outbox ids join `to_mark`.
+    async fn publish_new(&self, events: &[StoredEvent], outbox_ids: &[i64], to_mark: &mut Vec<i64>) {
         if !self.redis_up.load(Ordering::Acquire) {
             // Redis is down: the catch-up publishes these once it is back.
             self.backlog_suspected.store(true, Ordering::Release);
             return;
         }
         match self.publish(events, "normal").await {
-            Ok(()) => to_mark.extend(events.iter().map(|e| e.seq)),
+            Ok(()) => to_mark.extend_from_slice(outbox_ids),
             Err(e) => self.note_failure(&e),
         }
     }
 
-    /// Removes published events from the outbox. Failing here only means a later catch-up publishes them
-    /// again (at least once), so it is logged, not retried.
+    /// Deletes the outbox rows of published batches. Failing here only means a later catch-up publishes
+    /// them again (at least once), so it is logged, not retried.
     async fn flush_marks(&self, to_mark: &mut Vec<i64>) {
         if to_mark.is_empty() {
             return;
         }
         if let Err(e) = self.store.mark_published(to_mark).await {
-            warn!(error = %error_chain(&e), events = to_mark.len(), "could not mark published events");
+            warn!(error = %error_chain(&e), batches = to_mark.len(), "could not mark published events");
             self.backlog_suspected.store(true, Ordering::Release);
         }
         to_mark.clear();
@@ -329,21 +355,22 @@ impl Notifier {
 
     /// Publishes the outbox's backlog, oldest first, until it is empty or Redis fails. Returns how many.
     ///
-    /// Each page is claimed while the previous one is on its way to Redis, so the database query and the
-    /// Redis round trip overlap, and each claim resumes after the previous page's last seq.
+    /// Each page (outbox rows holding about `catchup_batch` events) is claimed while the previous one is on
+    /// its way to Redis, so the database query and the Redis round trip overlap, and each claim resumes
+    /// after the previous page's last outbox id.
     pub async fn catch_up(&self) -> Result<u64, NotifyError> {
         let grace = Duration::from_millis(self.config.catchup_grace_ms);
         let page = self.config.catchup_batch;
         let mut published = 0;
         let mut claimed = self.store.claim_unpublished(grace, 0, i64::from(page)).await?;
-        while let Some(last_seq) = claimed.last_seq() {
+        while let Some(last_id) = claimed.last_id() {
             let n = claimed.events.len() as u64;
             // A short page means the backlog is drained (as far as the grace allows): claim no further.
             let claim_next = async {
                 if n < u64::from(page) {
                     None
                 } else {
-                    Some(self.store.claim_unpublished(grace, last_seq, i64::from(page)).await)
+                    Some(self.store.claim_unpublished(grace, last_id, i64::from(page)).await)
                 }
             };
             let (sent, next) = tokio::join!(self.publish(&claimed.events, "catchup"), claim_next);
@@ -364,27 +391,24 @@ impl Notifier {
     /// round trip (or an outbox delete) was in flight goes out in the next one, up to `PUBLISH_MAX` events:
     /// a publisher that fell behind catches up with bigger pipelines instead of leaving batches to the
     /// outbox; an idle publisher lingers for more (`next_round_trip`). Marks are grouped (every
-    /// `MARK_INTERVAL` or `MARK_MAX` events): one outbox commit for many batches. They are deleted inline,
+    /// `MARK_INTERVAL` or `MARK_MAX` batches): one outbox commit for many batches. They are deleted inline,
     /// so a published row stays in the outbox only while its delete is due or running, well under
     /// `catchup_grace_ms`: the catch-up never republishes what this path has published. (A separate delete
     /// task was tried: when its deletes fell behind the grace, the catch-up claimed the published rows,
     /// republished them and held locks the deletes waited on.)
-    pub async fn run_publisher(self, mut batches: mpsc::Receiver<Vec<StoredEvent>>) {
+    pub async fn run_publisher(self, mut batches: mpsc::Receiver<OutboxBatch>) {
         let mut to_mark: Vec<i64> = Vec::new();
         let mut marked_at = Instant::now();
-        let mut queued: Vec<Vec<StoredEvent>> = Vec::new();
-        let mut events: Vec<StoredEvent> = Vec::new();
+        let mut queued: Vec<OutboxBatch> = Vec::new();
         let linger = Duration::from_millis(self.config.publish_linger_ms);
         loop {
             let marks_due_in = (!to_mark.is_empty()).then(|| MARK_INTERVAL.saturating_sub(marked_at.elapsed()));
             if !next_round_trip(&mut batches, &mut queued, linger, marks_due_in).await {
                 break;
             }
-            events.extend(queued.drain(..).flatten());
-            for chunk in events.chunks(PUBLISH_MAX) {
-                self.publish_new(chunk, &mut to_mark).await;
+            for trip in round_trips(queued.drain(..)) {
+                self.publish_new(&trip.events, &trip.outbox_ids, &mut to_mark).await;
             }
-            events.clear();
             if to_mark.len() >= MARK_MAX || (!to_mark.is_empty() && marked_at.elapsed() >= MARK_INTERVAL) {
                 self.flush_marks(&mut to_mark).await;
             }
@@ -462,7 +486,7 @@ impl Notifier {
     }
 
     /// The workers' end of the publisher's queue (bounded to `capacity` batches), and the publisher's end.
-    pub fn queue(&self, capacity: usize) -> (NotifyQueue, mpsc::Receiver<Vec<StoredEvent>>) {
+    pub fn queue(&self, capacity: usize) -> (NotifyQueue, mpsc::Receiver<OutboxBatch>) {
         let (tx, rx) = mpsc::channel(capacity);
         (NotifyQueue { tx, backlog_suspected: self.backlog_suspected.clone() }, rx)
     }
@@ -501,8 +525,9 @@ impl Notifier {
 mod tests {
     use super::*;
 
-    fn batch(first_seq: i64, n: usize) -> Vec<StoredEvent> {
-        (0..n)
+    /// A batch of `n` events with seqs from `first_seq`; its outbox id is its first seq.
+    fn batch(first_seq: i64, n: usize) -> OutboxBatch {
+        let events = (0..n)
             .map(|i| {
                 let seq = first_seq + i64::try_from(i).unwrap_or(0);
                 StoredEvent {
@@ -516,7 +541,8 @@ mod tests {
                     body: bytes::Bytes::from_static(b"{}"),
                 }
             })
-            .collect()
+            .collect();
+        OutboxBatch { id: first_seq, events }
     }
 
     /// Sends a batch `first_after` the start and another `second_after` it, and forms one round trip as
@@ -535,10 +561,27 @@ mod tests {
         assert!(next_round_trip(&mut rx, &mut queued, linger, None).await);
         let took = started.elapsed();
         sender.abort();
-        (queued.into_iter().flatten().map(|e| e.seq).collect(), took)
+        (queued.into_iter().flat_map(|b| b.events).map(|e| e.seq).collect(), took)
     }
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn round_trips_take_whole_batches_up_to_the_publish_limit() {
+        let half = PUBLISH_MAX / 2;
+        let seqs = |trip: &RoundTrip| trip.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        // 100 + half fit together; the next half would pass the limit, so it starts a round trip.
+        let trips = round_trips([batch(1, 100), batch(1_000, half), batch(2_000, half), batch(3_000, 1)]);
+        let ids: Vec<Vec<i64>> = trips.iter().map(|t| t.outbox_ids.clone()).collect();
+        assert_eq!(ids, vec![vec![1, 1_000], vec![2_000, 3_000]]);
+        assert_eq!(trips[0].events.len(), 100 + half);
+        assert_eq!(seqs(&trips[1])[..2], [2_000, 2_001]);
+        // A batch bigger than the limit is not split: it goes alone, between its neighbours.
+        let trips = round_trips([batch(1, 2), batch(10_000, PUBLISH_MAX + 5), batch(20_000, 2)]);
+        let sizes: Vec<(usize, Vec<i64>)> = trips.iter().map(|t| (t.events.len(), t.outbox_ids.clone())).collect();
+        assert_eq!(sizes, vec![(2, vec![1]), (PUBLISH_MAX + 5, vec![10_000]), (2, vec![20_000])]);
+        assert!(round_trips([]).is_empty());
+    }
 
     fn redis_config(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -610,7 +653,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn due_marks_end_the_wait_and_a_closed_queue_ends_the_publisher() {
-        let (tx, mut rx) = mpsc::channel::<Vec<StoredEvent>>(8);
+        let (tx, mut rx) = mpsc::channel::<OutboxBatch>(8);
         let started = tokio::time::Instant::now();
         let mut queued = Vec::new();
         assert!(next_round_trip(&mut rx, &mut queued, 5 * MS, Some(100 * MS)).await);

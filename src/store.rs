@@ -75,7 +75,10 @@ pub struct Store {
     outbox: bool,
 }
 
-/// One statement per batch: insert what is new, and (with `$9`) queue it in the outbox in the same commit.
+/// One statement per batch: insert what is new, and (with `$9`) queue it in the outbox in the same commit,
+/// as one outbox row holding the keys of the batch's new events (none when every event was a duplicate).
+/// The two `array_agg`s read the same rows in the same order, so `sources[i]` and `event_ids[i]` stay one
+/// key; an `ORDER BY seq` in them would add two sorts per batch for an order only the catch-up uses.
 const INSERT_BATCH: &str = "
 WITH inserted AS (
     INSERT INTO events (source, event_id, event_type, created, livemode, api_version, account, body)
@@ -83,13 +86,23 @@ WITH inserted AS (
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING source, event_id, seq, received_at
 ), queued AS (
-    INSERT INTO events_outbox (seq, source, event_id) SELECT seq, source, event_id FROM inserted WHERE $9
+    INSERT INTO events_outbox (sources, event_ids)
+    SELECT array_agg(source), array_agg(event_id) FROM inserted WHERE $9 HAVING count(*) > 0
+    RETURNING id
 )
-SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8 FROM inserted";
+SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8, (SELECT id FROM queued) FROM inserted";
 
 /// The columns a notification carries, in the order `StoredEvent::from_row` reads them (`e`: events).
 const NOTIFY_COLUMNS: &str = "e.seq, e.source, e.event_id, e.event_type, e.created, e.livemode, \
     (extract(epoch FROM e.received_at) * 1000)::int8, e.body";
+
+/// What a batch insert did: for each event in order, where it was inserted (`None`: already stored), and
+/// the outbox row that queues the new ones for publishing (`None` when nothing was new, or without outbox).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub rows: Vec<Option<Inserted>>,
+    pub outbox_id: Option<i64>,
+}
 
 /// Where a new row landed: its order of receipt and receive time, for its notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,22 +155,35 @@ impl StoredEvent {
     }
 }
 
-/// Rows claimed for publishing: locked (`FOR UPDATE SKIP LOCKED`) in an open transaction, so another
-/// replica's catch-up skips them. Marking commits; dropping rolls back and releases them.
-pub struct Claimed {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+/// The new events of one stored batch and the outbox row that queues them: published together, and the
+/// row is deleted only once all of them are on their streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxBatch {
+    pub id: i64,
     pub events: Vec<StoredEvent>,
 }
 
+/// Outbox rows claimed for publishing: locked (`FOR UPDATE SKIP LOCKED`) in an open transaction, so
+/// another replica's catch-up skips them. Marking commits; dropping rolls back and releases them.
+pub struct Claimed {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The claimed rows' events, oldest first.
+    pub events: Vec<StoredEvent>,
+    /// The claimed rows, oldest first; a row whose events are no longer stored is here too, to be deleted.
+    outbox_ids: Vec<i64>,
+}
+
 impl Claimed {
-    /// The highest seq claimed (events come oldest first), or `None` for an empty claim.
-    pub fn last_seq(&self) -> Option<i64> {
-        self.events.last().map(|e| e.seq)
+    /// The highest outbox id claimed, or `None` for an empty claim.
+    pub fn last_id(&self) -> Option<i64> {
+        self.outbox_ids.last().copied()
     }
 
     pub async fn mark_published(mut self) -> Result<(), StoreError> {
-        let seqs: Vec<i64> = self.events.iter().map(|e| e.seq).collect();
-        sqlx::query("DELETE FROM events_outbox WHERE seq = ANY($1)").bind(&seqs).execute(&mut *self.tx).await?;
+        sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)")
+            .bind(&self.outbox_ids)
+            .execute(&mut *self.tx)
+            .await?;
         self.tx.commit().await?;
         Ok(())
     }
@@ -233,13 +259,13 @@ impl Store {
     }
 
     /// Writes a batch in one statement (autocommit: it is durable when this returns) and tells, for each
-    /// event in order, where it was inserted, or `None` when it was already stored. The batch must not
-    /// hold the same (source, id) twice.
-    pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Vec<Option<Inserted>>, StoreError> {
+    /// event in order, where it was inserted, or `None` when it was already stored, and which outbox row
+    /// queues the new ones. The batch must not hold the same (source, id) twice.
+    pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Written, StoreError> {
         self.insert_with(&self.pool, events).await
     }
 
-    async fn insert_with<'e, E>(&self, executor: E, events: &[&NewEvent]) -> Result<Vec<Option<Inserted>>, StoreError>
+    async fn insert_with<'e, E>(&self, executor: E, events: &[&NewEvent]) -> Result<Written, StoreError>
     where
         E: sqlx::Executor<'e, Database = sqlx::Postgres>,
     {
@@ -263,45 +289,95 @@ impl Store {
             .bind(self.outbox)
             .fetch_all(executor)
             .await?;
+        let mut outbox_id = None;
         let mut inserted: HashMap<(String, String), Inserted> = HashMap::with_capacity(rows.len());
         for row in rows {
+            outbox_id = row.try_get(4)?;
             inserted.insert(
                 (row.try_get(0)?, row.try_get(1)?),
                 Inserted { seq: row.try_get(2)?, received_ms: row.try_get(3)? },
             );
         }
-        Ok(events.iter().map(|e| inserted.remove(&(e.source.to_string(), e.id.clone()))).collect())
+        let rows = events.iter().map(|e| inserted.remove(&(e.source.to_string(), e.id.clone()))).collect();
+        Ok(Written { rows, outbox_id })
     }
 
-    /// Marks events published by the normal path (one statement, however many batches).
-    pub async fn mark_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM events_outbox WHERE seq = ANY($1)").bind(seqs).execute(&self.pool).await?;
+    /// Deletes the outbox rows of batches the normal path has published (one statement for many batches).
+    pub async fn mark_published(&self, outbox_ids: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)").bind(outbox_ids).execute(&self.pool).await?;
         Ok(())
     }
 
-    /// Claims up to `limit` unpublished events received more than `grace` ago with a seq above `after`,
-    /// oldest first, skipping rows another replica holds. The grace leaves fresh rows to the normal path,
-    /// which publishes them itself. `after` lets a drain resume behind its last page instead of walking, on
-    /// every page, the index entries of the rows it has just deleted (until a vacuum removes them).
+    /// Claims the oldest outbox rows queued more than `grace` ago with an id above `after`, as many as hold
+    /// `limit` events (at least one row, however many events it holds), skipping rows another replica
+    /// holds, and reads their events back. The grace leaves fresh rows to the normal path, which publishes
+    /// them itself. `after` lets a drain resume behind its last page instead of walking, on every page, the
+    /// index entries of the rows it has just deleted (until a vacuum removes them).
+    ///
+    /// A row holds a batch, so the page is counted in events, over rows not yet locked: the rows that would
+    /// make the page are read first (a window function, which `FOR UPDATE` cannot share a query with),
+    /// then locked with `SKIP LOCKED`, and the events of those locked are read back. Every row locked is
+    /// in the page (a lock left on a row outside it would keep this drain's next, concurrent, claim off the
+    /// row). When another replica holds some, the next rows are tried, until the page is full or nothing
+    /// is left.
     pub async fn claim_unpublished(&self, grace: Duration, after: i64, limit: i64) -> Result<Claimed, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let query = format!(
-            "SELECT {NOTIFY_COLUMNS} FROM events_outbox o JOIN events e ON (e.source, e.event_id) = (o.source, o.event_id) \
-             WHERE o.seq > $3 AND o.queued_at < now() - make_interval(secs => $1) \
-             ORDER BY o.seq LIMIT $2 FOR UPDATE OF o SKIP LOCKED"
+        const CANDIDATES: &str = "SELECT id FROM ( \
+                SELECT id, sum(cardinality(event_ids)) OVER (ORDER BY id) - cardinality(event_ids) AS before \
+                FROM (SELECT id, event_ids FROM events_outbox \
+                      WHERE id > $1 AND queued_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) AS oldest \
+            ) AS counted WHERE before < $3 ORDER BY id";
+        // A LEFT JOIN keeps, as one row of NULLs, an event that is no longer stored: its outbox row is
+        // claimed (and deleted) all the same.
+        let lock_and_read = format!(
+            "WITH claimed AS ( \
+                 SELECT id, sources, event_ids FROM events_outbox \
+                 WHERE id = ANY($1) AND queued_at < now() - make_interval(secs => $2) \
+                 FOR UPDATE SKIP LOCKED \
+             ) \
+             SELECT {NOTIFY_COLUMNS}, c.id FROM claimed c \
+             CROSS JOIN LATERAL unnest(c.sources, c.event_ids) WITH ORDINALITY AS k(source, event_id, n) \
+             LEFT JOIN events e ON (e.source, e.event_id) = (k.source, k.event_id) \
+             ORDER BY c.id, k.n"
         );
-        let rows = sqlx::query(&query).bind(grace.as_secs_f64()).bind(limit).bind(after).fetch_all(&mut *tx).await?;
-        let events = rows.iter().map(StoredEvent::from_row).collect::<Result<Vec<_>, _>>()?;
-        Ok(Claimed { tx, events })
+        let grace = grace.as_secs_f64();
+        let mut tx = self.pool.begin().await?;
+        let mut events = Vec::new();
+        let mut outbox_ids: Vec<i64> = Vec::new();
+        let (mut cursor, mut counted) = (after, 0);
+        while counted < limit {
+            let candidates: Vec<i64> = sqlx::query_scalar(CANDIDATES)
+                .bind(cursor)
+                .bind(grace)
+                .bind(limit - counted)
+                .fetch_all(&mut *tx)
+                .await?;
+            let Some(&last) = candidates.last() else { break };
+            cursor = last;
+            let rows = sqlx::query(&lock_and_read).bind(&candidates).bind(grace).fetch_all(&mut *tx).await?;
+            for row in &rows {
+                let id: i64 = row.try_get(8)?;
+                if outbox_ids.last() != Some(&id) {
+                    outbox_ids.push(id);
+                }
+                if row.try_get::<Option<i64>, _>(0)?.is_some() {
+                    events.push(StoredEvent::from_row(row)?);
+                }
+            }
+            counted += i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        }
+        Ok(Claimed { tx, events, outbox_ids })
     }
 
     /// Events that have waited longer than `grace` to be published (all sources): the catch-up's backlog.
     /// Rows younger than the grace are the normal path's, in flight between commit and delete.
     pub async fn count_unpublished(&self, grace: Duration) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM events_outbox WHERE queued_at < now() - make_interval(secs => $1)")
-            .bind(grace.as_secs_f64())
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(sum(cardinality(event_ids)), 0)::int8 FROM events_outbox \
+             WHERE queued_at < now() - make_interval(secs => $1)",
+        )
+        .bind(grace.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// One page of stored events matching `filter`, in order of receipt (`received_at`, then `seq`), after

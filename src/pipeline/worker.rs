@@ -15,7 +15,7 @@ use super::{Job, Outcome, StoreFailed};
 use crate::config::WorkersConfig;
 use crate::error_chain;
 use crate::notify::NotifyQueue;
-use crate::store::{Inserted, NewEvent, Store, StoredEvent};
+use crate::store::{Inserted, NewEvent, OutboxBatch, Store, StoredEvent};
 
 /// How the shutdown sequence steers the workers.
 #[derive(Debug, Clone)]
@@ -169,9 +169,11 @@ async fn write_batch(
         }
     };
     // For each batch position: where it was inserted (None: a duplicate). None when the batch failed.
-    let inserted_at: Option<Vec<Option<Inserted>>> = result.ok().map(|flags| {
+    let mut outbox_id = None;
+    let inserted_at: Option<Vec<Option<Inserted>>> = result.ok().map(|written| {
+        outbox_id = written.outbox_id;
         let mut at = vec![None; batch.len()];
-        for (position, inserted) in unique_positions.iter().zip(flags) {
+        for (position, inserted) in unique_positions.iter().zip(written.rows) {
             at[*position] = inserted;
         }
         at
@@ -196,15 +198,14 @@ async fn write_batch(
     }
     // Acks are out; now hand the new rows to the notifier. Redis is never on the ack path: when the
     // notifier is behind, the rows stay unpublished in the outbox and the catch-up publishes them.
-    if let (Some(notify), Some(flags)) = (notify, inserted_at) {
-        let fresh: Vec<StoredEvent> = batch
+    // (No outbox row means nothing was new.)
+    if let (Some(notify), Some(flags), Some(id)) = (notify, inserted_at, outbox_id) {
+        let events: Vec<StoredEvent> = batch
             .iter()
             .zip(flags)
             .filter_map(|(job, at)| at.map(|at| StoredEvent::from_new(&job.event, at)))
             .collect();
-        if !fresh.is_empty() {
-            notify.offer(fresh);
-        }
+        notify.offer(OutboxBatch { id, events });
     }
     debug!("batch resolved");
 }

@@ -123,16 +123,19 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     let config = test_config(&db.url);
     let key = config.notify.stream_for("stripe");
     Gateway::start(config.clone()).await.stop().await;
+    // Ten batches of five, each with its outbox row.
     let ids: Vec<String> = (0..50).map(|_| unique("evt_crash")).collect();
-    for id in &ids {
+    for batch in ids.chunks(5) {
+        let bodies: Vec<Vec<u8>> = batch.iter().map(|id| stripe_event(id).into_bytes()).collect();
         sqlx::query(
             "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
-               VALUES ('stripe', $1, 'charge.succeeded', $2) RETURNING seq, source, event_id) \
-             INSERT INTO events_outbox (seq, source, event_id, queued_at) \
-               SELECT seq, source, event_id, now() - interval '1 minute' FROM e",
+               SELECT 'stripe', id, 'charge.succeeded', body FROM unnest($1::text[], $2::bytea[]) AS b(id, body) \
+               RETURNING seq, source, event_id) \
+             INSERT INTO events_outbox (sources, event_ids, queued_at) \
+               SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), now() - interval '1 minute' FROM e",
         )
-        .bind(id)
-        .bind(stripe_event(id).into_bytes())
+        .bind(batch)
+        .bind(&bodies)
         .execute(&db.pool)
         .await
         .expect("insert unpublished");
@@ -213,17 +216,20 @@ async fn the_pending_count_leaves_out_rows_younger_than_the_grace() {
     let db = TestDb::create().await;
     let config = test_config(&db.url);
     Gateway::start(config.clone()).await.stop().await;
+    // Batches of i events: 1 + 2 + 3 queued a minute ago, 4 + 5 + 6 + 7 just now.
     sqlx::query(
-        "INSERT INTO events_outbox (seq, source, event_id, queued_at) \
-           SELECT i, 'stripe', 'evt_pending_' || i, now() - CASE WHEN i <= 3 THEN interval '1 minute' ELSE interval '0' END \
-           FROM generate_series(1, 10) AS i",
+        "INSERT INTO events_outbox (sources, event_ids, queued_at) \
+           SELECT array_fill('stripe'::text, ARRAY[i]), \
+                  ARRAY(SELECT 'evt_pending_' || i || '_' || j FROM generate_series(1, i) AS j), \
+                  now() - CASE WHEN i <= 3 THEN interval '1 minute' ELSE interval '0' END \
+           FROM generate_series(1, 7) AS i",
     )
     .execute(&db.pool)
     .await
     .expect("outbox rows");
     let store = hookgate::store::Store::new(&config.store, true).expect("store");
-    assert_eq!(store.count_unpublished(Duration::from_secs(5)).await.expect("count"), 3);
-    assert_eq!(store.count_unpublished(Duration::ZERO).await.expect("count"), 10);
+    assert_eq!(store.count_unpublished(Duration::from_secs(5)).await.expect("count"), 6, "events, not rows");
+    assert_eq!(store.count_unpublished(Duration::ZERO).await.expect("count"), 28);
 }
 
 #[tokio::test]
@@ -234,12 +240,18 @@ async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
     config.notify.catchup_interval_ms = 100;
     let key = config.notify.stream_for("stripe");
     Gateway::start(config.clone()).await.stop().await;
+    // 3,000 events in outbox rows of 1 to 7 events (a row starts at every 7th and every 13th event), so
+    // that pages of 50 events end inside rows as well as at their ends.
     sqlx::query(
         "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
            SELECT 'stripe', 'evt_backlog_' || i, 'charge.succeeded', convert_to('{}', 'UTF8') \
-           FROM generate_series(1, 3000) AS i RETURNING seq, source, event_id) \
-         INSERT INTO events_outbox (seq, source, event_id, queued_at) \
-           SELECT seq, source, event_id, now() - interval '1 minute' FROM e",
+           FROM generate_series(1, 3000) AS i RETURNING seq, source, event_id), \
+         numbered AS (SELECT seq, source, event_id, row_number() OVER (ORDER BY seq) AS n FROM e), \
+         grouped AS (SELECT *, sum(CASE WHEN n = 1 OR (n - 1) % 7 = 0 OR (n - 1) % 13 = 0 THEN 1 ELSE 0 END) \
+                               OVER (ORDER BY seq) AS batch FROM numbered) \
+         INSERT INTO events_outbox (sources, event_ids, queued_at) \
+           SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), now() - interval '1 minute' \
+           FROM grouped GROUP BY batch ORDER BY batch",
     )
     .execute(&db.pool)
     .await
@@ -349,4 +361,53 @@ async fn an_xadd_error_inside_the_round_trip_keeps_the_event_in_the_outbox() {
     assert!(eventually(Duration::from_secs(5), || async { stream_ids(&redis, &key).await.get(&id) == Some(&1) }).await);
     assert!(outbox_empties(&db).await);
     gateway.stop().await;
+}
+
+/// A claim takes the oldest outbox rows until they hold the page's events (the row that reaches it
+/// included), locks them against other replicas' claims, and keeps a row whose events are gone, so that
+/// the catch-up deletes it instead of meeting it on every scan.
+#[tokio::test]
+async fn a_claim_takes_whole_rows_up_to_the_page_and_keeps_rows_whose_events_are_gone() {
+    let db = TestDb::create().await;
+    let config = test_config(&db.url);
+    Gateway::start(config.clone()).await.stop().await;
+    // Four rows of four stored events, then a row whose events were never stored.
+    sqlx::query(
+        "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
+           SELECT 'stripe', 'evt_claim_' || i, 'charge.succeeded', convert_to('{}', 'UTF8') \
+           FROM generate_series(1, 16) AS i RETURNING seq, source, event_id) \
+         INSERT INTO events_outbox (sources, event_ids, queued_at) \
+           SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), now() - interval '1 minute' \
+           FROM e GROUP BY (seq - (SELECT min(seq) FROM e)) / 4 ORDER BY 1",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("outbox rows");
+    sqlx::query(
+        "INSERT INTO events_outbox (sources, event_ids, queued_at) \
+           VALUES ('{stripe,stripe}', '{evt_gone_1,evt_gone_2}', now() - interval '1 minute')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("orphan row");
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM events_outbox ORDER BY id").fetch_all(&db.pool).await.expect("ids");
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    let grace = Duration::from_secs(5);
+    let event_ids =
+        |claimed: &hookgate::store::Claimed| claimed.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+
+    // 10 events: rows 1-3 (0, 4 and 8 events before them), 12 events in all, in their order.
+    let first = store.claim_unpublished(grace, 0, 10).await.expect("claim");
+    let expected: Vec<String> = (1..=12).map(|i| format!("evt_claim_{i}")).collect();
+    assert_eq!(event_ids(&first), expected);
+    assert_eq!(first.last_id(), Some(ids[2]));
+    // Another replica, meanwhile, skips the locked rows: row 4, then the orphan (no events, kept).
+    let other = store.claim_unpublished(grace, 0, 10).await.expect("claim");
+    assert_eq!(event_ids(&other), (13..=16).map(|i| format!("evt_claim_{i}")).collect::<Vec<_>>());
+    assert_eq!(other.last_id(), Some(ids[4]), "the row whose events are gone is claimed too");
+    other.mark_published().await.expect("mark");
+    first.mark_published().await.expect("mark");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
+    assert_eq!(left, 0);
 }

@@ -264,8 +264,65 @@ async fn migrate_creates_the_schema_with_its_vacuum_settings() {
     let events = options("events").await.expect("events exists");
     assert!(events.contains(&"autovacuum_vacuum_insert_threshold=50000".to_owned()), "{events:?}");
     assert!(events.contains(&"autovacuum_vacuum_insert_scale_factor=0.0".to_owned()), "{events:?}");
-    // events_outbox: a fixed dead-row threshold (0003), throttled again (0004).
+    // events_outbox, a row per batch (0005): a fixed dead-row threshold, with the default throttling.
     let outbox = options("events_outbox").await.expect("events_outbox exists");
-    assert!(outbox.contains(&"autovacuum_vacuum_threshold=10000".to_owned()), "{outbox:?}");
+    assert!(outbox.contains(&"autovacuum_vacuum_threshold=1000".to_owned()), "{outbox:?}");
     assert!(!outbox.iter().any(|o| o.starts_with("autovacuum_vacuum_cost_delay")), "{outbox:?}");
+}
+
+/// An upgrade from the outbox of a row per event (migrations 0001-0004) to a row per batch (0005) keeps
+/// what was queued: a gateway on the migrated database publishes every event once and empties the outbox.
+#[tokio::test]
+async fn migrating_a_per_event_outbox_keeps_its_backlog() {
+    let db = TestDb::create().await;
+    // The schema as it was before 0005: the first four migrations, from a folder of their own.
+    let old = std::env::temp_dir().join(unique("hg_migrations_0004"));
+    std::fs::create_dir_all(&old).expect("folder");
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).expect("migrations") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+        if name.as_str() < "0005" {
+            std::fs::copy(&path, old.join(name)).expect("copy");
+        }
+    }
+    let before = sqlx::migrate::Migrator::new(old.as_path()).await.expect("old migrations");
+    assert_eq!(before.iter().count(), 4);
+    before.run(&db.pool).await.expect("migrate to 0004");
+    let _ = std::fs::remove_dir_all(&old);
+    let ids: Vec<String> = (0..30).map(|_| unique("evt_upgrade")).collect();
+    let bodies: Vec<Vec<u8>> = ids.iter().map(|id| stripe_event(id).into_bytes()).collect();
+    sqlx::query(
+        "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
+           SELECT 'stripe', id, 'charge.succeeded', body FROM unnest($1::text[], $2::bytea[]) AS b(id, body) \
+           RETURNING seq, source, event_id) \
+         INSERT INTO events_outbox (seq, source, event_id, queued_at) \
+           SELECT seq, source, event_id, now() - interval '1 minute' FROM e",
+    )
+    .bind(&ids)
+    .bind(&bodies)
+    .execute(&db.pool)
+    .await
+    .expect("per-event outbox rows");
+
+    let config = test_config(&db.url);
+    let key = config.notify.stream_for("stripe");
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    store.migrate().await.expect("migrate to 0005");
+    assert_eq!(store.count_unpublished(Duration::from_secs(5)).await.expect("count"), 30, "every queued event kept");
+    let gateway = Gateway::start(config).await;
+    let redis = redis_url();
+    assert!(
+        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
+        "the catch-up publishes the migrated backlog"
+    );
+    let stream = stream_ids(&redis, &key).await;
+    assert!(ids.iter().all(|id| stream.get(id) == Some(&1)), "each event once");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count")
+                == 0
+        })
+        .await
+    );
+    gateway.stop().await;
 }
