@@ -27,8 +27,9 @@ const MARK_INTERVAL: Duration = Duration::from_millis(100);
 const MARK_MAX: usize = 4096;
 /// Most events in one publish round trip when the publisher drains several queued batches at once: the
 /// default `workers.batch_max`, the largest batch a worker forms, so a coalesced round trip is never
-/// bigger than one batch could be (`round_trips`). (At 4,096, ~5 MB pipelines to a Redis fsyncing every write timed out
-/// under overload; each timeout marks Redis down, and the catch-up published 3.28M of 3.5M events.)
+/// bigger than one batch could be (`round_trips`). (At 4,096, ~5 MB pipelines to a Redis fsyncing every
+/// write timed out under overload; each timeout marks Redis down, and the catch-up published 3.28M of
+/// 3.5M events.)
 const PUBLISH_MAX: usize = 512;
 /// While the normal path keeps up, the outbox is only scanned this often, as a safety net (another
 /// replica's crash). Scanning it every interval costs Postgres more as dead rows accumulate.
