@@ -121,7 +121,6 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     let db = TestDb::create().await;
     // A first run creates the schema; then rows are written as a crash between commit and publish leaves them.
     let config = test_config(&db.url);
-    let key = config.notify.stream_for("stripe");
     Gateway::start(config.clone()).await.stop().await;
     // Ten batches of five, each with its outbox row.
     let ids: Vec<String> = (0..50).map(|_| unique("evt_crash")).collect();
@@ -140,16 +139,7 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
         .await
         .expect("insert unpublished");
     }
-    let gateway = Gateway::start(config).await;
-    let redis = redis_url();
-    assert!(
-        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
-        "the catch-up publishes the backlog at start-up"
-    );
-    let stream = stream_ids(&redis, &key).await;
-    assert!(ids.iter().all(|id| stream.get(id) == Some(&1)));
-    assert!(outbox_empties(&db).await);
-    gateway.stop().await;
+    start_and_expect_backlog_published(config, &db, &ids, "backlog").await.stop().await;
 }
 
 /// The start-up check reads how Redis persists: the test's Redis (`appendfsync always`, as the gateway
@@ -320,16 +310,6 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN)
-}
-
-/// Waits (up to 5 s) for the outbox to be empty: every stored event marked published.
-async fn outbox_empties(db: &TestDb) -> bool {
-    eventually(Duration::from_secs(5), || async {
-        let queued: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
-        queued == 0
-    })
-    .await
 }
 
 /// A command that fails inside the round trip (here every `XADD`, on a key that is not a stream) fails the

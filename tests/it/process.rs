@@ -305,24 +305,8 @@ async fn migrating_a_per_event_outbox_keeps_its_backlog() {
     .expect("per-event outbox rows");
 
     let config = test_config(&db.url);
-    let key = config.notify.stream_for("stripe");
     let store = hookgate::store::Store::new(&config.store, true).expect("store");
     store.migrate().await.expect("migrate to 0005");
     assert_eq!(store.count_unpublished(Duration::from_secs(5)).await.expect("count"), 30, "every queued event kept");
-    let gateway = Gateway::start(config).await;
-    let redis = redis_url();
-    assert!(
-        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
-        "the catch-up publishes the migrated backlog"
-    );
-    let stream = stream_ids(&redis, &key).await;
-    assert!(ids.iter().all(|id| stream.get(id) == Some(&1)), "each event once");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count")
-                == 0
-        })
-        .await
-    );
-    gateway.stop().await;
+    start_and_expect_backlog_published(config, &db, &ids, "migrated backlog").await.stop().await;
 }

@@ -376,3 +376,30 @@ pub fn free_port() -> u16 {
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Waits (up to 5 s) for the outbox to be empty: every stored event marked published.
+pub async fn outbox_empties(db: &TestDb) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let queued: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
+        queued == 0
+    })
+    .await
+}
+
+/// Starts a gateway on `config` (whose database is `db`'s) and asserts that its start-up catch-up publishes
+/// each of `ids`, queued in the outbox beforehand, to the `stripe` stream exactly once and empties the
+/// outbox. `what` names the backlog in the failure message.
+pub async fn start_and_expect_backlog_published(config: Config, db: &TestDb, ids: &[String], what: &str) -> Gateway {
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let redis = redis_url();
+    assert!(
+        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
+        "the catch-up publishes the {what} at start-up"
+    );
+    let stream = stream_ids(&redis, &key).await;
+    assert!(ids.iter().all(|id| stream.get(id) == Some(&1)), "each event of the {what} once");
+    assert!(outbox_empties(db).await, "the {what} leaves the outbox");
+    gateway
+}
