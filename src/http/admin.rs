@@ -97,9 +97,10 @@ async fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         Err(_) => "timeout",
     };
     let saturation = state.pipeline.saturation();
-    let queue = if saturation.any() { "saturated" } else { "ok" };
+    let saturated = saturation.any();
+    let queue = if saturated { "saturated" } else { "ok" };
     let shutting_down = state.shutting_down.is_cancelled();
-    let ready = database == "ok" && !saturation.any() && !shutting_down;
+    let ready = database == "ok" && !saturated && !shutting_down;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
         "ready": ready,

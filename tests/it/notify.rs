@@ -124,21 +124,7 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     Gateway::start(config.clone()).await.stop().await;
     // Ten batches of five, each with its outbox row.
     let ids: Vec<String> = (0..50).map(|_| unique("evt_crash")).collect();
-    for batch in ids.chunks(5) {
-        let bodies: Vec<Vec<u8>> = batch.iter().map(|id| stripe_event(id).into_bytes()).collect();
-        sqlx::query(
-            "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
-               SELECT 'stripe', id, 'charge.succeeded', body FROM unnest($1::text[], $2::bytea[]) AS b(id, body) \
-               RETURNING seq, source, event_id) \
-             INSERT INTO events_outbox (sources, event_ids, queued_at) \
-               SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), now() - interval '1 minute' FROM e",
-        )
-        .bind(batch)
-        .bind(&bodies)
-        .execute(&db.pool)
-        .await
-        .expect("insert unpublished");
-    }
+    queue_unpublished(&db, &ids.chunks(5).collect::<Vec<_>>()).await;
     start_and_expect_backlog_published(config, &db, &ids, "backlog").await.stop().await;
 }
 
@@ -232,20 +218,10 @@ async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
     Gateway::start(config.clone()).await.stop().await;
     // 3,000 events in outbox rows of 1 to 7 events (a row starts at every 7th and every 13th event), so
     // that pages of 50 events end inside rows as well as at their ends.
-    sqlx::query(
-        "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
-           SELECT 'stripe', 'evt_backlog_' || i, 'charge.succeeded', convert_to('{}', 'UTF8') \
-           FROM generate_series(1, 3000) AS i RETURNING seq, source, event_id), \
-         numbered AS (SELECT seq, source, event_id, row_number() OVER (ORDER BY seq) AS n FROM e), \
-         grouped AS (SELECT *, sum(CASE WHEN n = 1 OR (n - 1) % 7 = 0 OR (n - 1) % 13 = 0 THEN 1 ELSE 0 END) \
-                               OVER (ORDER BY seq) AS batch FROM numbered) \
-         INSERT INTO events_outbox (sources, event_ids, queued_at) \
-           SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), now() - interval '1 minute' \
-           FROM grouped GROUP BY batch ORDER BY batch",
-    )
-    .execute(&db.pool)
-    .await
-    .expect("backlog");
+    let ids: Vec<String> = (0..3000).map(|i| format!("evt_backlog_{i}")).collect();
+    let starts: Vec<usize> = (0..ids.len()).filter(|n| n % 7 == 0 || n % 13 == 0).chain([ids.len()]).collect();
+    let batches: Vec<&[String]> = starts.windows(2).map(|w| &ids[w[0]..w[1]]).collect();
+    queue_unpublished(&db, &batches).await;
     let (a, b) = tokio::join!(Gateway::start(config.clone()), Gateway::start(config));
     let redis = redis_url();
     assert!(
@@ -256,9 +232,9 @@ async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
         })
         .await
     );
-    let ids = stream_ids(&redis, &key).await;
-    assert_eq!(ids.len(), 3000, "every backlog event is published");
-    let twice = ids.values().filter(|n| **n > 1).count();
+    let published = stream_ids(&redis, &key).await;
+    assert_eq!(published.len(), 3000, "every backlog event is published");
+    let twice = published.values().filter(|n| **n > 1).count();
     assert_eq!(twice, 0, "no backlog event is published twice");
     tokio::join!(a.stop(), b.stop());
 }
@@ -352,17 +328,8 @@ async fn a_claim_takes_whole_rows_up_to_the_page_and_keeps_rows_whose_events_are
     let config = test_config(&db.url);
     Gateway::start(config.clone()).await.stop().await;
     // Four rows of four stored events, then a row whose events were never stored.
-    sqlx::query(
-        "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
-           SELECT 'stripe', 'evt_claim_' || i, 'charge.succeeded', convert_to('{}', 'UTF8') \
-           FROM generate_series(1, 16) AS i RETURNING seq, source, event_id) \
-         INSERT INTO events_outbox (sources, event_ids, queued_at) \
-           SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), now() - interval '1 minute' \
-           FROM e GROUP BY (seq - (SELECT min(seq) FROM e)) / 4 ORDER BY 1",
-    )
-    .execute(&db.pool)
-    .await
-    .expect("outbox rows");
+    let stored: Vec<String> = (1..=16).map(|i| format!("evt_claim_{i}")).collect();
+    queue_unpublished(&db, &stored.chunks(4).collect::<Vec<_>>()).await;
     sqlx::query(
         "INSERT INTO events_outbox (sources, event_ids, queued_at) \
            VALUES ('{stripe,stripe}', '{evt_gone_1,evt_gone_2}', now() - interval '1 minute')",

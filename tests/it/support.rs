@@ -403,3 +403,29 @@ pub async fn start_and_expect_backlog_published(config: Config, db: &TestDb, ids
     assert!(outbox_empties(db).await, "the {what} leaves the outbox");
     gateway
 }
+
+/// Stores `stripe` events and leaves them unpublished, as a crash between commit and publish does: one
+/// outbox row per batch (its ids in order), queued a minute ago, past any test's grace. One statement.
+pub async fn queue_unpublished(db: &TestDb, batches: &[&[String]]) {
+    let ids: Vec<&String> = batches.iter().flat_map(|b| b.iter()).collect();
+    let batch_of: Vec<i32> = batches
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| std::iter::repeat_n(i32::try_from(i).expect("batch count"), b.len()))
+        .collect();
+    let bodies: Vec<Vec<u8>> = ids.iter().map(|id| stripe_event(id).into_bytes()).collect();
+    sqlx::query(
+        "WITH input AS (SELECT * FROM unnest($1::text[], $2::int4[], $3::bytea[]) WITH ORDINALITY AS b(id, batch, body, n)), \
+         e AS (INSERT INTO events (source, event_id, event_type, body) \
+               SELECT 'stripe', id, 'charge.succeeded', body FROM input ORDER BY n RETURNING seq, source, event_id) \
+         INSERT INTO events_outbox (sources, event_ids, queued_at) \
+           SELECT array_agg(e.source ORDER BY e.seq), array_agg(e.event_id ORDER BY e.seq), now() - interval '1 minute' \
+           FROM e JOIN input ON input.id = e.event_id GROUP BY input.batch ORDER BY input.batch",
+    )
+    .bind(&ids)
+    .bind(&batch_of)
+    .bind(&bodies)
+    .execute(&db.pool)
+    .await
+    .expect("queue unpublished events");
+}
