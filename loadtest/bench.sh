@@ -368,8 +368,8 @@ print(f'{r[1]:.0f} MiB after 10 s, {r[-1]:.0f} MiB at the end, {max(r):.0f} MiB 
 done
 
 # --- 3. the baseline again --------------------------------------------------------------------------------
-# The host's speed drifts within the hour (the sink itself held 26,244/s in one run and 30,618/s an hour
-# later on the same machine), and the gateway's modes run 20-40 minutes after the first baseline. So the sink
+# The host's speed drifts within the hour (the sink itself held 26,244/s in one run and 30,618/s in the runs
+# an hour before and after it), and the gateway's modes run 20-40 minutes after the first baseline. So the sink
 # is measured again at the end, from the rate its first search ended on (stepping down if it misses), and the
 # ratios are given against both: a drift shows as two different ratios instead of hiding in one. A checkpoint
 # first: in the first run with this step, one spread over the gateway's WAL ran through 4 of its 8 tries.
