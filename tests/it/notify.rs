@@ -224,14 +224,7 @@ async fn two_gateways_share_one_backlog_and_publish_each_event_once() {
     queue_unpublished(&db, &batches).await;
     let (a, b) = tokio::join!(Gateway::start(config.clone()), Gateway::start(config));
     let redis = redis_url();
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            let pending: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
-            pending == 0
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(30), || async { outbox_rows(&db).await == 0 }).await);
     let published = stream_ids(&redis, &key).await;
     assert_eq!(published.len(), 3000, "every backlog event is published");
     let twice = published.values().filter(|n| **n > 1).count();
@@ -309,9 +302,7 @@ async fn an_xadd_error_inside_the_round_trip_keeps_the_event_in_the_outbox() {
     assert_eq!(post_stripe(&client(), &gateway, &id).await.status, 202);
     // Several failed publishes (the publisher's and the catch-up's) go by: the row must still be there.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let queued: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
-    assert_eq!(queued, 1, "a failed XADD leaves the event unpublished");
+    assert_eq!(outbox_rows(&db).await, 1, "a failed XADD leaves the event unpublished");
 
     redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await.expect("DEL");
     assert!(eventually(Duration::from_secs(5), || async { stream_ids(&redis, &key).await.get(&id) == Some(&1) }).await);
@@ -355,6 +346,5 @@ async fn a_claim_takes_whole_rows_up_to_the_page_and_keeps_rows_whose_events_are
     assert_eq!(other.last_id(), Some(ids[4]), "the row whose events are gone is claimed too");
     other.mark_published().await.expect("mark");
     first.mark_published().await.expect("mark");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
-    assert_eq!(left, 0);
+    assert_eq!(outbox_rows(&db).await, 0);
 }

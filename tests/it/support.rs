@@ -377,14 +377,14 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Rows in the outbox: batches stored but not yet all on their streams.
+pub async fn outbox_rows(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count outbox rows")
+}
+
 /// Waits (up to 5 s) for the outbox to be empty: every stored event marked published.
 pub async fn outbox_empties(db: &TestDb) -> bool {
-    eventually(Duration::from_secs(5), || async {
-        let queued: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events_outbox").fetch_one(&db.pool).await.expect("count");
-        queued == 0
-    })
-    .await
+    eventually(Duration::from_secs(5), || async { outbox_rows(db).await == 0 }).await
 }
 
 /// Starts a gateway on `config` (whose database is `db`'s) and asserts that its start-up catch-up publishes
