@@ -143,6 +143,7 @@ BATCHES=()
 TRIES=()
 PROFILES=()
 row() { ROWS+=("$1"); }
+percent() { python3 -c "print(f'{$1 / $2 * 100:.1f}%' if $2 else '-')"; } # $1 as a share of $2, one decimal
 
 # Runs find-max against $1 (label $2); records its CPU use via the pids in $3. Sets RATE.
 find_max() {
@@ -336,7 +337,7 @@ TOML
   else
     VERIFY="FAILED: $(json "$OUT/verify-$mode.json" "d['lost']") lost"
   fi
-  RATIO=$(python3 -c "print(f'{$RATE / $BASE * 100:.1f}%')")
+  RATIO=$(percent "$RATE" "$BASE")
   row "| gateway, $mode | $RATE, $HELD (find-max: $FOUND) | $RATIO | $(summary_cells "$OUT/run-$mode.json") | $GW_CPU / $GW_RSS MiB | $PG_CPU | $RD_CPU | $GEN_CPU / $GEN_RSS MiB | $VERIFY |"
   eval "RATE_$mode=$RATE"
   curl -s http://127.0.0.1:19464/metrics > "$OUT/metrics-$mode.txt"
@@ -380,7 +381,7 @@ sleep 0.5
 RATE=$BASE
 sustain_search http://127.0.0.1:18090/webhooks/stripe sink-again "$SINK"
 BASE_AGAIN=$RATE
-row "| sink, again after the gateway | $BASE_AGAIN, $HELD (from the first baseline's rate) | $(python3 -c "print(f'{$BASE_AGAIN / $BASE * 100:.1f}%')") | $(summary_cells "$OUT/run-sink-again.json") | $GW_CPU / $GW_RSS MiB | - | - | $GEN_CPU / $GEN_RSS MiB | - |"
+row "| sink, again after the gateway | $BASE_AGAIN, $HELD (from the first baseline's rate) | $(percent "$BASE_AGAIN" "$BASE") | $(summary_cells "$OUT/run-sink-again.json") | $GW_CPU / $GW_RSS MiB | - | - | $GEN_CPU / $GEN_RSS MiB | - |"
 kill $SINK; wait $SINK 2>/dev/null || true
 
 # --- 4. the raw Postgres limit: the same batched insert, from pgbench -------------------------------------
@@ -433,11 +434,11 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "The baseline: $BASE/s first, $BASE_AGAIN/s at the end (the rates each search ended on; the table says whether"
-  echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0}"; echo -n "$mode $(python3 -c "print(f'{$r / max($BASE, 1) * 100:.1f}% and {$r / max($BASE_AGAIN, 1) * 100:.1f}%')"), "; done | sed 's/, $//')."
+  echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0}"; echo -n "$mode $(percent "$r" "$BASE") and $(percent "$r" "$BASE_AGAIN"), "; done | sed 's/, $//')."
   echo
   DUR=${RATE_durable:-0}
-  echo "Durable ingest vs raw Postgres batched insert: $(python3 -c "print(f'{$DUR / max($PG_RATE, 1) * 100:.1f}%')") of the $BATCH-row rate,"
-  echo "$(python3 -c "print(f'{$DUR / max($PG_RATE_MEAN, 1) * 100:.1f}%')") of the rate at the gateway's own mean batch size."
+  echo "Durable ingest vs raw Postgres batched insert: $(percent "$DUR" "$PG_RATE") of the $BATCH-row rate,"
+  echo "$(percent "$DUR" "$PG_RATE_MEAN") of the rate at the gateway's own mean batch size."
   echo
   echo "Sustained tries ($SUSTAIN each; in brackets, the share of 50 ms samples with a Postgres checkpoint in progress and with an autovacuum worker running, and the disk's write + fdatasync latency probed alongside): $(printf '%s; ' "${TRIES[@]}")"
   echo
