@@ -163,7 +163,7 @@ find_max() {
   # sustained search still runs, from START_RATE; the run used to end here, losing the modes measured
   # before it (20261128T005210Z: durable's two 2,000/s steps had P99 142 and 15.4 ms).
   if [ "$RATE" -le 0 ]; then
-    echo "bench.sh: $label met the SLO ($SLO) in no find-max step, not even at START_RATE=$START_RATE/s; the 60 s search starts there" >&2
+    echo "bench.sh: $label met the SLO ($SLO) in no find-max step, not even at START_RATE=$START_RATE/s; the $SUSTAIN search starts there" >&2
     RATE=$START_RATE
     FOUND="none passed; searched from $START_RATE"
   fi
