@@ -144,6 +144,14 @@ TRIES=()
 PROFILES=()
 row() { ROWS+=("$1"); }
 percent() { python3 -c "print(f'{$1 / $2 * 100:.1f}%' if $2 else '-')"; } # $1 as a share of $2, one decimal
+# A mode's rate as a share of $2, unless the search ended on a try that missed the SLO ($3 says "not held"):
+# then the cell says so, and gives the share of that last, failed try only in brackets.
+held_share() {
+  case "$3" in
+    "not held"*) echo "none held (its last try: $(percent "$1" "$2"))" ;;
+    *) percent "$1" "$2" ;;
+  esac
+}
 
 # Runs find-max against $1 (label $2); records its CPU use via the pids in $3. Sets RATE to the rate to
 # sustain, and FOUND to what find-max said.
@@ -343,9 +351,9 @@ TOML
   else
     VERIFY="FAILED: $(json "$OUT/verify-$mode.json" "d['lost']") lost"
   fi
-  RATIO=$(percent "$RATE" "$BASE")
+  RATIO=$(held_share "$RATE" "$BASE" "$HELD")
   row "| gateway, $mode | $RATE, $HELD (find-max: $FOUND) | $RATIO | $(summary_cells "$OUT/run-$mode.json") | $GW_CPU / $GW_RSS MiB | $PG_CPU | $RD_CPU | $GEN_CPU / $GEN_RSS MiB | $VERIFY |"
-  eval "RATE_$mode=$RATE"
+  eval "RATE_$mode=$RATE HELD_$mode=\"$HELD\""
   curl -s http://127.0.0.1:19464/metrics > "$OUT/metrics-$mode.txt"
   if [ "$mode" = durable ] && [ -n "${SOAK:-}" ]; then
     SOAK_RATE=$(python3 -c "print(int($RATE * 0.8))")
@@ -440,10 +448,14 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "The baseline: $BASE/s first, $BASE_AGAIN/s at the end (the rates each search ended on; the table says whether"
-  echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0}"; echo -n "$mode $(percent "$r" "$BASE") and $(percent "$r" "$BASE_AGAIN"), "; done | sed 's/, $//')."
+  echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0}"; eval "h=\${HELD_$mode:-}"; echo -n "$mode $(held_share "$r" "$BASE" "$h") and $(held_share "$r" "$BASE_AGAIN" "$h"), "; done | sed 's/, $//')."
   echo
   DUR=${RATE_durable:-0}
-  echo "Durable ingest vs raw Postgres batched insert: $(percent "$DUR" "$PG_RATE") of the $BATCH-row rate,"
+  case "${HELD_durable:-}" in
+    "not held"*) echo -n "Durable ingest vs raw Postgres batched insert: no durable rate held; its last try was " ;;
+    *) echo -n "Durable ingest vs raw Postgres batched insert: " ;;
+  esac
+  echo "$(percent "$DUR" "$PG_RATE") of the $BATCH-row rate,"
   echo "$(percent "$DUR" "$PG_RATE_MEAN") of the rate at the gateway's own mean batch size."
   echo
   echo "Sustained tries ($SUSTAIN each; in brackets, the share of 50 ms samples with a Postgres checkpoint in progress and with an autovacuum worker running, and the disk's write + fdatasync latency probed alongside): $(printf '%s; ' "${TRIES[@]}")"
