@@ -136,6 +136,9 @@ stop_postgres() {
 }
 
 redis_running() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; }
+# Answering is not serving: while it loads its append-only file, Redis answers every command (PING too) with
+# a LOADING error, and redis-cli still exits 0 for an error reply.
+redis_ready() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
 start_redis() {
   ensure_redis_installed
@@ -151,8 +154,18 @@ start_redis() {
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save '' --appendonly yes \
       --appendfsync always --auto-aof-rewrite-min-size 4gb \
       --dir "$STATE_DIR/redis" --pidfile "$STATE_DIR/redis/redis.pid" --logfile "$STATE_DIR/redis/redis.log"
-    local i
-    for i in $(seq 1 50); do redis_running && break; sleep 0.1; done
+  fi
+  local i
+  for i in $(seq 1 50); do redis_running && break; sleep 0.1; done
+  # A large append-only file (the benchmark's streams, kept across runs) takes a while to load: about a
+  # minute for 2.6 GB here. Return once Redis serves, so that nothing started after sees LOADING errors.
+  if redis_running && ! redis_ready; then
+    log "waiting for redis to load its append-only file"
+    for i in $(seq 1 3000); do redis_ready && break; sleep 0.1; done
+  fi
+  if ! redis_ready; then
+    log "redis on 127.0.0.1:$REDIS_PORT is not serving; see $STATE_DIR/redis/redis.log"
+    exit 1
   fi
 }
 
