@@ -157,8 +157,8 @@ start_redis() {
   fi
   local i
   for i in $(seq 1 50); do redis_running && break; sleep 0.1; done
-  # A large append-only file (the benchmark's streams, kept across runs) takes a while to load: about a
-  # minute for 2.6 GB here. Return once Redis serves, so that nothing started after sees LOADING errors.
+  # A large append-only file (load tests write whole streams to it until its next rewrite) takes a while to
+  # load: about a minute for 2.6 GB here. Return once Redis serves, so nothing started after sees LOADING.
   if redis_running && ! redis_ready; then
     log "waiting for redis to load its append-only file"
     for i in $(seq 1 3000); do redis_ready && break; sleep 0.1; done
