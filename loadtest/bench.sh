@@ -144,13 +144,12 @@ TRIES=()
 PROFILES=()
 row() { ROWS+=("$1"); }
 percent() { python3 -c "print(f'{$1 / $2 * 100:.1f}%' if $2 else '-')"; } # $1 as a share of $2, one decimal
-# A mode's rate as a share of $2, unless the search ended on a try that missed the SLO ($3 says "not held"):
-# then the cell says so, and gives the share of that last, failed try only in brackets.
+# True when a search's HELD text ($1) says it ended on a try that missed the SLO.
+missed() { case "$1" in "not held"*) return 0 ;; *) return 1 ;; esac; }
+# A mode's rate as a share of $2, or, when its search held no rate ($3 is its HELD), a cell that says so and
+# gives the share of that last, failed try only in brackets.
 held_share() {
-  case "$3" in
-    "not held"*) echo "none held (its last try: $(percent "$1" "$2"))" ;;
-    *) percent "$1" "$2" ;;
-  esac
+  if missed "$3"; then echo "none held (its last try: $(percent "$1" "$2"))"; else percent "$1" "$2"; fi
 }
 
 # Runs find-max against $1 (label $2); records its CPU use via the pids in $3. Sets RATE to the rate to
@@ -448,13 +447,11 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "The baseline: $BASE/s first, $BASE_AGAIN/s at the end (the rates each search ended on; the table says whether"
-  echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0}"; eval "h=\${HELD_$mode:-}"; echo -n "$mode $(held_share "$r" "$BASE" "$h") and $(held_share "$r" "$BASE_AGAIN" "$h"), "; done | sed 's/, $//')."
+  echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0} h=\${HELD_$mode:-}"; echo -n "$mode $(held_share "$r" "$BASE" "$h") and $(held_share "$r" "$BASE_AGAIN" "$h"), "; done | sed 's/, $//')."
   echo
   DUR=${RATE_durable:-0}
-  case "${HELD_durable:-}" in
-    "not held"*) echo -n "Durable ingest vs raw Postgres batched insert: no durable rate held; its last try was " ;;
-    *) echo -n "Durable ingest vs raw Postgres batched insert: " ;;
-  esac
+  echo -n "Durable ingest vs raw Postgres batched insert: "
+  if missed "${HELD_durable:-}"; then echo -n "no durable rate held; its last try was "; fi
   echo "$(percent "$DUR" "$PG_RATE") of the $BATCH-row rate,"
   echo "$(percent "$DUR" "$PG_RATE_MEAN") of the rate at the gateway's own mean batch size."
   echo
