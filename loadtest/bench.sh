@@ -249,17 +249,19 @@ sustain() {
 
 # The files and figures one sustained try of $1 leaves, kept aside while a higher rate is tried, so that the
 # table, plot, profile and audit all describe the rate the search reports.
-TRY_FILES="run-%s.csv run-%s.json run-%s.txt plot-%s.html background-%s.txt syncprobe-%s.json syncprobe-%s.txt time-%s verify-%s.json"
+try_files() {
+  echo "run-$1.csv run-$1.json run-$1.txt plot-$1.html background-$1.txt syncprobe-$1.json syncprobe-$1.txt time-$1 verify-$1.json"
+}
 TRY_VARS="GW_CPU GW_RSS PG_CPU RD_CPU GEN_CPU GEN_RSS VERIFY"
 keep_try() { # $1 = label: set the try just run aside
   local f
   rm -rf "$OUT/held-$1"; mkdir -p "$OUT/held-$1"
-  for f in ${TRY_FILES//%s/$1}; do [ ! -e "$OUT/$f" ] || cp "$OUT/$f" "$OUT/held-$1/"; done
+  for f in $(try_files "$1"); do [ ! -e "$OUT/$f" ] || cp "$OUT/$f" "$OUT/held-$1/"; done
   for f in $TRY_VARS; do echo "$f=\"${!f:-}\""; done > "$OUT/held-$1/vars"
 }
 restore_try() { # $1 = label: put the try set aside back in place of the later ones
   local f
-  for f in ${TRY_FILES//%s/$1}; do rm -f "$OUT/$f"; [ ! -e "$OUT/held-$1/$f" ] || mv "$OUT/held-$1/$f" "$OUT/"; done
+  for f in $(try_files "$1"); do rm -f "$OUT/$f"; [ ! -e "$OUT/held-$1/$f" ] || mv "$OUT/held-$1/$f" "$OUT/"; done
   . "$OUT/held-$1/vars"
 }
 
