@@ -457,10 +457,10 @@ WITH inserted AS (
            false, '2026-07-29.dahlia', NULL, convert_to(repeat('x', 1024), 'UTF8')
     FROM generate_series(1, $batch) AS g
     ON CONFLICT (source, event_id) DO NOTHING
-    RETURNING source, event_id, seq, received_at
+    RETURNING source, event_id, seq, received_at, octet_length(body) AS body_bytes
 ), queued AS (
-    INSERT INTO events_outbox (sources, event_ids)
-    SELECT array_agg(source), array_agg(event_id) FROM inserted HAVING count(*) > 0
+    INSERT INTO events_outbox (sources, event_ids, body_bytes)
+    SELECT array_agg(source), array_agg(event_id), sum(body_bytes) FROM inserted HAVING count(*) > 0
 )
 SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8 FROM inserted;
 SQL

@@ -144,6 +144,7 @@ pub struct NotifyConfig {
     pub command_timeout_ms: u64,
     pub catchup_interval_ms: u64,
     pub catchup_batch: u32,
+    pub catchup_page_mb: u32,
     pub catchup_grace_ms: u64,
     pub warn_interval_s: u64,
     pub queue_batches: usize,
@@ -266,6 +267,7 @@ impl Config {
             ("notify.command_timeout_ms", self.notify.command_timeout_ms),
             ("notify.catchup_interval_ms", self.notify.catchup_interval_ms),
             ("notify.catchup_batch", u64::from(self.notify.catchup_batch)),
+            ("notify.catchup_page_mb", u64::from(self.notify.catchup_page_mb)),
             ("notify.warn_interval_s", self.notify.warn_interval_s),
             ("notify.queue_batches", self.notify.queue_batches as u64),
         ];

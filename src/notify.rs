@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::NotifyConfig;
 use crate::error_chain;
-use crate::store::{OutboxBatch, ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
+use crate::store::{OutboxBatch, PageLimit, ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
 
 /// Longest a published batch waits to be marked; well under `catchup_grace_ms`, so the catch-up does not
 /// republish what the normal path has just published.
@@ -356,22 +356,22 @@ impl Notifier {
 
     /// Publishes the outbox's backlog, oldest first, until it is empty or Redis fails. Returns how many.
     ///
-    /// Each page (outbox rows holding about `catchup_batch` events) is claimed while the previous one is on
-    /// its way to Redis, so the database query and the Redis round trip overlap, and each claim resumes
-    /// after the previous page's last outbox id.
+    /// Each page (outbox rows holding about `catchup_batch` events, or `catchup_page_mb` of bodies) is
+    /// claimed while the previous one is on its way to Redis, so the database query and the Redis round
+    /// trip overlap, and each claim resumes after the previous page's last outbox id.
     pub async fn catch_up(&self) -> Result<u64, NotifyError> {
         let grace = Duration::from_millis(self.config.catchup_grace_ms);
-        let page = self.config.catchup_batch;
+        let page = self.page_limit();
         let mut published = 0;
-        let mut claimed = self.store.claim_unpublished(grace, 0, i64::from(page)).await?;
+        let mut claimed = self.store.claim_unpublished(grace, 0, page).await?;
         while let Some(last_id) = claimed.last_id() {
             let n = claimed.events.len() as u64;
-            // A short page means the backlog is drained (as far as the grace allows): claim no further.
+            // A page that ran out of rows means the backlog is drained (as far as the grace allows).
             let claim_next = async {
-                if n < u64::from(page) {
-                    None
+                if claimed.full {
+                    Some(self.store.claim_unpublished(grace, last_id, page).await)
                 } else {
-                    Some(self.store.claim_unpublished(grace, last_id, i64::from(page)).await)
+                    None
                 }
             };
             let (sent, next) = tokio::join!(self.publish(&claimed.events, "catchup"), claim_next);
@@ -504,10 +504,18 @@ impl Notifier {
         }
     }
 
+    /// What one catch-up or replay page may hold.
+    fn page_limit(&self) -> PageLimit {
+        PageLimit {
+            events: i64::from(self.config.catchup_batch),
+            body_bytes: i64::from(self.config.catchup_page_mb) * 1024 * 1024,
+        }
+    }
+
     /// Republishes stored events matching `filter`, in order of receipt, in pages; `progress` is called
     /// with the running count. Returns how many were published.
     pub async fn replay(&self, filter: &ReplayFilter, mut progress: impl FnMut(u64)) -> Result<u64, NotifyError> {
-        let page = i64::from(self.config.catchup_batch);
+        let page = self.page_limit();
         let (mut after, mut published) = (ReplayPosition::default(), 0u64);
         loop {
             let (events, next) = self.store.replay_page(filter, after, page).await?;

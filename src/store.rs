@@ -76,7 +76,8 @@ pub struct Store {
 }
 
 /// One statement per batch: insert what is new, and (with `$9`) queue it in the outbox in the same commit,
-/// as one outbox row holding the keys of the batch's new events (none when every event was a duplicate).
+/// as one outbox row holding the keys of the batch's new events (none when every event was a duplicate)
+/// and the bytes of their bodies (which bound the catch-up's pages).
 /// The two `array_agg`s read the same rows in the same order, so `sources[i]` and `event_ids[i]` stay one
 /// key; an `ORDER BY seq` in them would add two sorts per batch for an order only the catch-up uses.
 const INSERT_BATCH: &str = "
@@ -84,10 +85,10 @@ WITH inserted AS (
     INSERT INTO events (source, event_id, event_type, created, livemode, api_version, account, body)
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::bytea[])
     ON CONFLICT (source, event_id) DO NOTHING
-    RETURNING source, event_id, seq, received_at
+    RETURNING source, event_id, seq, received_at, octet_length(body) AS body_bytes
 ), queued AS (
-    INSERT INTO events_outbox (sources, event_ids)
-    SELECT array_agg(source), array_agg(event_id) FROM inserted WHERE $9 HAVING count(*) > 0
+    INSERT INTO events_outbox (sources, event_ids, body_bytes)
+    SELECT array_agg(source), array_agg(event_id), sum(body_bytes) FROM inserted WHERE $9 HAVING count(*) > 0
     RETURNING id
 )
 SELECT source, event_id, seq, (extract(epoch FROM received_at) * 1000)::int8, (SELECT id FROM queued) FROM inserted";
@@ -171,6 +172,8 @@ pub struct Claimed {
     pub events: Vec<StoredEvent>,
     /// The claimed rows, oldest first; a row whose events are no longer stored is here too, to be deleted.
     outbox_ids: Vec<i64>,
+    /// The page stopped at a limit, not for want of rows: more may be waiting behind it.
+    pub full: bool,
 }
 
 impl Claimed {
@@ -187,6 +190,16 @@ impl Claimed {
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// How much one catch-up or replay page may hold: events, and bytes of their bodies (what the page keeps in
+/// memory, twice over while the next page is claimed during a publish). A page takes at least one outbox
+/// row, or in a replay one event, so it passes a limit by at most that one: a row holds one batch, whose
+/// bodies the gateway once held together within `queue.body_memory_mb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit {
+    pub events: i64,
+    pub body_bytes: i64,
 }
 
 /// Where a replay has got to: the last event's receive time (µs since the epoch) and seq.
@@ -309,23 +322,38 @@ impl Store {
     }
 
     /// Claims the oldest outbox rows queued more than `grace` ago with an id above `after`, as many as hold
-    /// `limit` events (at least one row, however many events it holds), skipping rows another replica
-    /// holds, and reads their events back. The grace leaves fresh rows to the normal path, which publishes
-    /// them itself. `after` lets a drain resume behind its last page instead of walking, on every page, the
-    /// index entries of the rows it has just deleted (until a vacuum removes them).
+    /// `limit`'s events and bytes of bodies (at least one row, however much it holds), skipping rows another
+    /// replica holds, and reads their events back. The grace leaves fresh rows to the normal path, which
+    /// publishes them itself. `after` lets a drain resume behind its last page instead of walking, on every
+    /// page, the index entries of the rows it has just deleted (until a vacuum removes them).
     ///
-    /// A row holds a batch, so the page is counted in events, over rows not yet locked: the rows that would
-    /// make the page are read first (a window function, which `FOR UPDATE` cannot share a query with),
-    /// then locked with `SKIP LOCKED`, and the events of those locked are read back. Every row locked is
-    /// in the page (a lock left on a row outside it would keep this drain's next, concurrent, claim off the
-    /// row). When another replica holds some, the next rows are tried, until the page is full or nothing
-    /// is left.
-    pub async fn claim_unpublished(&self, grace: Duration, after: i64, limit: i64) -> Result<Claimed, StoreError> {
+    /// A row holds a batch, so the page is counted in whole rows not yet locked: the rows that would make
+    /// the page are read first (window functions, which `FOR UPDATE` cannot share a query with; a row's
+    /// bytes are those the gateway recorded with it, or, for a row queued before migration `0006`, the sum
+    /// of its events' `octet_length`s, which reads no TOASTed body), then locked with `SKIP LOCKED`, and the
+    /// events of those locked are read back. Every row locked is in the page (a lock left on a row outside
+    /// it would keep this drain's next, concurrent, claim off the row). When another replica holds some, the
+    /// next rows are tried, until the page is full or nothing is left.
+    pub async fn claim_unpublished(
+        &self,
+        grace: Duration,
+        after: i64,
+        limit: PageLimit,
+    ) -> Result<Claimed, StoreError> {
         const CANDIDATES: &str = "SELECT id FROM ( \
-                SELECT id, sum(cardinality(event_ids)) OVER (ORDER BY id) - cardinality(event_ids) AS before \
-                FROM (SELECT id, event_ids FROM events_outbox \
-                      WHERE id > $1 AND queued_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) AS oldest \
-            ) AS counted WHERE before < $3 ORDER BY id";
+                SELECT id, sum(bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - bytes AS bytes_before FROM ( \
+                    SELECT id, coalesce(body_bytes, (SELECT coalesce(sum(octet_length(e.body)), 0) \
+                                FROM unnest(sources, event_ids) AS k(source, event_id) \
+                                JOIN events e ON (e.source, e.event_id) = (k.source, k.event_id)))::int8 AS bytes \
+                    FROM ( \
+                        SELECT id, sources, event_ids, body_bytes, \
+                               sum(cardinality(event_ids)) OVER (ORDER BY id) - cardinality(event_ids) AS before \
+                        FROM (SELECT id, sources, event_ids, body_bytes FROM events_outbox \
+                              WHERE id > $1 AND queued_at < now() - make_interval(secs => $2) \
+                              ORDER BY id LIMIT $3) AS oldest \
+                    ) AS counted WHERE before < $3 \
+                ) AS sized \
+            ) AS weighed WHERE bytes_before < $4 ORDER BY id";
         // A LEFT JOIN keeps, as one row of NULLs, an event that is no longer stored: its outbox row is
         // claimed (and deleted) all the same.
         let lock_and_read = format!(
@@ -343,15 +371,19 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut events = Vec::new();
         let mut outbox_ids: Vec<i64> = Vec::new();
-        let (mut cursor, mut counted) = (after, 0);
-        while counted < limit {
+        let (mut cursor, mut counted, mut bytes) = (after, 0, 0);
+        let full = loop {
+            if counted >= limit.events || bytes >= limit.body_bytes {
+                break true;
+            }
             let candidates: Vec<i64> = sqlx::query_scalar(CANDIDATES)
                 .bind(cursor)
                 .bind(grace)
-                .bind(limit - counted)
+                .bind(limit.events - counted)
+                .bind(limit.body_bytes - bytes)
                 .fetch_all(&mut *tx)
                 .await?;
-            let Some(&last) = candidates.last() else { break };
+            let Some(&last) = candidates.last() else { break false };
             cursor = last;
             let rows = sqlx::query(&lock_and_read).bind(&candidates).bind(grace).fetch_all(&mut *tx).await?;
             for row in &rows {
@@ -360,12 +392,14 @@ impl Store {
                     outbox_ids.push(id);
                 }
                 if row.try_get::<Option<i64>, _>(0)?.is_some() {
-                    events.push(StoredEvent::from_row(row)?);
+                    let event = StoredEvent::from_row(row)?;
+                    bytes += i64::try_from(event.body.len()).unwrap_or(i64::MAX);
+                    events.push(event);
                 }
             }
             counted += i64::try_from(rows.len()).unwrap_or(i64::MAX);
-        }
-        Ok(Claimed { tx, events, outbox_ids })
+        };
+        Ok(Claimed { tx, events, outbox_ids, full })
     }
 
     /// Events that have waited longer than `grace` to be published (all sources): the catch-up's backlog.
@@ -381,19 +415,26 @@ impl Store {
     }
 
     /// One page of stored events matching `filter`, in order of receipt (`received_at`, then `seq`), after
-    /// the position `after` (a previous page's last `ReplayPosition`). Walks the (source, received_at) index.
+    /// the position `after` (a previous page's last `ReplayPosition`), within `limit` (at least one event).
+    /// Walks the (source, received_at) index. The page ends on the running sum of the bodies' lengths
+    /// (`octet_length` reads a TOASTed body's length from its pointer); the bodies past it are not sent.
     pub async fn replay_page(
         &self,
         filter: &ReplayFilter,
         after: ReplayPosition,
-        limit: i64,
+        limit: PageLimit,
     ) -> Result<(Vec<StoredEvent>, ReplayPosition), StoreError> {
         let query = format!(
-            "SELECT {NOTIFY_COLUMNS}, (extract(epoch FROM e.received_at) * 1000000)::int8 FROM events e \
-             WHERE source = $1 AND (received_at, seq) > (timestamptz 'epoch' + $2 * interval '1 microsecond', $7) \
-             AND ($3::int8 IS NULL OR received_at >= to_timestamp($3)) \
-             AND ($4::int8 IS NULL OR received_at < to_timestamp($4)) \
-             AND ($5::text IS NULL OR event_type LIKE $5) ORDER BY received_at, seq LIMIT $6"
+            "SELECT * FROM ( \
+                 SELECT {NOTIFY_COLUMNS}, (extract(epoch FROM e.received_at) * 1000000)::int8, \
+                        sum(octet_length(e.body)) OVER (ORDER BY e.received_at, e.seq ROWS UNBOUNDED PRECEDING) \
+                            - octet_length(e.body) AS bytes_before \
+                 FROM events e \
+                 WHERE source = $1 AND (received_at, seq) > (timestamptz 'epoch' + $2 * interval '1 microsecond', $7) \
+                 AND ($3::int8 IS NULL OR received_at >= to_timestamp($3)) \
+                 AND ($4::int8 IS NULL OR received_at < to_timestamp($4)) \
+                 AND ($5::text IS NULL OR event_type LIKE $5) ORDER BY received_at, seq LIMIT $6 \
+             ) AS page WHERE bytes_before < $8 ORDER BY 9, 1"
         );
         let rows = sqlx::query(&query)
             .bind(&filter.source)
@@ -401,8 +442,9 @@ impl Store {
             .bind(filter.since)
             .bind(filter.until)
             .bind(filter.type_like())
-            .bind(limit)
+            .bind(limit.events)
             .bind(after.seq)
+            .bind(limit.body_bytes)
             .fetch_all(&self.pool)
             .await?;
         let mut next = after;

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use hookgate::store::PageLimit;
+
 use crate::support::*;
 
 #[tokio::test]
@@ -303,6 +305,13 @@ async fn an_xadd_error_inside_the_round_trip_keeps_the_event_in_the_outbox() {
     // Several failed publishes (the publisher's and the catch-up's) go by: the row must still be there.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(outbox_rows(&db).await, 1, "a failed XADD leaves the event unpublished");
+    let (recorded, body): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT o.body_bytes, octet_length(e.body)::int8 FROM events_outbox o JOIN events e ON e.event_id = o.event_ids[1]",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the outbox row");
+    assert_eq!(recorded, Some(body), "the gateway queues a batch with the bytes of its bodies");
 
     redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await.expect("DEL");
     assert!(eventually(Duration::from_secs(5), || async { stream_ids(&redis, &key).await.get(&id) == Some(&1) }).await);
@@ -335,16 +344,177 @@ async fn a_claim_takes_whole_rows_up_to_the_page_and_keeps_rows_whose_events_are
     let event_ids =
         |claimed: &hookgate::store::Claimed| claimed.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
 
+    let ten_events = PageLimit { events: 10, body_bytes: i64::MAX };
+
     // 10 events: rows 1-3 (0, 4 and 8 events before them), 12 events in all, in their order.
-    let first = store.claim_unpublished(grace, 0, 10).await.expect("claim");
+    let first = store.claim_unpublished(grace, 0, ten_events).await.expect("claim");
     let expected: Vec<String> = (1..=12).map(|i| format!("evt_claim_{i}")).collect();
     assert_eq!(event_ids(&first), expected);
     assert_eq!(first.last_id(), Some(ids[2]));
+    assert!(first.full, "the page stopped at its limit: more rows may wait");
     // Another replica, meanwhile, skips the locked rows: row 4, then the orphan (no events, kept).
-    let other = store.claim_unpublished(grace, 0, 10).await.expect("claim");
+    let other = store.claim_unpublished(grace, 0, ten_events).await.expect("claim");
     assert_eq!(event_ids(&other), (13..=16).map(|i| format!("evt_claim_{i}")).collect::<Vec<_>>());
     assert_eq!(other.last_id(), Some(ids[4]), "the row whose events are gone is claimed too");
+    assert!(!other.full, "the page ran out of rows: the backlog is drained");
     other.mark_published().await.expect("mark");
     first.mark_published().await.expect("mark");
     assert_eq!(outbox_rows(&db).await, 0);
+}
+
+/// Stores `n` events `{prefix}_{i}` (i from 1) whose bodies are `pad_bytes` of padding in a JSON object,
+/// queued unpublished in outbox rows of `per_row` with their bytes of bodies, as the gateway queues them;
+/// returns the length of each body, in order.
+async fn store_padded_backlog(db: &TestDb, prefix: &str, n: i32, per_row: i32, pad_bytes: i32) -> Vec<i64> {
+    sqlx::query(
+        "WITH e AS (INSERT INTO events (source, event_id, event_type, body) \
+             SELECT 'stripe', $1 || '_' || i, 'charge.succeeded', \
+                    convert_to('{\"id\":\"' || $1 || '_' || i || '\",\"pad\":\"' || repeat('x', $3) || '\"}', 'UTF8') \
+             FROM generate_series(1, $2) AS i ORDER BY i RETURNING seq, source, event_id, octet_length(body) AS n) \
+         INSERT INTO events_outbox (sources, event_ids, body_bytes, queued_at) \
+             SELECT array_agg(source ORDER BY seq), array_agg(event_id ORDER BY seq), sum(n), now() - interval '1 minute' \
+             FROM e GROUP BY (substring(event_id FROM '[0-9]+$')::int - 1) / $4 ORDER BY min(seq)",
+    )
+    .bind(prefix)
+    .bind(n)
+    .bind(pad_bytes)
+    .bind(per_row)
+    .execute(&db.pool)
+    .await
+    .expect("store padded backlog");
+    sqlx::query_scalar("SELECT octet_length(body)::int8 FROM events WHERE event_id LIKE $1 || '\\_%' ORDER BY seq")
+        .bind(prefix)
+        .fetch_all(&db.pool)
+        .await
+        .expect("body lengths")
+}
+
+/// Drops a claim, as a failed publish does, and waits until its transaction has rolled back (the pool sends
+/// the rollback in the background), so that the next claim does not skip its rows as another replica's.
+async fn release(db: &TestDb, claimed: hookgate::store::Claimed) {
+    drop(claimed);
+    let open = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("open transactions")
+    };
+    assert!(eventually(Duration::from_secs(5), || async { open().await == 0 }).await, "the claim rolled back");
+}
+
+/// A claim also stops at its bytes of bodies, counted whole rows at a time (the row that reaches the limit
+/// included, and always at least one row), so a backlog of large bodies is read a bounded page at a time.
+#[tokio::test]
+async fn a_claim_stops_at_its_bytes_of_bodies() {
+    let db = TestDb::create().await;
+    let config = test_config(&db.url);
+    Gateway::start(config.clone()).await.stop().await;
+    // Four rows of three events, bodies of ~2 KiB (stored uncompressed or not, octet_length is the raw size).
+    let lengths = store_padded_backlog(&db, "evt_bytes", 12, 3, 2000).await;
+    assert_eq!(lengths.len(), 12);
+    let body = lengths[0];
+    assert!(lengths.iter().all(|l| (body - 2..=body + 2).contains(l)), "bodies of one size: {lengths:?}");
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    let grace = Duration::from_secs(5);
+    let ids = |claimed: &hookgate::store::Claimed| claimed.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    let expected = |range: std::ops::RangeInclusive<i32>| range.map(|i| format!("evt_bytes_{i}")).collect::<Vec<_>>();
+
+    // The bytes of four bodies: row 1 (0 bytes before it) and row 2 (three bodies before it), not row 3.
+    let four_bodies = PageLimit { events: 500, body_bytes: 4 * body };
+    let page = store.claim_unpublished(grace, 0, four_bodies).await.expect("claim");
+    assert_eq!(ids(&page), expected(1..=6));
+    assert!(page.full, "a page cut by its bytes is full: the catch-up must claim the next");
+    release(&db, page).await;
+    // Rows queued without their bytes (before migration 0006) are weighed from their events' bodies.
+    sqlx::query("UPDATE events_outbox SET body_bytes = NULL").execute(&db.pool).await.expect("forget the bytes");
+    let page = store.claim_unpublished(grace, 0, four_bodies).await.expect("claim");
+    assert_eq!(ids(&page), expected(1..=6), "the same page from the bodies' lengths");
+    release(&db, page).await;
+    // Less than one body: still one whole row, or a backlog of large bodies would never move.
+    let page = store.claim_unpublished(grace, 0, PageLimit { events: 500, body_bytes: 1 }).await.expect("claim");
+    assert_eq!(ids(&page), expected(1..=3));
+    assert!(page.full);
+    let first_row = page.last_id().expect("a row");
+    page.mark_published().await.expect("mark");
+    // The events limit still applies beside the bytes: 4 events are reached in row 3 (2 rows).
+    let page =
+        store.claim_unpublished(grace, first_row, PageLimit { events: 4, body_bytes: i64::MAX }).await.expect("claim");
+    assert_eq!(ids(&page), expected(4..=9));
+    release(&db, page).await;
+    // Both limits above what is left: the page takes the rest and says the backlog is drained.
+    let page =
+        store.claim_unpublished(grace, 0, PageLimit { events: 500, body_bytes: 100 * body }).await.expect("claim");
+    assert_eq!(ids(&page), expected(4..=12));
+    assert!(!page.full);
+}
+
+/// The catch-up goes on past a page its bytes cut short (fewer events than `catchup_batch`): one catch-up
+/// publishes the whole backlog of large, compressible bodies (TOASTed and compressed in Postgres, whose
+/// stored size is not what a page holds in memory), each page within `catchup_page_mb` but for one row.
+#[tokio::test]
+async fn the_catch_up_pages_a_backlog_of_large_bodies_by_bytes_and_publishes_all_of_it() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.notify.catchup_page_mb = 1;
+    let key = config.notify.stream_for("stripe");
+    Gateway::start(config.clone()).await.stop().await;
+    // 24 bodies of ~200 KiB (4.7 MiB) in rows of two: pages of three rows, about eight pages.
+    let lengths = store_padded_backlog(&db, "evt_large", 24, 2, 200 * 1024).await;
+    let stored: i64 = sqlx::query_scalar("SELECT sum(pg_column_size(body))::int8 FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .expect("size");
+    assert!(stored * 10 < lengths.iter().sum::<i64>(), "the bodies are stored compressed: {stored} bytes");
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    let notifier = hookgate::notify::Notifier::new(&config.notify, store).expect("notifier");
+    assert_eq!(notifier.catch_up().await.expect("catch-up"), 24, "one catch-up publishes the whole backlog");
+    assert_eq!(outbox_rows(&db).await, 0);
+    let published = stream_ids(&redis_url(), &key).await;
+    assert_eq!(published.len(), 24);
+    assert!(published.values().all(|n| *n == 1), "each event once");
+}
+
+/// A replay page ends at its bytes of bodies too (at least one event), and the pages walk every event once.
+#[tokio::test]
+async fn replay_pages_stop_at_their_bytes_of_bodies() {
+    use hookgate::store::{ReplayFilter, ReplayPosition};
+    let db = TestDb::create().await;
+    let config = test_config(&db.url);
+    Gateway::start(config.clone()).await.stop().await;
+    let lengths = store_padded_backlog(&db, "evt_replay_bytes", 10, 1, 3000).await;
+    let body = lengths[0];
+    let store = hookgate::store::Store::new(&config.store, true).expect("store");
+    let filter = ReplayFilter { source: "stripe".into(), ..ReplayFilter::default() };
+    let page_ids = |events: &[hookgate::store::StoredEvent]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+
+    let (events, _) = store
+        .replay_page(&filter, ReplayPosition::default(), PageLimit { events: 100, body_bytes: 3 * body })
+        .await
+        .expect("page");
+    assert_eq!(page_ids(&events), (1..=3).map(|i| format!("evt_replay_bytes_{i}")).collect::<Vec<_>>());
+    let (events, _) = store
+        .replay_page(&filter, ReplayPosition::default(), PageLimit { events: 100, body_bytes: 1 })
+        .await
+        .expect("page");
+    assert_eq!(events.len(), 1, "at least one event, however large");
+
+    let (mut after, mut walked) = (ReplayPosition::default(), Vec::new());
+    loop {
+        let (events, next) =
+            store.replay_page(&filter, after, PageLimit { events: 100, body_bytes: 2 * body + 1 }).await.expect("page");
+        if events.is_empty() {
+            break;
+        }
+        assert!(events.len() <= 3, "pages of at most three bodies: {}", events.len());
+        walked.extend(page_ids(&events));
+        after = next;
+    }
+    assert_eq!(
+        walked,
+        (1..=10).map(|i| format!("evt_replay_bytes_{i}")).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
 }

@@ -1,0 +1,12 @@
+-- The bytes of a batch's bodies, beside its keys in the outbox.
+--
+-- The catch-up reads a backlog a page at a time, and a page's bodies are held in memory (twice while the
+-- next page is claimed during a publish); a page is bounded by `notify.catchup_page_mb` as well as by
+-- `notify.catchup_batch` events, so that a backlog of large bodies is not read hundreds of MiB at once.
+-- Summing the bodies' lengths from `events` on every claim slowed the drain of a 200,000-event backlog by
+-- a fifth; the gateway knows the sum when it queues the batch, for the cost of a sum in the insert
+-- (Postgres's CPU per event in enqueue mode at 14,000/s, three pairs: 30.7-31.7 us before, 31.1-31.9 after).
+--
+-- NULL in rows queued before this migration (or by an earlier version, which keeps working alongside):
+-- the catch-up then sums the lengths from `events`. Adding a nullable column rewrites nothing.
+ALTER TABLE events_outbox ADD COLUMN body_bytes bigint;
