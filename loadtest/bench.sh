@@ -11,13 +11,13 @@
 # checks the rate for SUSTAIN; while its P99 misses the SLO twice at a rate, it retries at 90% of the rate,
 # and while the rate holds (and nothing was stepped down from) it tries 10% more (at most MAX_TRIES, 8, in
 # all). The table reports the highest rate that held, with that try's audit; RESULTS.md lists every try.
-# With SOAK (e.g. 10m), durable mode then runs that long at 80% of its sustained rate, sampling the
+# Then durable mode runs for SOAK (10m; SOAK= to skip) at 80% of its sustained rate, sampling the
 # gateway's RSS every 10 s (soak-rss.csv).
 # During every sustained run it samples what the gateway's Postgres sessions wait on (every 50 ms) and probes
 # the disk's own write + fdatasync latency (`hookgate-load sync-probe`, every 20 ms), so that RESULTS.md
 # says where a durable request's time went and how much of its tail is the disk's.
 #
-# Settings (environment): SLO (10ms), STEP (5s, each find-max step), SUSTAIN (60s), START_RATE (2000),
+# Settings (environment): SLO (10ms), STEP (5s, each find-max step), SUSTAIN (60s), SOAK (10m), START_RATE (2000),
 # MAX_RATE (100000), CONNECTIONS (256), TUNE_HOST (1), WORKERS / BATCH_MAX / LINGER_MS / POOL_MAX (gateway knobs),
 # MODES ("enqueue durable").
 set -euo pipefail
@@ -27,6 +27,9 @@ cd "$ROOT"
 SLO=${SLO:-10ms}
 STEP=${STEP:-5s}
 SUSTAIN=${SUSTAIN:-60s}
+# The soak is the growth check, so the one command runs it unless told not to (SOAK= empty): a run
+# started without the variable once came back without it.
+SOAK=${SOAK-10m}
 START_RATE=${START_RATE:-2000}
 MAX_RATE=${MAX_RATE:-100000}
 # Enough connections that the generator never waits for one: at 20,000/s and ~6 ms per durable request
