@@ -341,19 +341,15 @@ impl Store {
         limit: PageLimit,
     ) -> Result<Claimed, StoreError> {
         const CANDIDATES: &str = "SELECT id FROM ( \
-                SELECT id, sum(bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - bytes AS bytes_before FROM ( \
-                    SELECT id, coalesce(body_bytes, (SELECT coalesce(sum(octet_length(e.body)), 0) \
-                                FROM unnest(sources, event_ids) AS k(source, event_id) \
-                                JOIN events e ON (e.source, e.event_id) = (k.source, k.event_id)))::int8 AS bytes \
-                    FROM ( \
-                        SELECT id, sources, event_ids, body_bytes, \
-                               sum(cardinality(event_ids)) OVER (ORDER BY id) - cardinality(event_ids) AS before \
-                        FROM (SELECT id, sources, event_ids, body_bytes FROM events_outbox \
-                              WHERE id > $1 AND queued_at < now() - make_interval(secs => $2) \
-                              ORDER BY id LIMIT $3) AS oldest \
-                    ) AS counted WHERE before < $3 \
-                ) AS sized \
-            ) AS weighed WHERE bytes_before < $4 ORDER BY id";
+                SELECT id, sum(cardinality(event_ids)) OVER w - cardinality(event_ids) AS before, \
+                       sum(bytes) OVER w - bytes AS bytes_before \
+                FROM (SELECT id, event_ids, coalesce(body_bytes, (SELECT coalesce(sum(octet_length(e.body)), 0) \
+                          FROM unnest(sources, event_ids) AS k(source, event_id) \
+                          JOIN events e ON (e.source, e.event_id) = (k.source, k.event_id)))::int8 AS bytes \
+                      FROM events_outbox \
+                      WHERE id > $1 AND queued_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) AS oldest \
+                WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING) \
+            ) AS counted WHERE before < $3 AND bytes_before < $4 ORDER BY id";
         // A LEFT JOIN keeps, as one row of NULLs, an event that is no longer stored: its outbox row is
         // claimed (and deleted) all the same.
         let lock_and_read = format!(
