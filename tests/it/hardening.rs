@@ -24,8 +24,9 @@ struct Load {
 
 /// `senders` loops posting fresh Stripe events to `url` every `pause`, until `stop`. A refused connection
 /// (the gateway is down) counts as status 0 and is retried after the pause.
-async fn run_load(url: String, senders: usize, pause: Duration, stop: Arc<AtomicBool>) -> Load {
-    let began = Instant::now();
+/// `began` is the test's clock: the timeline's instants are measured from it, so they compare with the
+/// test's own marks.
+async fn run_load(url: String, senders: usize, pause: Duration, stop: Arc<AtomicBool>, began: Instant) -> Load {
     let mut set = tokio::task::JoinSet::new();
     for s in 0..senders {
         let (url, stop) = (url.clone(), stop.clone());
@@ -106,7 +107,8 @@ async fn kill_9_during_durable_load_loses_no_acknowledged_event() {
     let env = [("HOOKGATE__NOTIFY__CATCHUP_GRACE_MS", "1000")];
     let mut gateway = GatewayProcess::start_with(&config, port, admin, &env, None).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(run_load(gateway.url("stripe"), 16, Duration::from_millis(2), stop.clone()));
+    let load =
+        tokio::spawn(run_load(gateway.url("stripe"), 16, Duration::from_millis(2), stop.clone(), Instant::now()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gateway.kill_9();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -141,18 +143,27 @@ async fn kill_9_during_durable_load_loses_no_acknowledged_event() {
 async fn postgres_down_for_10_seconds_gets_503s_then_ingest_resumes() {
     let dir = std::env::temp_dir().join(unique("hookgate-it-pg-outage"));
     let pg_port = free_port();
-    let services = |action: &str| crate::admin::private_postgres(action, &dir, pg_port);
-    services("start-postgres");
+    // On a blocking thread: the test's runtime keeps running the load (and timing its answers) while
+    // pg_ctl works.
+    let services = |action: &'static str| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || crate::admin::private_postgres(action, &dir, pg_port))
+                .await
+                .expect("services.sh");
+        }
+    };
+    services("start-postgres").await;
     let db = TestDb::create_on(&format!("postgres://postgres@127.0.0.1:{pg_port}/postgres")).await;
     let (port, admin) = (free_port(), free_port());
     let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-pg")));
     let env = [("HOOKGATE__SERVER__REQUEST_TIMEOUT_MS", "3000"), ("HOOKGATE__STORE__CONNECT_TIMEOUT_MS", "1000")];
     let gateway = GatewayProcess::start_with(&config, port, admin, &env, None).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(run_load(gateway.url("stripe"), 8, Duration::from_millis(20), stop.clone()));
     let began = Instant::now();
+    let load = tokio::spawn(run_load(gateway.url("stripe"), 8, Duration::from_millis(20), stop.clone(), began));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    services("stop-postgres");
+    services("stop-postgres").await;
     let down_at = began.elapsed();
     let ready = format!("http://127.0.0.1:{admin}/readyz");
     let client = client();
@@ -161,15 +172,17 @@ async fn postgres_down_for_10_seconds_gets_503s_then_ingest_resumes() {
         "/readyz reflects the outage"
     );
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(began.elapsed().saturating_sub(down_at))).await;
-    services("start-postgres");
+    // Postgres may serve from any moment after its start begins: the outage is over from there.
+    let restart_at = began.elapsed();
+    services("start-postgres").await;
     let up_at = began.elapsed();
     tokio::time::sleep(Duration::from_secs(6)).await;
     stop.store(true, Ordering::Relaxed);
     let load = load.await.expect("load");
 
-    // Requests sent once Postgres was gone, and answered before it came back.
+    // Requests sent once Postgres was gone, and answered before its restart began.
     let during = |status: u16| {
-        load.timeline.iter().filter(|(sent, done, s)| *sent > down_at && *done < up_at && *s == status).count()
+        load.timeline.iter().filter(|(sent, done, s)| *sent > down_at && *done < restart_at && *s == status).count()
     };
     let (refused_during, accepted_during) = (during(503), during(202));
     assert!(refused_during > 0, "503s while Postgres is down: {:?}", load.statuses);
@@ -200,7 +213,7 @@ async fn postgres_down_for_10_seconds_gets_503s_then_ingest_resumes() {
     );
     drop(gateway);
     db.pool.close().await;
-    services("stop-postgres");
+    services("stop-postgres").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

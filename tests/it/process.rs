@@ -41,6 +41,9 @@ pub struct GatewayProcess {
     pub child: std::process::Child,
     pub port: u16,
     pub admin_port: u16,
+    /// Where its stderr goes when the test gave no log file of its own; removed on a drop that is not
+    /// part of a failure, so a failed run keeps it.
+    own_log: Option<std::path::PathBuf>,
 }
 
 impl GatewayProcess {
@@ -62,14 +65,20 @@ impl GatewayProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        if let Some(path) = log {
-            command.stderr(std::fs::File::create(path).expect("log file"));
+        // The logs always go to a file, so a gateway that never becomes ready can be told apart: exited (and
+        // why), or up but answering 503 (and which check fails).
+        let own_log = log.is_none().then(|| std::env::temp_dir().join(format!("{}.log", unique("hookgate-it"))));
+        let log_path = log.map_or_else(|| own_log.clone().expect("own log path"), std::path::Path::to_path_buf);
+        command.stderr(std::fs::File::create(&log_path).expect("log file"));
+        let mut child = command.spawn().expect("spawn hookgate");
+        if let Err(why) = wait_until_ready(&mut child, admin_port, Duration::from_secs(20)).await {
+            let _ = child.kill();
+            let _ = child.wait();
+            let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("gateway on port {port} did not become ready: {why}\nits last log lines:\n{}", tail.join("\n"));
         }
-        let child = command.spawn().expect("spawn hookgate");
-        let ready = format!("http://127.0.0.1:{admin_port}/readyz");
-        let up = answers_200_within(&ready, Duration::from_secs(20)).await;
-        assert!(up, "gateway on port {port} did not become ready");
-        Self { child, port, admin_port }
+        Self { child, port, admin_port, own_log }
     }
 
     pub fn url(&self, source: &str) -> String {
@@ -102,7 +111,38 @@ impl Drop for GatewayProcess {
             let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
             let _ = self.child.wait();
         }
+        if let Some(path) = self.own_log.as_ref().filter(|_| !std::thread::panicking()) {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// Polls /readyz until it answers 200; on failure says whether the process exited or what /readyz last said.
+async fn wait_until_ready(child: &mut std::process::Child, admin_port: u16, limit: Duration) -> Result<(), String> {
+    let ready = format!("http://127.0.0.1:{admin_port}/readyz");
+    let client = client();
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("it exited ({status})"));
+        }
+        let request = http::Request::get(&ready).body(http_body_util::Full::new(bytes::Bytes::new())).expect("request");
+        match tokio::time::timeout(Duration::from_secs(2), client.request(request)).await {
+            Ok(Ok(response)) if response.status() == 200 => return Ok(()),
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .map(http_body_util::Collected::to_bytes);
+                last = format!("/readyz answered {status}: {}", String::from_utf8_lossy(&body.unwrap_or_default()));
+            }
+            Ok(Err(e)) => last = format!("/readyz: {e}"),
+            Err(_) => "/readyz: no answer within 2 s".clone_into(&mut last),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("still not ready after {limit:?}; {last}"))
 }
 
 #[tokio::test]
