@@ -235,8 +235,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: Config) -> Self {
-        let webhooks = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let (webhooks, admin) = (bind_given_port().await, bind_given_port().await);
         let addr = webhooks.local_addr().expect("addr");
         let admin_addr = admin.local_addr().expect("admin addr");
         let shutdown = CancellationToken::new();
@@ -366,6 +365,18 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A listener on a port from `free_port`: a port the kernel picks at bind time could be one that `free_port`
+/// gave another test, free only for now (a gateway between a kill and its restart).
+async fn bind_given_port() -> TcpListener {
+    // Fails only when another test's `free_port` holds the port for the instant it checks it: take another.
+    for _ in 0..100 {
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", free_port())).await {
+            return listener;
+        }
+    }
+    panic!("no port from free_port could be bound in 100 tries");
 }
 
 /// A port nobody listens on right now, and never handed out before in this run. The kernel picks ports at
