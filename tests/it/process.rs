@@ -137,7 +137,7 @@ async fn wait_until_ready(child: &mut std::process::Child, admin_port: u16, limi
                     .map(http_body_util::Collected::to_bytes);
                 last = format!("/readyz answered {status}: {}", String::from_utf8_lossy(&body.unwrap_or_default()));
             }
-            Ok(Err(e)) => last = format!("/readyz: {e}"),
+            Ok(Err(e)) => last = format!("/readyz: {e:?}"),
             Err(_) => "/readyz: no answer within 2 s".clone_into(&mut last),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

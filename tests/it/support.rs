@@ -382,7 +382,7 @@ async fn bind_given_port() -> TcpListener {
 /// A port nobody listens on right now, and never handed out before in this run. The kernel picks ports at
 /// random from a few thousand, so without the second rule two tests running side by side can be given the
 /// same one: a gateway killed and restarted on its port, or a private Postgres stopped for an outage, leaves
-/// its port free for seconds, and another test's process may bind it meanwhile.
+/// its port free for seconds, and another test may bind it meanwhile.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
