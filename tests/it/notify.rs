@@ -328,7 +328,7 @@ async fn a_claim_takes_whole_rows_up_to_the_page_and_keeps_rows_whose_events_are
     let config = test_config(&db.url);
     Gateway::start(config.clone()).await.stop().await;
     // Four rows of four stored events, then a row whose events were never stored.
-    let stored: Vec<String> = (1..=16).map(|i| format!("evt_claim_{i}")).collect();
+    let stored = numbered("evt_claim", 1..=16);
     queue_unpublished(&db, &stored.chunks(4).collect::<Vec<_>>()).await;
     sqlx::query(
         "INSERT INTO events_outbox (sources, event_ids, queued_at) \
@@ -341,25 +341,32 @@ async fn a_claim_takes_whole_rows_up_to_the_page_and_keeps_rows_whose_events_are
         sqlx::query_scalar("SELECT id FROM events_outbox ORDER BY id").fetch_all(&db.pool).await.expect("ids");
     let store = hookgate::store::Store::new(&config.store, true).expect("store");
     let grace = Duration::from_secs(5);
-    let event_ids =
-        |claimed: &hookgate::store::Claimed| claimed.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
 
     let ten_events = PageLimit { events: 10, body_bytes: i64::MAX };
 
     // 10 events: rows 1-3 (0, 4 and 8 events before them), 12 events in all, in their order.
     let first = store.claim_unpublished(grace, 0, ten_events).await.expect("claim");
-    let expected: Vec<String> = (1..=12).map(|i| format!("evt_claim_{i}")).collect();
-    assert_eq!(event_ids(&first), expected);
+    assert_eq!(ids_of(&first.events), numbered("evt_claim", 1..=12));
     assert_eq!(first.last_id(), Some(ids[2]));
     assert!(first.full, "the page stopped at its limit: more rows may wait");
     // Another replica, meanwhile, skips the locked rows: row 4, then the orphan (no events, kept).
     let other = store.claim_unpublished(grace, 0, ten_events).await.expect("claim");
-    assert_eq!(event_ids(&other), (13..=16).map(|i| format!("evt_claim_{i}")).collect::<Vec<_>>());
+    assert_eq!(ids_of(&other.events), numbered("evt_claim", 13..=16));
     assert_eq!(other.last_id(), Some(ids[4]), "the row whose events are gone is claimed too");
     assert!(!other.full, "the page ran out of rows: the backlog is drained");
     other.mark_published().await.expect("mark");
     first.mark_published().await.expect("mark");
     assert_eq!(outbox_rows(&db).await, 0);
+}
+
+/// The ids of `events`, in order.
+fn ids_of(events: &[hookgate::store::StoredEvent]) -> Vec<String> {
+    events.iter().map(|e| e.id.clone()).collect()
+}
+
+/// `{prefix}_{i}` for each i of `range`: the ids the tests here store.
+fn numbered(prefix: &str, range: std::ops::RangeInclusive<i32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}_{i}")).collect()
 }
 
 /// Stores `n` events `{prefix}_{i}` (i from 1) whose bodies are `pad_bytes` of padding in a JSON object,
@@ -419,35 +426,33 @@ async fn a_claim_stops_at_its_bytes_of_bodies() {
     assert!(lengths.iter().all(|l| (body - 2..=body + 2).contains(l)), "bodies of one size: {lengths:?}");
     let store = hookgate::store::Store::new(&config.store, true).expect("store");
     let grace = Duration::from_secs(5);
-    let ids = |claimed: &hookgate::store::Claimed| claimed.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
-    let expected = |range: std::ops::RangeInclusive<i32>| range.map(|i| format!("evt_bytes_{i}")).collect::<Vec<_>>();
 
     // The bytes of four bodies: row 1 (0 bytes before it) and row 2 (three bodies before it), not row 3.
     let four_bodies = PageLimit { events: 500, body_bytes: 4 * body };
     let page = store.claim_unpublished(grace, 0, four_bodies).await.expect("claim");
-    assert_eq!(ids(&page), expected(1..=6));
+    assert_eq!(ids_of(&page.events), numbered("evt_bytes", 1..=6));
     assert!(page.full, "a page cut by its bytes is full: the catch-up must claim the next");
     release(&db, page).await;
     // Rows queued without their bytes (before migration 0006) are weighed from their events' bodies.
     sqlx::query("UPDATE events_outbox SET body_bytes = NULL").execute(&db.pool).await.expect("forget the bytes");
     let page = store.claim_unpublished(grace, 0, four_bodies).await.expect("claim");
-    assert_eq!(ids(&page), expected(1..=6), "the same page from the bodies' lengths");
+    assert_eq!(ids_of(&page.events), numbered("evt_bytes", 1..=6), "the same page from the bodies' lengths");
     release(&db, page).await;
     // Less than one body: still one whole row, or a backlog of large bodies would never move.
     let page = store.claim_unpublished(grace, 0, PageLimit { events: 500, body_bytes: 1 }).await.expect("claim");
-    assert_eq!(ids(&page), expected(1..=3));
+    assert_eq!(ids_of(&page.events), numbered("evt_bytes", 1..=3));
     assert!(page.full);
     let first_row = page.last_id().expect("a row");
     page.mark_published().await.expect("mark");
     // The events limit still applies beside the bytes: 4 events are reached in row 3 (2 rows).
     let page =
         store.claim_unpublished(grace, first_row, PageLimit { events: 4, body_bytes: i64::MAX }).await.expect("claim");
-    assert_eq!(ids(&page), expected(4..=9));
+    assert_eq!(ids_of(&page.events), numbered("evt_bytes", 4..=9));
     release(&db, page).await;
     // Both limits above what is left: the page takes the rest and says the backlog is drained.
     let page =
         store.claim_unpublished(grace, 0, PageLimit { events: 500, body_bytes: 100 * body }).await.expect("claim");
-    assert_eq!(ids(&page), expected(4..=12));
+    assert_eq!(ids_of(&page.events), numbered("evt_bytes", 4..=12));
     assert!(!page.full);
 }
 
@@ -488,13 +493,12 @@ async fn replay_pages_stop_at_their_bytes_of_bodies() {
     let body = lengths[0];
     let store = hookgate::store::Store::new(&config.store, true).expect("store");
     let filter = ReplayFilter { source: "stripe".into(), ..ReplayFilter::default() };
-    let page_ids = |events: &[hookgate::store::StoredEvent]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
 
     let (events, _) = store
         .replay_page(&filter, ReplayPosition::default(), PageLimit { events: 100, body_bytes: 3 * body })
         .await
         .expect("page");
-    assert_eq!(page_ids(&events), (1..=3).map(|i| format!("evt_replay_bytes_{i}")).collect::<Vec<_>>());
+    assert_eq!(ids_of(&events), numbered("evt_replay_bytes", 1..=3));
     let (events, _) = store
         .replay_page(&filter, ReplayPosition::default(), PageLimit { events: 100, body_bytes: 1 })
         .await
@@ -509,12 +513,8 @@ async fn replay_pages_stop_at_their_bytes_of_bodies() {
             break;
         }
         assert!(events.len() <= 3, "pages of at most three bodies: {}", events.len());
-        walked.extend(page_ids(&events));
+        walked.extend(ids_of(&events));
         after = next;
     }
-    assert_eq!(
-        walked,
-        (1..=10).map(|i| format!("evt_replay_bytes_{i}")).collect::<Vec<_>>(),
-        "every event once, in order"
-    );
+    assert_eq!(walked, numbered("evt_replay_bytes", 1..=10), "every event once, in order");
 }
