@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use hookgate::signature::{Scheme, Verifier};
 use hookgate_load::attack::{self, AttackConfig};
-use hookgate_load::payload::PayloadFactory;
+use hookgate_load::payload::{IdOrder, PayloadFactory};
 use hookgate_load::report::{self, Summary};
 use hookgate_load::{findmax, plot, sink, syncprobe, verify};
 
@@ -185,6 +185,12 @@ struct AttackArgs {
     /// Write the final summary as JSON here too.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// Order of the event ids: "sequential" (the run's prefix then a counter, like Stripe's and Standard
+    /// Webhooks' time-ordered ids), "random" (like version-4 UUIDs: each insert lands at a random place in
+    /// the receiver's primary key) or "time-uuid" (version-1 UUIDs at each event's due time, like GitHub's
+    /// delivery GUIDs: their leading digits wrap every ~7.2 minutes).
+    #[arg(long, value_enum, default_value = "sequential")]
+    ids: IdOrder,
     /// Prefix of the event ids (default: from the clock), so runs never collide.
     #[arg(long)]
     run_id: Option<String>,
@@ -257,6 +263,7 @@ impl AttackArgs {
             template,
             now.as_secs() as i64,
         )
+        .map(|factory| factory.with_id_order(self.ids, self.rate))
         .context("invalid --secret for this scheme")
     }
 }

@@ -36,6 +36,25 @@ impl Kind {
     }
 }
 
+/// How a run's event ids are ordered, which decides where each insert lands in the receiver's primary key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IdOrder {
+    /// The run's prefix, then the event's index: consecutive events sort together, as Stripe's and
+    /// Standard Webhooks' time-ordered ids do.
+    #[default]
+    Sequential,
+    /// Drawn from a hash of the run and the index, so consecutive events sort far apart, as random
+    /// (version 4) UUIDs do (for the GitHub scheme they are shaped as such). Still the same for the same index.
+    Random,
+    /// Time-based (version 1) UUIDs, as GitHub's delivery GUIDs are: the event's due time, at the run's
+    /// rate, in 100 ns units. Their text leads with the clock's low 32 bits, which wrap every ~7.2 minutes,
+    /// so the insertion point sweeps through the whole primary key once per wrap.
+    TimeUuid,
+}
+
+/// 100 ns intervals from the UUID epoch (1582-10-15) to the Unix epoch.
+const UUID_EPOCH_OFFSET: u64 = 0x01b2_1dd2_1381_4000;
+
 /// A built request: headers and body, plus what the results file records about it.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -57,6 +76,11 @@ pub struct PayloadFactory {
     size: usize,
     template: Option<String>,
     created_base: i64,
+    id_order: IdOrder,
+    /// For `IdOrder::TimeUuid`: the first event's time and the step between events, in 100 ns units,
+    /// and the UUIDs' last two groups (clock sequence and node, from the run id).
+    uuid_clock: (u64, u64),
+    uuid_node: String,
     /// Padding text, long enough for one copy per body; bodies start at different offsets.
     padding: String,
 }
@@ -87,16 +111,71 @@ impl PayloadFactory {
             size,
             template,
             created_base,
+            id_order: IdOrder::Sequential,
+            uuid_clock: (UUID_EPOCH_OFFSET + u64::try_from(created_base).unwrap_or(0) * 10_000_000, 1_000),
+            uuid_node: String::new(),
             padding: "abcdefghijklmnopqrstuvwxyz0123456789".repeat((size + PAD_PERIOD as usize) / 36 + 2),
         })
     }
 
+    /// Orders the run's event ids as `order` says (sequential unless set). Time-based ids advance by
+    /// 1/`per_second` from event to event, from the run's start (10,000 a second when not positive).
+    #[must_use]
+    pub fn with_id_order(mut self, order: IdOrder, per_second: f64) -> Self {
+        self.id_order = order;
+        let per_second = if per_second > 0.0 { per_second } else { 10_000.0 };
+        // Saturating float-to-int conversion; at least one tick apart, so that ids never repeat.
+        self.uuid_clock.1 = ((10_000_000.0 / per_second) as u64).max(1);
+        let node = Sha256::digest(self.run_id.as_bytes());
+        self.uuid_node = format!("{:04x}-", 0x8000 | (u16::from_be_bytes([node[0], node[1]]) & 0x3fff));
+        for byte in &node[2..8] {
+            let _ = write!(self.uuid_node, "{byte:02x}");
+        }
+        self
+    }
+
     pub fn event_id(&self, index: u64) -> String {
+        match self.id_order {
+            IdOrder::Sequential => {}
+            IdOrder::Random => return self.random_event_id(index),
+            IdOrder::TimeUuid => return self.time_uuid(index),
+        }
         match self.scheme {
             Scheme::Stripe => format!("evt_{}_{index}", self.run_id),
             Scheme::Standard => format!("msg_{}_{index}", self.run_id),
             Scheme::Github => format!("{}-{index:012}", self.run_id),
         }
+    }
+
+    /// A random-looking id that is still a function of (run, index): a duplicate resends the same one.
+    fn random_event_id(&self, index: u64) -> String {
+        let digest = Sha256::new().chain_update(self.run_id.as_bytes()).chain_update(index.to_le_bytes()).finalize();
+        let mut hex = String::with_capacity(32);
+        for byte in &digest[..16] {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        match self.scheme {
+            Scheme::Stripe => format!("evt_{}", &hex[..24]),
+            Scheme::Standard => format!("msg_{}", &hex[..24]),
+            // A version-4 UUID's layout: the version digit 4, and the variant's top bits 10 (8, 9, a or b).
+            Scheme::Github => {
+                let variant = ["8", "9", "a", "b"][usize::from(digest[8] & 3)];
+                format!("{}-{}-4{}-{variant}{}-{}", &hex[..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
+            }
+        }
+    }
+
+    /// A version-1 UUID at the event's due time, ending in the run's clock sequence and node (one sender).
+    fn time_uuid(&self, index: u64) -> String {
+        let (start, step) = self.uuid_clock;
+        let t = start.wrapping_add(index.wrapping_mul(step));
+        format!(
+            "{:08x}-{:04x}-{:04x}-{}",
+            t & 0xffff_ffff,
+            (t >> 32) & 0xffff,
+            0x1000 | ((t >> 48) & 0x0fff),
+            self.uuid_node
+        )
     }
 
     /// The body of event `index`: the same bytes every time it is built.
@@ -203,6 +282,73 @@ mod tests {
             }
             assert!(verifier.verify(&headers, &bad.body, 1_700_000_001).is_err());
         }
+    }
+
+    #[test]
+    fn random_ids_are_stable_distinct_unordered_and_accepted_by_the_gateway() {
+        for (scheme, secret) in
+            [(Scheme::Stripe, "whsec_x"), (Scheme::Standard, "whsec_AAECAwQF"), (Scheme::Github, "g")]
+        {
+            let f = factory(scheme, secret).with_id_order(IdOrder::Random, 1000.0);
+            let ids: Vec<String> = (0..1000).map(|i| f.event_id(i)).collect();
+            assert_eq!(ids[7], f.event_id(7), "a duplicate must resend the same id");
+            assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), ids.len());
+            // Sequential ids of one run sort together; random ones land all over the key space.
+            let ascending = ids.windows(2).filter(|pair| pair[0] < pair[1]).count();
+            assert!((300..700).contains(&ascending), "{scheme}: {ascending} of 999 pairs ascending");
+            let other_run = PayloadFactory::new(scheme, secret, "r2".into(), vec!["a.b".into()], 1024, None, 0)
+                .unwrap()
+                .with_id_order(IdOrder::Random, 1000.0);
+            assert_ne!(other_run.event_id(7), ids[7]);
+            if scheme == Scheme::Github {
+                let groups: Vec<usize> = ids[7].split('-').map(str::len).collect();
+                assert_eq!(groups, [8, 4, 4, 4, 12], "{}", ids[7]);
+                assert_eq!(&ids[7][14..15], "4", "version 4: {}", ids[7]);
+                assert!("89ab".contains(&ids[7][19..20]), "variant: {}", ids[7]);
+            }
+            let p = f.prepare(7, Kind::Fresh, 1_700_000_000);
+            assert_eq!(p.event_id, ids[7]);
+            let mut headers = HeaderMap::new();
+            for (k, v) in &p.headers {
+                headers.insert(*k, HeaderValue::from_str(v).unwrap());
+            }
+            assert_eq!(hookgate::event::parse(scheme, &headers, &p.body).unwrap().id, ids[7]);
+        }
+        let sequential = factory(Scheme::Stripe, "whsec_x");
+        assert_eq!(sequential.event_id(7), "evt_r1_7");
+    }
+
+    #[test]
+    fn time_uuids_carry_the_due_time_and_wrap_their_leading_digits() {
+        // The factory starts at 1,700,000,000 s (Unix); at 10,000 events a second, one event is 1,000 ticks.
+        let f = factory(Scheme::Github, "g").with_id_order(IdOrder::TimeUuid, 10_000.0);
+        let first = f.event_id(0);
+        let groups: Vec<&str> = first.split('-').collect();
+        assert_eq!(groups.iter().map(|g| g.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{first}");
+        assert!(groups[2].starts_with('1'), "version 1: {first}");
+        assert!("89ab".contains(&groups[3][..1]), "variant: {first}");
+        let ticks = |id: &str| {
+            let g: Vec<&str> = id.split('-').collect();
+            let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
+            ((hex(g[2]) & 0x0fff) << 48) | (hex(g[1]) << 32) | hex(g[0])
+        };
+        assert_eq!(ticks(&first), UUID_EPOCH_OFFSET + 1_700_000_000 * 10_000_000);
+        assert_eq!(ticks(&f.event_id(10_000)) - ticks(&first), 10_000_000, "one second later");
+        assert_eq!(f.event_id(5), f.event_id(5));
+        assert_eq!(&f.event_id(5)[19..], &first[19..], "one sender: the same clock sequence and node");
+        // Within a wrap of the low 32 bits the text order is the time order; at the wrap, it restarts low.
+        let low = (UUID_EPOCH_OFFSET + 1_700_000_000 * 10_000_000) & 0xffff_ffff;
+        let wrap = ((1u64 << 32) - low).div_ceil(1_000);
+        assert!((wrap - 1_000..wrap - 1).all(|i| f.event_id(i) < f.event_id(i + 1)), "rising before the wrap");
+        assert!(f.event_id(wrap) < f.event_id(wrap - 1), "restarting at the wrap");
+        assert!(f.event_id(wrap).starts_with("00"), "{}", f.event_id(wrap));
+        assert!((wrap..wrap + 1_000).all(|i| f.event_id(i) < f.event_id(i + 1)), "rising again after it");
+        let p = f.prepare(5, Kind::Fresh, 1_700_000_000);
+        let mut headers = HeaderMap::new();
+        for (k, v) in &p.headers {
+            headers.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        assert_eq!(hookgate::event::parse(Scheme::Github, &headers, &p.body).unwrap().id, f.event_id(5));
     }
 
     #[test]

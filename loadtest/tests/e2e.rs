@@ -1,13 +1,15 @@
 //! hookgate-load against real gateways: a run spread over two replicas sharing Postgres and Redis, then
-//! the loss audit, which must pass, and must fail once an acknowledged row is deleted.
+//! the loss audit, which must pass, and must fail once an acknowledged row is deleted; and GitHub-signed
+//! runs with UUID event ids, audited the same way.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hookgate::config::Config;
 use hookgate::signature::Scheme;
 use hookgate_load::attack::{self, AttackConfig};
-use hookgate_load::payload::PayloadFactory;
-use hookgate_load::verify::{self, VerifyConfig};
+use hookgate_load::payload::{IdOrder, PayloadFactory};
+use hookgate_load::verify::{self, VerifyConfig, VerifyReport};
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +25,10 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}_{nanos:x}_{}", std::process::id())
 }
 
-async fn start_gateway(config: Config) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
+async fn start_gateway(config: Config, source: &str) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
     let webhooks = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/webhooks/stripe", webhooks.local_addr().unwrap());
+    let url = format!("http://{}/webhooks/{source}", webhooks.local_addr().unwrap());
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move {
@@ -35,29 +37,76 @@ async fn start_gateway(config: Config) -> (String, CancellationToken, tokio::tas
     (url, stop, task)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
+/// A fresh database and stream for one test, and a gateway configuration serving `source` (its scheme
+/// has the same name) on them. Returns the configuration, the database's URL and the secret's file.
+async fn fresh_setup(source: &str) -> (Config, String, PathBuf) {
     let admin_url = env("HOOKGATE_TEST_DATABASE_URL");
-    let redis_url = env("HOOKGATE_REDIS_URL");
     let name = unique("hg_e2e");
     let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url).await.unwrap();
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
     let db_url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
-
     let secret_file = std::env::temp_dir().join(unique("e2e-secret"));
     std::fs::write(&secret_file, SECRET).unwrap();
-    let stream = unique("hg-e2e");
-    let mut config =
-        Config::from_toml(&format!("[sources.stripe]\nscheme = 'stripe'\nsecret_file = '{}'\n", secret_file.display()))
-            .unwrap();
+    let mut config = Config::from_toml(&format!(
+        "[sources.{source}]\nscheme = '{source}'\nsecret_file = '{}'\n",
+        secret_file.display()
+    ))
+    .unwrap();
     config.store.url.clone_from(&db_url);
-    config.notify.redis_url.clone_from(&redis_url);
-    config.notify.stream_key = format!("{stream}:{{source}}");
+    config.notify.redis_url = env("HOOKGATE_REDIS_URL");
+    config.notify.stream_key = format!("{}:{{source}}", unique("hg-e2e"));
     config.log.level = "warn".into();
-    let (first, stop_first, task_first) = start_gateway(config.clone()).await;
+    (config, db_url, secret_file)
+}
+
+/// An open-loop run of `seconds` at `rate`, 5% duplicates and 2% bad signatures, results to `output`.
+fn attack_config(targets: &[&str], rate: f64, seconds: u64, scheme: &str, output: &Path) -> AttackConfig {
+    AttackConfig {
+        targets: targets.iter().map(|t| t.parse().unwrap()).collect(),
+        rate,
+        concurrency: 0,
+        duration: Some(Duration::from_secs(seconds)),
+        requests: None,
+        connections: 16,
+        http2: false,
+        timeout: Duration::from_secs(10),
+        warmup: Duration::ZERO,
+        pace_quantum: Duration::ZERO,
+        duplicate_ratio: 0.05,
+        bad_signature_ratio: 0.02,
+        output: Some(output.to_path_buf()),
+        progress: false,
+        scheme: scheme.into(),
+    }
+}
+
+/// The loss audit of `output`, repeated until it passes or 5 s have gone by: notifications follow the
+/// commit asynchronously, so the streams may still be catching up.
+async fn audit_until_ok(output: &Path, config: &Config) -> (VerifyConfig, VerifyReport) {
+    let audit = VerifyConfig {
+        files: vec![output.to_path_buf()],
+        database_url: config.store.url.clone(),
+        redis_url: Some(config.notify.redis_url.clone()),
+        stream_key: config.notify.stream_key.clone(),
+    };
+    let mut report = verify::run(&audit).await.unwrap();
+    for _ in 0..50 {
+        if report.ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        report = verify::run(&audit).await.unwrap();
+    }
+    (audit, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
+    let (config, db_url, secret_file) = fresh_setup("stripe").await;
+    let (first, stop_first, task_first) = start_gateway(config.clone(), "stripe").await;
     // The second replica starts once the first has migrated the schema.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (second, stop_second, task_second) = start_gateway(config).await;
+    let (second, stop_second, task_second) = start_gateway(config.clone(), "stripe").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let output = std::env::temp_dir().join(unique("e2e.csv"));
@@ -71,46 +120,11 @@ async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
         1_700_000_000,
     )
     .unwrap();
-    let summary = attack::run(
-        AttackConfig {
-            targets: vec![first.parse().unwrap(), second.parse().unwrap()],
-            rate: 500.0,
-            concurrency: 0,
-            duration: Some(Duration::from_secs(3)),
-            requests: None,
-            connections: 16,
-            http2: false,
-            timeout: Duration::from_secs(10),
-            warmup: Duration::ZERO,
-            pace_quantum: Duration::ZERO,
-            duplicate_ratio: 0.05,
-            bad_signature_ratio: 0.02,
-            output: Some(output.clone()),
-            progress: false,
-            scheme: "stripe".into(),
-        },
-        factory,
-    )
-    .await
-    .unwrap()
-    .summary;
+    let summary =
+        attack::run(attack_config(&[&first, &second], 500.0, 3, "stripe", &output), factory).await.unwrap().summary;
     assert_eq!(summary.successful(), summary.requests, "{:?}", summary.status_codes);
 
-    let audit = VerifyConfig {
-        files: vec![output.clone()],
-        database_url: db_url.clone(),
-        redis_url: Some(redis_url),
-        stream_key: format!("{stream}:{{source}}"),
-    };
-    // Notifications follow the commit asynchronously: wait for the streams to catch up.
-    let mut report = verify::run(&audit).await.unwrap();
-    for _ in 0..50 {
-        if report.ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        report = verify::run(&audit).await.unwrap();
-    }
+    let (audit, report) = audit_until_ok(&output, &config).await;
     assert!(report.ok(), "{report:?}");
     assert!(report.acknowledged > 1000, "{report:?}");
     assert_eq!(report.stored, report.acknowledged);
@@ -128,5 +142,41 @@ async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
     stop_second.cancel();
     let _ = tokio::join!(task_first, task_second);
     let _ = std::fs::remove_file(output);
+    let _ = std::fs::remove_file(secret_file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_runs_with_time_based_and_random_uuids_are_stored_once_and_audited() {
+    let (config, db_url, secret_file) = fresh_setup("github").await;
+    let (target, stop, task) = start_gateway(config.clone(), "github").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pool = PgPoolOptions::new().max_connections(1).connect(&db_url).await.unwrap();
+    for (order, version) in [(IdOrder::TimeUuid, '1'), (IdOrder::Random, '4')] {
+        let output = std::env::temp_dir().join(unique("e2e-github.csv"));
+        let factory =
+            PayloadFactory::new(Scheme::Github, SECRET, unique("gh"), vec!["push".into()], 1024, None, 1_700_000_000)
+                .unwrap()
+                .with_id_order(order, 300.0);
+        let first_id = factory.event_id(0);
+        let summary =
+            attack::run(attack_config(&[&target], 300.0, 2, "github", &output), factory).await.unwrap().summary;
+        assert_eq!(summary.successful(), summary.requests, "{order:?}: {:?}", summary.status_codes);
+
+        let (_, report) = audit_until_ok(&output, &config).await;
+        assert!(report.ok(), "{order:?}: {report:?}");
+        assert!(report.acknowledged > 400, "{order:?}: {report:?}");
+        assert_eq!((report.stored, report.on_stream), (report.acknowledged, report.acknowledged), "{order:?}");
+        // Stored under the delivery GUID as sent: a UUID of the version the order makes.
+        let stored: Option<String> = sqlx::query_scalar("SELECT event_id FROM events WHERE event_id = $1")
+            .bind(&first_id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        let stored = stored.unwrap_or_else(|| panic!("{order:?}: the run's first event {first_id} is not stored"));
+        assert_eq!(stored.chars().nth(14), Some(version), "{order:?}: {stored}");
+        let _ = std::fs::remove_file(output);
+    }
+    stop.cancel();
+    let _ = task.await;
     let _ = std::fs::remove_file(secret_file);
 }
