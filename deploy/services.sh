@@ -104,11 +104,18 @@ start_postgres() {
     log "starting postgres on 127.0.0.1:$PG_PORT"
     # synchronous_commit and fsync stay on: a 202 means the event is on disk. Checkpoints are spaced out
     # and full-page images compressed, as for any write-heavy Postgres: a checkpoint's burst of full-page
-    # writes otherwise stalls commits for ~100 ms (seen in the benchmark's latency plot). Autovacuum looks
-    # every 5 s, so the small rounds migration 0004 asks for find their pages still in shared_buffers.
+    # writes otherwise stalls commits for ~100 ms (seen in the benchmark's latency plot). Compressed with
+    # lz4 where the server has it: with random event ids (a full-page image per first touch of an index
+    # page after each checkpoint) pglz cost Postgres a third more CPU (loadtest/PERFORMANCE.md, "Event ids
+    # and the primary key"). Autovacuum looks every 5 s, so the small rounds migration 0004 asks for find
+    # their pages still in shared_buffers.
+    local wal_compression=on
+    if as_pg "$(pg_bin postgres)" -C wal_compression -c wal_compression=lz4 -D "$data" >/dev/null 2>&1; then
+      wal_compression=lz4
+    fi
     as_pg "$(pg_bin pg_ctl)" start -D "$data" -l "$data/../postgres.log" -w -t 60 -o \
       "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 \
-       -c shared_buffers=256MB -c max_wal_size=8GB -c checkpoint_timeout=15min -c wal_compression=on \
+       -c shared_buffers=256MB -c max_wal_size=8GB -c checkpoint_timeout=15min -c wal_compression=$wal_compression \
        -c checkpoint_completion_target=0.9 -c log_checkpoints=on -c autovacuum_naptime=5s \
        -c log_autovacuum_min_duration=1s" >/dev/null
   fi
