@@ -252,6 +252,15 @@ mod tests {
     use super::*;
     use http::{HeaderMap, HeaderValue};
 
+    /// The request's headers as the gateway receives them.
+    fn header_map(prepared: &Prepared) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &prepared.headers {
+            headers.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
     fn factory(scheme: Scheme, secret: &str) -> PayloadFactory {
         PayloadFactory::new(scheme, secret, "r1".into(), vec!["a.b".into(), "c.d".into()], 1024, None, 1_700_000_000)
             .unwrap()
@@ -267,19 +276,13 @@ mod tests {
             assert_ne!(f.body(7), f.body(8));
             assert_eq!(f.body(7).len(), 1024);
             let p = f.prepare(7, Kind::Fresh, 1_700_000_000);
-            let mut headers = HeaderMap::new();
-            for (k, v) in &p.headers {
-                headers.insert(*k, HeaderValue::from_str(v).unwrap());
-            }
+            let headers = header_map(&p);
             let verifier = Verifier::new(scheme, &[secret], 300).unwrap();
             assert_eq!(verifier.verify(&headers, &p.body, 1_700_000_001), Ok(()), "{scheme}");
             let event = hookgate::event::parse(scheme, &headers, &p.body).unwrap();
             assert_eq!(event.id, p.event_id);
             let bad = f.prepare(7, Kind::BadSignature, 1_700_000_000);
-            let mut headers = HeaderMap::new();
-            for (k, v) in &bad.headers {
-                headers.insert(*k, HeaderValue::from_str(v).unwrap());
-            }
+            let headers = header_map(&bad);
             assert!(verifier.verify(&headers, &bad.body, 1_700_000_001).is_err());
         }
     }
@@ -308,10 +311,7 @@ mod tests {
             }
             let p = f.prepare(7, Kind::Fresh, 1_700_000_000);
             assert_eq!(p.event_id, ids[7]);
-            let mut headers = HeaderMap::new();
-            for (k, v) in &p.headers {
-                headers.insert(*k, HeaderValue::from_str(v).unwrap());
-            }
+            let headers = header_map(&p);
             assert_eq!(hookgate::event::parse(scheme, &headers, &p.body).unwrap().id, ids[7]);
         }
         let sequential = factory(Scheme::Stripe, "whsec_x");
@@ -344,10 +344,7 @@ mod tests {
         assert!(f.event_id(wrap).starts_with("00"), "{}", f.event_id(wrap));
         assert!((wrap..wrap + 1_000).all(|i| f.event_id(i) < f.event_id(i + 1)), "rising again after it");
         let p = f.prepare(5, Kind::Fresh, 1_700_000_000);
-        let mut headers = HeaderMap::new();
-        for (k, v) in &p.headers {
-            headers.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
+        let headers = header_map(&p);
         assert_eq!(hookgate::event::parse(Scheme::Github, &headers, &p.body).unwrap().id, f.event_id(5));
     }
 
