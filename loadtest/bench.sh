@@ -489,6 +489,10 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(free -g | awk '/Mem:/ {print $2}') GiB;"
   echo "gateway, Postgres $($PG -d postgres -Atc 'show server_version'), Redis and the load generator all on this machine."
   echo "Host: $HOST_NOTE; Redis append-only with appendfsync always (deploy/services.sh)."
+  # As the server ran them (deploy/services.sh sets them at start; a Postgres started otherwise may differ).
+  echo "Postgres: $($PG -d postgres -Atc "SELECT string_agg(name || ' ' || current_setting(name), ', ' ORDER BY ord)
+    FROM unnest(ARRAY['synchronous_commit', 'fsync', 'wal_compression', 'shared_buffers', 'max_wal_size',
+    'checkpoint_timeout', 'checkpoint_completion_target', 'autovacuum_naptime']) WITH ORDINALITY AS s(name, ord)")."
   echo "Events: 1 KiB Stripe-signed, Redis fan-out on, synchronous_commit on. P99 SLO $SLO, find-max steps of $STEP,"
   echo "sustained runs of $SUSTAIN at the rate found, $CONNECTIONS connections. Latencies are corrected for coordinated omission;"
   echo "find-max steps and sustained runs start with a warm-up at their rate that is not recorded (1 s and 2 s)."
