@@ -156,9 +156,10 @@ async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn hookgate");
-    let health = format!("http://127.0.0.1:{admin_port}/readyz");
-    let up = answers_200_within(&health, Duration::from_secs(20)).await;
-    assert!(up, "gateway did not become ready");
+    if let Err(why) = wait_until_ready(&mut child, admin_port, Duration::from_secs(20)).await {
+        let _ = child.kill();
+        panic!("gateway did not become ready: {why}");
+    }
 
     // 64 senders, 4000 events in all; SIGTERM once a good share is in flight.
     let url = format!("http://127.0.0.1:{port}/webhooks/stripe");

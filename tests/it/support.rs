@@ -336,19 +336,6 @@ pub async fn get_text(client: &HttpClient, url: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Polls `url` until it answers 200 (connection errors count as not yet), or `limit` passes.
-pub async fn answers_200_within(url: &str, limit: Duration) -> bool {
-    let client = client();
-    eventually(limit, || {
-        let (client, url) = (client.clone(), url.to_owned());
-        async move {
-            let request = http::Request::get(url).body(Full::new(Bytes::new())).expect("request");
-            matches!(client.request(request).await, Ok(r) if r.status() == 200)
-        }
-    })
-    .await
-}
-
 /// Polls `check` every 100 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
