@@ -150,16 +150,7 @@ async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
     let db = TestDb::create().await;
     let (port, admin_port) = (free_port(), free_port());
     let config = config_file(&db.url, port, admin_port);
-    let mut child = hookgate()
-        .args(["--config", config.to_str().expect("utf-8 path"), "serve"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn hookgate");
-    if let Err(why) = wait_until_ready(&mut child, admin_port, Duration::from_secs(20)).await {
-        let _ = child.kill();
-        panic!("gateway did not become ready: {why}");
-    }
+    let mut gateway = GatewayProcess::start_with(&config, port, admin_port, &[("RUST_LOG", "warn")], None).await;
 
     // 64 senders, 4000 events in all; SIGTERM once a good share is in flight.
     let url = format!("http://127.0.0.1:{port}/webhooks/stripe");
@@ -199,11 +190,18 @@ async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
         });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = child.id().to_string();
+    let pid = gateway.child.id().to_string();
     let signalled = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
 
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    // Polled rather than waited for on a blocking thread: the child stays with `gateway`, whose drop then
+    // finds it exited (and keeps its log if an assertion below fails).
+    let exit = loop {
+        if let Some(status) = gateway.child.try_wait().expect("wait") {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let took = signalled.elapsed();
     stop_sending.store(true, Ordering::Relaxed);
     assert!(exit.success(), "hookgate exited with {exit:?}");
