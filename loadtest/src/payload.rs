@@ -77,9 +77,9 @@ pub struct PayloadFactory {
     template: Option<String>,
     created_base: i64,
     id_order: IdOrder,
-    /// For `IdOrder::TimeUuid`: the first event's time and the step between events, in 100 ns units,
+    /// For `IdOrder::TimeUuid`: the step between events, in 100 ns units (the first is at `created_base`),
     /// and the UUIDs' last two groups (clock sequence and node, from the run id).
-    uuid_clock: (u64, u64),
+    uuid_step: u64,
     uuid_node: String,
     /// Padding text, long enough for one copy per body; bodies start at different offsets.
     padding: String,
@@ -112,7 +112,7 @@ impl PayloadFactory {
             template,
             created_base,
             id_order: IdOrder::Sequential,
-            uuid_clock: (UUID_EPOCH_OFFSET + u64::try_from(created_base).unwrap_or(0) * 10_000_000, 1_000),
+            uuid_step: 1_000,
             uuid_node: String::new(),
             padding: "abcdefghijklmnopqrstuvwxyz0123456789".repeat((size + PAD_PERIOD as usize) / 36 + 2),
         })
@@ -125,7 +125,7 @@ impl PayloadFactory {
         self.id_order = order;
         let per_second = if per_second > 0.0 { per_second } else { 10_000.0 };
         // Saturating float-to-int conversion; at least one tick apart, so that ids never repeat.
-        self.uuid_clock.1 = ((10_000_000.0 / per_second) as u64).max(1);
+        self.uuid_step = ((10_000_000.0 / per_second) as u64).max(1);
         let node = Sha256::digest(self.run_id.as_bytes());
         self.uuid_node = format!("{:04x}-", 0x8000 | (u16::from_be_bytes([node[0], node[1]]) & 0x3fff));
         for byte in &node[2..8] {
@@ -167,8 +167,8 @@ impl PayloadFactory {
 
     /// A version-1 UUID at the event's due time, ending in the run's clock sequence and node (one sender).
     fn time_uuid(&self, index: u64) -> String {
-        let (start, step) = self.uuid_clock;
-        let t = start.wrapping_add(index.wrapping_mul(step));
+        let start = UUID_EPOCH_OFFSET + u64::try_from(self.created_base).unwrap_or(0) * 10_000_000;
+        let t = start.wrapping_add(index.wrapping_mul(self.uuid_step));
         format!(
             "{:08x}-{:04x}-{:04x}-{}",
             t & 0xffff_ffff,
