@@ -10,6 +10,8 @@
 #
 # Settings (environment): HOOKGATE_STATE_DIR (default <repo>/.local), HOOKGATE_PG_PORT (54329),
 # HOOKGATE_REDIS_PORT (63799). Tests use these to run private instances they can stop and start.
+# HOOKGATE_PG_TLS_DIR: a directory holding server.crt and server.key; Postgres then serves TLS too, with
+# that certificate (the TLS tests start a private instance so).
 # Postgres refuses to run as root: as root, it runs as the unprivileged user `postgres` (created if absent).
 set -euo pipefail
 
@@ -113,11 +115,18 @@ start_postgres() {
     if as_pg "$(pg_bin postgres)" -C wal_compression -c wal_compression=lz4 -D "$data" >/dev/null 2>&1; then
       wal_compression=lz4
     fi
+    local tls=""
+    if [ -n "${HOOKGATE_PG_TLS_DIR:-}" ]; then
+      # Postgres reads its key only if the server's user owns it and nobody else can read it.
+      install -o "$user" -m 600 "$HOOKGATE_PG_TLS_DIR/server.key" "$data/server.key"
+      install -o "$user" -m 644 "$HOOKGATE_PG_TLS_DIR/server.crt" "$data/server.crt"
+      tls="-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+    fi
     as_pg "$(pg_bin pg_ctl)" start -D "$data" -l "$data/../postgres.log" -w -t 60 -o \
       "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 \
        -c shared_buffers=256MB -c max_wal_size=8GB -c checkpoint_timeout=15min -c wal_compression=$wal_compression \
        -c checkpoint_completion_target=0.9 -c log_checkpoints=on -c autovacuum_naptime=5s \
-       -c log_autovacuum_min_duration=1s" >/dev/null
+       -c log_autovacuum_min_duration=1s $tls" >/dev/null
   fi
   local i
   for i in $(seq 1 50); do

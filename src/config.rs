@@ -291,9 +291,7 @@ impl Config {
         if !self.store.url.starts_with("postgres://") && !self.store.url.starts_with("postgresql://") {
             return Err(invalid("store.url", "must be a postgres:// URL"));
         }
-        if !self.notify.redis_url.starts_with("redis://") && !self.notify.redis_url.starts_with("rediss://") {
-            return Err(invalid("notify.redis_url", "must be a redis:// URL"));
-        }
+        validate_redis_url(&self.notify.redis_url)?;
         if !self.notify.stream_key.contains("{source}") {
             return Err(invalid("notify.stream_key", "must contain {source}, so each source has its own stream"));
         }
@@ -370,14 +368,53 @@ fn load_source(name: &str, cfg: &SourceConfig) -> Result<Source, ConfigError> {
     Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes })
 }
 
-/// Hides the password of a URL (`postgres://user:****@host/db`).
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_owned() };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
-        None => url.to_owned(),
+/// `redis://` and `rediss://` (TLS, checked against the system's CA store or `SSL_CERT_FILE`) over TCP,
+/// `unix://` or `redis+unix://` with a socket path. Parsed as the client will parse it, so a bad port or a
+/// missing path is reported now rather than at the first publish.
+fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
+    use deadpool_redis::redis::{ConnectionAddr, IntoConnectionInfo};
+    const SCHEMES: [&str; 4] = ["redis://", "rediss://", "unix://", "redis+unix://"];
+    if !SCHEMES.iter().any(|scheme| url.starts_with(scheme)) {
+        return Err(invalid(
+            "notify.redis_url",
+            "must be a redis:// or rediss:// (TLS) URL, or unix:///path/to/redis.sock",
+        ));
     }
+    let info = url.into_connection_info().map_err(|e| invalid("notify.redis_url", e.to_string()))?;
+    if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(invalid(
+            "notify.redis_url",
+            "#insecure would skip the server's certificate check: give its CA in SSL_CERT_FILE instead",
+        ));
+    }
+    Ok(())
+}
+
+/// Hides the passwords of a URL: the userinfo's (`postgres://user:****@host/db`) and a `password=` or
+/// `pass=` query parameter (where Postgres and Redis over a Unix socket take one).
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let userinfo_redacted = base.split_once("://").and_then(|(scheme, rest)| {
+        let (userinfo, host) = rest.rsplit_once('@')?;
+        let (user, _) = userinfo.split_once(':')?;
+        Some(format!("{scheme}://{user}:****@{host}"))
+    });
+    let mut out = userinfo_redacted.unwrap_or_else(|| base.to_owned());
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key @ ("password" | "pass"), _)) => format!("{key}=****"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
 }
 
 impl Config {
@@ -462,6 +499,29 @@ mod tests {
     }
 
     #[test]
+    fn redis_urls_over_tcp_tls_and_unix_sockets_are_accepted_and_bad_ones_named() {
+        let notify = |url: &str| Config::from_toml(&format!("[notify]\nredis_url = '{url}'")).map(|_| ());
+        for good in [
+            "redis://127.0.0.1:6379",
+            "rediss://:p4ss@redis.internal:6380/0",
+            "unix:///run/redis/redis.sock",
+            "redis+unix:///run/redis/redis.sock?db=1&pass=p4ss",
+        ] {
+            assert!(notify(good).is_ok(), "{good}: {:?}", notify(good));
+        }
+        for (bad, says) in [
+            ("http://127.0.0.1:6379", "rediss://"),
+            ("127.0.0.1:6379", "unix:///"),
+            ("redis://127.0.0.1:notaport", "notify.redis_url"),
+            ("unix://", "notify.redis_url"),
+            ("rediss://redis.internal:6380/#insecure", "SSL_CERT_FILE"),
+        ] {
+            let err = notify(bad).expect_err(bad).to_string();
+            assert!(err.contains("notify.redis_url") && err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn env_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("HOOKGATE__QUEUE__CAPACITY", "50000");
@@ -503,6 +563,12 @@ mod tests {
     fn redaction_hides_passwords() {
         assert_eq!(redact_url("postgres://u:p4ss@h:5/db"), "postgres://u:****@h:5/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=verify-full&password=p4ss"),
+            "postgres://u@h/db?sslmode=verify-full&password=****"
+        );
+        assert_eq!(redact_url("unix:///run/redis.sock?db=2&pass=p4ss"), "unix:///run/redis.sock?db=2&pass=****");
+        assert_eq!(redact_url("rediss://:p4ss@h:6380/0"), "rediss://:****@h:6380/0");
         let mut c = Config::from_toml("").unwrap();
         c.store.url = "postgres://u:hunter2@h/db".into();
         assert!(!c.redacted_toml().contains("hunter2"));

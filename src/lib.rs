@@ -53,6 +53,14 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// TLS to Postgres and Redis goes through rustls with the ring provider. Made the process default before
+/// either connects, so that another provider compiled in by a dependency can never leave rustls unable
+/// to choose (it then panics at the first TLS connection). Idempotent.
+pub fn use_ring_for_tls() {
+    // Err only when a default is already installed: ours, from an earlier call.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The two listening sockets, bound before [`run`] so that callers choose the ports.
 #[derive(Debug)]
 pub struct Listeners {

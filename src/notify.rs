@@ -187,6 +187,7 @@ impl std::fmt::Debug for Notifier {
 
 impl Notifier {
     pub fn new(config: &NotifyConfig, store: Store) -> Result<Self, NotifyError> {
+        crate::use_ring_for_tls();
         let timeout = Some(Duration::from_millis(config.command_timeout_ms));
         let mut pool_config = deadpool_redis::PoolConfig::new(config.pool_max);
         pool_config.timeouts = deadpool_redis::Timeouts { wait: timeout, create: timeout, recycle: timeout };

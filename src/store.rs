@@ -232,6 +232,7 @@ impl ReplayFilter {
 impl Store {
     /// Builds the pool; connects lazily, so a gateway can start while the database restarts.
     pub fn new(config: &StoreConfig, outbox: bool) -> Result<Self, StoreError> {
+        crate::use_ring_for_tls();
         let options: PgConnectOptions = config.url.parse().map_err(StoreError::Url)?;
         let options = options.application_name("hookgate");
         let pool = PgPoolOptions::new()

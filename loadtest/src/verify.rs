@@ -70,6 +70,7 @@ pub async fn run(config: &VerifyConfig) -> anyhow::Result<VerifyReport> {
         );
     }
     let mut report = VerifyReport { acknowledged: acknowledged.len() as u64, ..VerifyReport::default() };
+    hookgate::use_ring_for_tls();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(&config.database_url)

@@ -44,11 +44,17 @@ async fn metrics_show_the_named_series_after_traffic() {
 
 /// Runs deploy/services.sh for a private Postgres in `dir` on `port`.
 pub fn private_postgres(action: &str, dir: &std::path::Path, port: u16) {
+    private_postgres_with(action, dir, port, &[]);
+}
+
+/// As `private_postgres`, with further settings for services.sh in its environment.
+pub fn private_postgres_with(action: &str, dir: &std::path::Path, port: u16, env: &[(&str, &str)]) {
     let status = Command::new("bash")
         .arg(repo_root().join("deploy/services.sh"))
         .arg(action)
         .env("HOOKGATE_STATE_DIR", dir)
         .env("HOOKGATE_PG_PORT", port.to_string())
+        .envs(env.iter().copied())
         .status()
         .expect("run deploy/services.sh");
     assert!(status.success(), "services.sh {action} failed");

@@ -9,3 +9,4 @@ mod overload;
 mod process;
 mod refusals;
 mod support;
+mod tls;
