@@ -57,7 +57,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// either connects, so that another provider compiled in by a dependency can never leave rustls unable
 /// to choose (it then panics at the first TLS connection). Idempotent.
 pub fn use_ring_for_tls() {
-    // Err only when a default is already installed: ours, from an earlier call.
+    // Err only when a default is already installed (by an earlier call, or by a program embedding this).
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
