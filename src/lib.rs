@@ -42,7 +42,7 @@ use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 
 /// `error: cause: cause` in one line, so logs keep the chain that `Display` alone would drop.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

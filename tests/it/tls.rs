@@ -47,17 +47,6 @@ impl Drop for TestCertificates {
     }
 }
 
-/// `error: cause: cause`, as the gateway logs it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out = format!("{out}: {cause}");
-        source = cause.source();
-    }
-    out
-}
-
 fn db_name(db: &TestDb) -> &str {
     db.url.rsplit('/').next().expect("a database name")
 }
@@ -102,7 +91,7 @@ async fn postgres_over_verified_tls_stores_events_and_an_unknown_ca_is_refused()
     config.store.connect_timeout_ms = 5000;
     let store = hookgate::store::Store::new(&config.store, true).expect("store");
     let error = store.migrate().await.expect_err("an untrusted certificate must not connect");
-    let error = chain(&error);
+    let error = hookgate::error_chain(&error);
     assert!(error.contains("certificate") && error.contains("UnknownIssuer"), "{error}");
     store.close().await;
 
