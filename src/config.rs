@@ -65,6 +65,24 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
     pub http2_max_concurrent_streams: u32,
+    /// HTTPS on the webhook port; absent: plain HTTP (TLS terminated in front, or a private network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The webhook port's certificate (PEM files; the chain leaf first) and how often to look for a new one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Seconds between looks at the files for a renewed certificate (SIGHUP also looks at once).
+    #[serde(default = "default_tls_reload_interval_s")]
+    pub reload_interval_s: u64,
+}
+
+fn default_tls_reload_interval_s() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -275,6 +293,9 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if self.server.tls.as_ref().is_some_and(|tls| tls.reload_interval_s == 0) {
+            return Err(invalid("server.tls.reload_interval_s", "must be greater than 0"));
         }
         if !(self.queue.high_water_ratio > 0.0 && self.queue.high_water_ratio <= 1.0) {
             return Err(invalid("queue.high_water_ratio", "must be in (0, 1]"));
@@ -496,6 +517,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sources.s.max_body_bytes") && err.contains("body_memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn https_is_off_by_default_and_its_table_is_checked() {
+        assert!(Config::from_toml("").unwrap().server.tls.is_none());
+        let tls = Config::from_toml("[server.tls]\ncert_file = '/etc/c.pem'\nkey_file = '/etc/k.pem'").unwrap();
+        let tls = tls.server.tls.expect("tls set");
+        assert_eq!((tls.cert_file.to_str(), tls.reload_interval_s), (Some("/etc/c.pem"), 60));
+        let err = Config::from_toml("[server.tls]\ncert_file = 'c'\nkey_file = 'k'\nreload_interval_s = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.tls.reload_interval_s"), "{err}");
+        let err = Config::from_toml("[server.tls]\ncert_file = 'c'").unwrap_err().to_string();
+        assert!(err.contains("key_file"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`config`]: typed configuration (embedded defaults, file, `HOOKGATE__` environment), validated once.
 //! - [`signature`]: Stripe / Standard Webhooks / GitHub signature verification. Pure: no I/O, no clock.
 //! - [`event`]: the few event fields hookgate stores, parsed from the body without a JSON tree. Pure.
-//! - [`http`]: the webhook listener (hyper, HTTP/1.1 + h2c, bounded), its handler, the admin listener.
+//! - [`http`]: the webhook listener (hyper, HTTP/1.1 + HTTP/2, optional TLS with certificate reload,
+//!   bounded), its handler, the admin listener.
 //! - [`pipeline`]: the bounded queue, the batching workers, and the acks that complete durable requests.
 //! - [`store`]: Postgres: pool, migrations, the one-round-trip batch insert, the outbox queries.
 //! - [`notify`]: Redis streams: pipelined `XADD` per batch, the outbox catch-up, replay.
@@ -87,6 +88,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Notify(#[from] notify::NotifyError),
+    #[error("server.tls: {0}")]
+    Tls(#[from] http::tls::TlsError),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
@@ -97,6 +100,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if sources.is_empty() {
         return Err(RunError::NoSources);
     }
+    // Loaded before anything connects, so a bad certificate stops start-up at once with its file named.
+    let tls = config.server.tls.as_ref().map(http::tls::TlsTermination::new).transpose()?;
     let store = Store::new(&config.store, config.notify.enabled)?;
     if config.store.migrate_on_start {
         store.migrate().await?;
@@ -142,6 +147,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     });
 
     let admin_stop = CancellationToken::new();
+    if let Some(tls) = &tls {
+        metrics::init_tls_series();
+        tokio::spawn(tls.clone().watch(admin_stop.clone()));
+    }
     let admin_state = AdminState {
         prometheus: prometheus.clone(),
         store: store.clone(),
@@ -162,7 +171,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     info!(ack_mode = ?config.queue.ack_mode, workers = config.workers.count, "hookgate running");
 
     let requests_grace = Duration::from_millis(config.shutdown.requests_grace_ms);
-    serve_webhooks(listeners.webhooks, state, &config.server, shutdown, requests_grace).await;
+    serve_webhooks(listeners.webhooks, tls, state, &config.server, shutdown, requests_grace).await;
 
     info!(queued = pipeline.depth(), "draining the queue");
     pipeline.close();

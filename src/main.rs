@@ -188,6 +188,13 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
     for source in &sources {
         writeln!(out, "# source {}: {:?}", source.name, source.verifier)?;
     }
+    if let Some(tls) = &config.server.tls {
+        let loaded = hookgate::http::tls::load(tls).context("invalid server.tls")?;
+        let expires = humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(loaded.not_after_unix).unwrap_or(0)),
+        );
+        writeln!(out, "# tls: {} with its key; the certificate expires {expires}", tls.cert_file.display())?;
+    }
     if sources.is_empty() {
         writeln!(out, "# warning: no sources configured; `serve` refuses to start without one")?;
     }

@@ -28,6 +28,9 @@ pub const NOTIFY_PUBLISH_DURATION: &str = "hookgate_notify_publish_duration_seco
 pub const NOTIFY_CATCHUP_BATCHES: &str = "hookgate_notify_catchup_batches_total";
 pub const NOTIFY_DEFERRED: &str = "hookgate_notify_deferred_total";
 pub const NOTIFY_REDIS_DURABLE: &str = "hookgate_notify_redis_durable";
+pub const TLS_NOT_AFTER: &str = "hookgate_tls_certificate_not_after_timestamp_seconds";
+pub const TLS_RELOADS: &str = "hookgate_tls_certificate_reloads_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "hookgate_tls_handshake_failures_total";
 
 /// Latency buckets (seconds): fine around the few-millisecond group commit, up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -83,6 +86,16 @@ fn describe() {
         NOTIFY_REDIS_DURABLE,
         "1 when Redis runs appendonly yes with appendfsync always, 0 when it can lose acknowledged entries."
     );
+    describe_gauge!(
+        TLS_NOT_AFTER,
+        Unit::Seconds,
+        "Expiry (notAfter, unix seconds) of the webhook port's TLS certificate in use."
+    );
+    describe_counter!(TLS_RELOADS, "Looks at changed certificate files, by result (replaced, failed).");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Connections to the webhook port closed before their TLS handshake completed."
+    );
 }
 
 /// Exports every labelled series at zero from the start: `rate()` and alerts over a series that does not
@@ -113,6 +126,14 @@ pub fn init_series(sources: &[&str]) {
     gauge!(NOTIFY_PENDING).set(0.0);
     gauge!(QUEUE_DEPTH).set(0.0);
     gauge!(BODY_MEMORY).set(0.0);
+}
+
+/// The TLS series, at zero from the start (only when the webhook port serves HTTPS).
+pub fn init_tls_series() {
+    for result in ["replaced", "failed"] {
+        counter!(TLS_RELOADS, "result" => result).increment(0);
+    }
+    counter!(TLS_HANDSHAKE_FAILURES).increment(0);
 }
 
 /// The hot path's own series (POST to the webhook route, answered 202), registered once: looking a
@@ -202,4 +223,16 @@ pub fn record_notify_deferred() {
 
 pub fn record_notify_redis_durable(durable: bool) {
     gauge!(NOTIFY_REDIS_DURABLE).set(if durable { 1.0 } else { 0.0 });
+}
+
+pub fn record_tls_not_after(unix_seconds: i64) {
+    gauge!(TLS_NOT_AFTER).set(unix_seconds as f64);
+}
+
+pub fn record_tls_reload(result: &'static str) {
+    counter!(TLS_RELOADS, "result" => result).increment(1);
+}
+
+pub fn record_tls_handshake_failure() {
+    counter!(TLS_HANDSHAKE_FAILURES).increment(1);
 }

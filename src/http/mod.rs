@@ -1,4 +1,5 @@
-//! The webhook listener: a connection-limited accept loop serving HTTP/1.1 and h2c with hyper, drained on shutdown.
+//! The webhook listener: a connection-limited accept loop serving HTTP/1.1 and HTTP/2 with hyper (over
+//! TLS when `server.tls` is set, else in plain text with h2c), drained on shutdown.
 //!
 //! A semaphore permit is taken before `accept()` (as mini-redis does), so past `max_connections` new clients
 //! wait in the kernel backlog instead of consuming memory here. Handlers only enqueue: this module never
@@ -6,6 +7,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod tls;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +26,11 @@ use tracing::{debug, info, warn};
 use crate::config::ServerConfig;
 pub use webhook::WebhookState;
 
-/// Serves webhooks on `listener` until `stop` is cancelled, then lets in-flight requests finish for at most
-/// `grace`. Returns when every connection is closed or the grace has passed.
+/// Serves webhooks on `listener` (HTTPS when `tls` is given) until `stop` is cancelled, then lets in-flight
+/// requests finish for at most `grace`. Returns when every connection is closed or the grace has passed.
 pub async fn serve_webhooks(
     listener: TcpListener,
+    tls: Option<tls::TlsTermination>,
     state: Arc<WebhookState>,
     config: &ServerConfig,
     stop: CancellationToken,
@@ -50,7 +54,11 @@ pub async fn serve_webhooks(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener ready");
+    // A client that connects and never finishes its handshake is held to the same bound as one that never
+    // finishes its headers.
+    let handshake_timeout = config.header_read_timeout();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), scheme, "webhook listener ready");
 
     loop {
         let permit = tokio::select! {
@@ -76,15 +84,22 @@ pub async fn serve_webhooks(
         let state = state.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
         tokio::spawn(async move {
             crate::metrics::record_connections(1.0);
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(webhook::handle(state, request).await) }
-            });
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                debug!(%peer, error = %e, "connection ended with an error");
+            match acceptor {
+                None => serve_connection(&builder, stream, state, watcher, peer).await,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(&builder, stream, state, watcher, peer).await,
+                    Ok(Err(e)) => {
+                        crate::metrics::record_tls_handshake_failure();
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        crate::metrics::record_tls_handshake_failure();
+                        debug!(%peer, "TLS handshake timed out");
+                    }
+                },
             }
             crate::metrics::record_connections(-1.0);
             drop(permit);
@@ -94,5 +109,25 @@ pub async fn serve_webhooks(
     info!(open_connections = graceful.count(), "webhook listener closed; finishing in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
+    }
+}
+
+/// Serves one connection's requests (plain TCP or TLS) until it closes or the graceful shutdown ends it.
+async fn serve_connection<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: S,
+    state: Arc<WebhookState>,
+    watcher: Watcher,
+    peer: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(webhook::handle(state, request).await) }
+    });
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(connection.into_owned()).await {
+        debug!(%peer, error = %e, "connection ended with an error");
     }
 }

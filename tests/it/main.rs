@@ -3,6 +3,7 @@
 mod admin;
 mod delivery;
 mod hardening;
+mod https;
 mod notify;
 mod observability;
 mod overload;

@@ -10,33 +10,43 @@ use crate::support::*;
 
 /// A CA of the test's own and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM
 /// files `ca.crt`, `server.crt` and `server.key` in a fresh directory.
-struct TestCertificates {
-    dir: PathBuf,
+pub struct TestCertificates {
+    pub dir: PathBuf,
+    /// The server certificate's `notAfter`, in unix seconds.
+    pub not_after_unix: i64,
 }
 
 impl TestCertificates {
-    fn generate() -> Self {
+    pub fn generate() -> Self {
+        Self::generate_expiring(4096)
+    }
+
+    /// As `generate`, with a server certificate that expires on the first of January of `year`.
+    pub fn generate_expiring(year: i32) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
         let dir = std::env::temp_dir().join(unique("hookgate-it-tls"));
         std::fs::create_dir_all(&dir).expect("certificate dir");
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "hookgate test CA");
+        // A name of its own: a client trusting another test CA then finds no issuer, rather than a bad signature.
+        ca_params.distinguished_name.push(DnType::CommonName, unique("hookgate test CA"));
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
         let server_key = KeyPair::generate().expect("server key");
         let mut server_params =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("server params");
         server_params.distinguished_name.push(DnType::CommonName, "localhost");
+        server_params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let not_after_unix = server_params.not_after.unix_timestamp();
         let server = server_params.signed_by(&server_key, &ca, &ca_key).expect("server certificate");
         std::fs::write(dir.join("ca.crt"), ca.pem()).expect("ca.crt");
         std::fs::write(dir.join("server.crt"), server.pem()).expect("server.crt");
         std::fs::write(dir.join("server.key"), server_key.serialize_pem()).expect("server.key");
-        Self { dir }
+        Self { dir, not_after_unix }
     }
 
-    fn file(&self, name: &str) -> String {
+    pub fn file(&self, name: &str) -> String {
         self.dir.join(name).to_str().expect("utf-8 path").to_owned()
     }
 }

@@ -1,0 +1,284 @@
+//! HTTPS on the webhook port: rustls (ring provider, TLS 1.2 and 1.3, ALPN h2 and http/1.1) with a
+//! certificate that is reloaded, without dropping a connection, when its files change or on SIGHUP.
+//!
+//! Payment providers deliver only to `https://` endpoints. Where no load balancer terminates TLS in
+//! front of hookgate (a VM with systemd, a bare container), it terminates it itself. Certificates are
+//! renewed every few weeks (ACME, cert-manager), so the files are read again every
+//! `server.tls.reload_interval_s` and whenever the process gets SIGHUP; a pair that fails to load is
+//! logged and the certificate in use stays.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::TlsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} file {path}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("{what} file {path} holds no PEM {expected}: {reason}")]
+    Pem { what: &'static str, path: PathBuf, expected: &'static str, reason: String },
+    #[error("the key in {key} does not fit the certificate in {cert}: {reason}")]
+    Pair { cert: PathBuf, key: PathBuf, reason: String },
+    #[error("the certificate in {path} cannot be parsed: {reason}")]
+    Certificate { path: PathBuf, reason: String },
+}
+
+/// A certificate chain and its key, loaded and checked against each other.
+#[derive(Debug)]
+pub struct LoadedCertificate {
+    pub key: Arc<CertifiedKey>,
+    /// The leaf certificate's `notAfter`, in unix seconds.
+    pub not_after_unix: i64,
+    /// SHA-256 of the two files as read, to tell a change on the next look (without keeping a second
+    /// copy of the private key in memory).
+    files_digest: [u8; 32],
+}
+
+fn files_digest(cert_pem: &[u8], key_pem: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    for file in [cert_pem, key_pem] {
+        hasher.update((file.len() as u64).to_le_bytes());
+        hasher.update(file);
+    }
+    hasher.finalize().into()
+}
+
+/// Reads `config`'s certificate chain and private key and checks that they belong together.
+pub fn load(config: &TlsConfig) -> Result<LoadedCertificate, TlsError> {
+    let cert_pem = read("certificate", &config.cert_file)?;
+    let key_pem = read("key", &config.key_file)?;
+    parse(config, &cert_pem, &key_pem)
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|cause| TlsError::Read { what, path: path.to_path_buf(), cause })
+}
+
+fn parse(config: &TlsConfig, cert_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCertificate, TlsError> {
+    let pem_error = |what, path: &Path, expected, reason: String| TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        expected,
+        reason,
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error("certificate", &config.cert_file, "CERTIFICATE", e.to_string()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(pem_error("certificate", &config.cert_file, "CERTIFICATE", "none found".to_owned()));
+    };
+    let not_after_unix =
+        not_after(leaf).map_err(|reason| TlsError::Certificate { path: config.cert_file.clone(), reason })?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| pem_error("key", &config.key_file, "PRIVATE KEY (PKCS#8, RSA or EC)", e.to_string()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| TlsError::Pair {
+        cert: config.cert_file.clone(),
+        key: config.key_file.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(LoadedCertificate { key: Arc::new(certified), not_after_unix, files_digest: files_digest(cert_pem, key_pem) })
+}
+
+/// The leaf's `notAfter` (for the expiry metric and the warning as it nears).
+fn not_after(leaf: &CertificateDer<'_>) -> Result<i64, String> {
+    use x509_cert::der::Decode as _;
+    let certificate = x509_cert::Certificate::from_der(leaf.as_ref()).map_err(|e| e.to_string())?;
+    let not_after = certificate.tbs_certificate.validity.not_after.to_unix_duration();
+    Ok(i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Hands the current certificate to every handshake; [`CertificateStore::reload`] swaps it.
+struct CertificateStore {
+    config: TlsConfig,
+    current: RwLock<Arc<LoadedCertificate>>,
+}
+
+impl fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateStore").field("cert_file", &self.config.cert_file).finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for CertificateStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().key.clone())
+    }
+}
+
+/// What a look at the files found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Replaced,
+    /// The files changed but do not load; the certificate in use stays.
+    Failed,
+}
+
+impl CertificateStore {
+    fn current(&self) -> Arc<LoadedCertificate> {
+        // A panic while holding the lock cannot leave the Arc half-written: the value is usable as is.
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn reload(&self) -> Reload {
+        let files = read("certificate", &self.config.cert_file)
+            .and_then(|cert| Ok((cert, read("key", &self.config.key_file)?)));
+        let result = files.and_then(|(cert, key)| {
+            if self.current().files_digest == files_digest(&cert, &key) {
+                return Ok(None);
+            }
+            parse(&self.config, &cert, &key).map(Some)
+        });
+        match result {
+            Ok(None) => Reload::Unchanged,
+            Ok(Some(loaded)) => {
+                info!(cert_file = %self.config.cert_file.display(), not_after_unix = loaded.not_after_unix, "TLS certificate reloaded");
+                crate::metrics::record_tls_reload("replaced");
+                crate::metrics::record_tls_not_after(loaded.not_after_unix);
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(loaded);
+                Reload::Replaced
+            }
+            Err(e) => {
+                // Renewal tools often write the certificate and the key one after the other: the next look
+                // usually finds the pair whole again.
+                error!(error = %crate::error_chain(&e), "TLS certificate not reloaded; the one in use stays");
+                crate::metrics::record_tls_reload("failed");
+                Reload::Failed
+            }
+        }
+    }
+}
+
+/// The webhook port's TLS: the acceptor for new connections and the certificate behind it.
+#[derive(Clone)]
+pub struct TlsTermination {
+    acceptor: TlsAcceptor,
+    store: Arc<CertificateStore>,
+}
+
+impl fmt::Debug for TlsTermination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsTermination").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+impl TlsTermination {
+    /// Loads the certificate (failing start-up when it cannot) and builds the server configuration.
+    pub fn new(config: &TlsConfig) -> Result<Self, TlsError> {
+        let loaded = load(config)?;
+        warn_if_expiring(&config.cert_file, loaded.not_after_unix);
+        let store = Arc::new(CertificateStore { config: config.clone(), current: RwLock::new(Arc::new(loaded)) });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Pair {
+                cert: config.cert_file.clone(),
+                key: config.key_file.clone(),
+                reason: e.to_string(),
+            })?
+            .with_no_client_auth()
+            .with_cert_resolver(store.clone());
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self { acceptor: TlsAcceptor::from(Arc::new(server)), store })
+    }
+
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// The leaf certificate in use's `notAfter`, in unix seconds.
+    pub fn not_after_unix(&self) -> i64 {
+        self.store.current().not_after_unix
+    }
+
+    /// Reads the files again now; replaces the certificate when they changed and load.
+    pub fn reload(&self) -> Reload {
+        let outcome = self.store.reload();
+        if outcome == Reload::Replaced {
+            warn_if_expiring(&self.store.config.cert_file, self.not_after_unix());
+        }
+        outcome
+    }
+
+    /// Publishes the expiry metric, then looks at the files every `reload_interval_s` and on each SIGHUP
+    /// until `stop`. SIGHUP is caught from this call on (not from the future's first poll), so a caller
+    /// that spawns the future before reporting ready never lets a SIGHUP take the default action: exit.
+    pub fn watch(self, stop: CancellationToken) -> impl std::future::Future<Output = ()> + Send + 'static {
+        crate::metrics::record_tls_not_after(self.not_after_unix());
+        let mut hangup = hangup_signal();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(self.store.config.reload_interval_s));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = next_hangup(&mut hangup) => info!("SIGHUP: reading the TLS certificate again"),
+                    () = stop.cancelled() => return,
+                }
+                self.reload();
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        signal(SignalKind::hangup())
+            .map_err(
+                |e| warn!(error = %e, "cannot listen for SIGHUP; the certificate is still reloaded on its interval"),
+            )
+            .ok()
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+async fn next_hangup(hangup: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(signal) = hangup {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = hangup;
+    std::future::pending::<()>().await;
+}
+
+/// Warns (at start and after each reload) when the certificate has expired or will within 14 days.
+fn warn_if_expiring(path: &Path, not_after_unix: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let left_s = not_after_unix.saturating_sub(now);
+    if left_s <= 0 {
+        error!(cert_file = %path.display(), not_after_unix, "the TLS certificate has expired: senders will refuse it");
+    } else if left_s < 14 * 86_400 {
+        warn!(cert_file = %path.display(), days_left = left_s / 86_400, "the TLS certificate expires soon");
+    }
+}

@@ -1,0 +1,230 @@
+//! HTTPS on the webhook port: signed events over TLS with HTTP/1.1 and HTTP/2 (ALPN), clients that do not
+//! speak TLS or do not trust the certificate refused, and a renewed certificate served without a restart
+//! while a broken one is kept out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+
+use crate::process::{config_file, hookgate, GatewayProcess};
+use crate::support::*;
+use crate::tls::TestCertificates;
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>;
+
+/// A TLS client that trusts only `ca_file` and offers `alpn`.
+fn tls_connector(ca_file: &str, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).expect("CA file") {
+        roots.add(cert.expect("CA certificate")).expect("CA added");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Connects over TLS to `addr` as `localhost`; returns the stream or the handshake's error, in words.
+async fn connect(
+    addr: SocketAddr,
+    ca_file: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").expect("server name");
+    tls_connector(ca_file, alpn).connect(name, tcp).await.map_err(|e| e.to_string())
+}
+
+/// A signed Stripe event as a request for an HTTPS connection; returns it with its id.
+fn stripe_request(prefix: &str) -> (String, http::Request<Full<bytes::Bytes>>) {
+    let id = unique(prefix);
+    let body = stripe_event(&id);
+    let mut request = http::Request::post("https://localhost/webhooks/stripe");
+    for (name, value) in stripe_headers(body.as_bytes()) {
+        request = request.header(name, value);
+    }
+    let request = request.header("content-type", "application/json").body(Full::new(body.into())).expect("request");
+    (id, request)
+}
+
+/// An HTTP/1.1 connection over TLS, trusting `ca_file`, kept open for several requests.
+async fn http1_over_tls(addr: SocketAddr, ca_file: &str) -> Result<Sender, String> {
+    let stream = connect(addr, ca_file, b"http/1.1").await?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// Posts one signed event on `sender`; returns its id and the status.
+async fn post_signed(sender: &mut Sender, prefix: &str) -> (String, u16) {
+    let (id, request) = stripe_request(prefix);
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    (id, status)
+}
+
+async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
+    let (_, text) = get_text(&client(), &format!("http://{admin}/metrics")).await;
+    text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn tls_config(certificates: &TestCertificates, reload_interval_s: u64) -> hookgate::config::TlsConfig {
+    hookgate::config::TlsConfig {
+        cert_file: certificates.dir.join("server.crt"),
+        key_file: certificates.dir.join("server.key"),
+        reload_interval_s,
+    }
+}
+
+#[tokio::test]
+async fn signed_events_over_https_are_stored_with_http1_and_h2_and_plain_or_untrusting_clients_are_refused() {
+    let certificates = TestCertificates::generate();
+    let stranger = TestCertificates::generate();
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.server.tls = Some(tls_config(&certificates, 3600));
+    config.server.header_read_timeout_ms = 500;
+    let gateway = Gateway::start(config).await;
+    let ca = certificates.file("ca.crt");
+
+    let mut http1 = http1_over_tls(gateway.addr, &ca).await.expect("HTTP/1.1 over TLS");
+    let (id, status) = post_signed(&mut http1, "evt_https1").await;
+    assert_eq!(status, 202);
+    assert!(db.body_of("stripe", &id).await.is_some(), "the event sent over HTTP/1.1 and TLS is stored");
+
+    let stream = connect(gateway.addr, &ca, b"h2").await.expect("h2 over TLS");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN settles on h2");
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2");
+    tokio::spawn(connection);
+    let (id, request) = stripe_request("evt_https2");
+    let response = h2.send_request(request).await.expect("h2 response");
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert!(db.body_of("stripe", &id).await.is_some(), "the event sent over h2 and TLS is stored");
+
+    // A client that does not trust the certificate stops at the handshake, and sends nothing.
+    let refused = connect(gateway.addr, &stranger.file("ca.crt"), b"http/1.1").await.map(|_| ());
+    let reason = refused.expect_err("an untrusting client cannot connect");
+    assert!(reason.contains("UnknownIssuer"), "{reason}");
+
+    // Plain HTTP on the HTTPS port: no answer, the connection closed, the handshake failure counted.
+    let body = stripe_event(&unique("evt_plain"));
+    let plain = client()
+        .request(
+            stripe_headers(body.as_bytes())
+                .into_iter()
+                .fold(http::Request::post(format!("http://{}/webhooks/stripe", gateway.addr)), |r, (k, v)| {
+                    r.header(k, v)
+                })
+                .body(Full::new(bytes::Bytes::from(body)))
+                .expect("request"),
+        )
+        .await;
+    assert!(plain.is_err(), "plain HTTP gets no answer from the HTTPS port: {plain:?}");
+    let failures = metric(gateway.admin, "hookgate_tls_handshake_failures_total").await.unwrap_or(0.0);
+    assert!(failures >= 1.0, "the refused handshakes are counted ({failures})");
+    // A client that connects and never starts its handshake is closed at the header-read bound.
+    let mut silent = TcpStream::connect(gateway.addr).await.expect("connect");
+    let mut buffer = [0_u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buffer)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "a silent client is closed within the bound: {read:?}");
+    assert_eq!(db.count().await, 2, "only the two events sent over TLS are stored");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connections_and_a_broken_pair_is_kept_out() {
+    let old = TestCertificates::generate_expiring(2031);
+    let renewed = TestCertificates::generate_expiring(2032);
+    let live = TestCertificates::generate_expiring(2031);
+    for file in ["server.crt", "server.key"] {
+        std::fs::copy(old.dir.join(file), live.dir.join(file)).expect("old pair in place");
+    }
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let (cert_file, key_file) = (live.file("server.crt"), live.file("server.key"));
+    let env = [
+        ("HOOKGATE__SERVER__TLS__CERT_FILE", cert_file.as_str()),
+        ("HOOKGATE__SERVER__TLS__KEY_FILE", key_file.as_str()),
+        // Only SIGHUP makes it look again within this test.
+        ("HOOKGATE__SERVER__TLS__RELOAD_INTERVAL_S", "3600"),
+    ];
+    let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, None).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("admin addr");
+    let not_after = "hookgate_tls_certificate_not_after_timestamp_seconds";
+    assert_eq!(metric(admin, not_after).await, Some(old.not_after_unix as f64), "the expiry of the certificate in use");
+
+    let mut kept_open = http1_over_tls(addr, &old.file("ca.crt")).await.expect("a client of the old certificate");
+    assert_eq!(post_signed(&mut kept_open, "evt_before").await.1, 202);
+    let hangup = || {
+        let status = std::process::Command::new("kill").args(["-HUP", &gateway.child.id().to_string()]).status();
+        assert!(status.expect("kill").success());
+    };
+    let reloads = |result: &'static str| async move {
+        metric(admin, &format!("hookgate_tls_certificate_reloads_total{{result=\"{result}\"}}")).await.unwrap_or(0.0)
+    };
+
+    // Half a renewal: the new key beside the old certificate. It does not load, and the old pair stays.
+    std::fs::copy(renewed.dir.join("server.key"), live.dir.join("server.key")).expect("new key");
+    hangup();
+    assert!(eventually(Duration::from_secs(10), || async { reloads("failed").await >= 1.0 }).await, "failure counted");
+    let mut fresh = http1_over_tls(addr, &old.file("ca.crt")).await.expect("the old certificate is still served");
+    assert_eq!(post_signed(&mut fresh, "evt_half").await.1, 202);
+
+    // The whole renewal: now served to new connections, while the connection opened before goes on.
+    std::fs::copy(renewed.dir.join("server.crt"), live.dir.join("server.crt")).expect("new certificate");
+    hangup();
+    assert!(eventually(Duration::from_secs(10), || async { reloads("replaced").await >= 1.0 }).await, "reloaded");
+    assert_eq!(metric(admin, not_after).await, Some(renewed.not_after_unix as f64), "the renewed expiry is exported");
+    let mut renewed_client = http1_over_tls(addr, &renewed.file("ca.crt")).await.expect("the renewed certificate");
+    let (id, status) = post_signed(&mut renewed_client, "evt_renewed").await;
+    assert_eq!(status, 202);
+    assert!(db.body_of("stripe", &id).await.is_some());
+    let stale = http1_over_tls(addr, &old.file("ca.crt")).await.map(|_| ());
+    assert!(stale.expect_err("the old certificate is no longer served").contains("UnknownIssuer"));
+    let (id, status) = post_signed(&mut kept_open, "evt_kept_open").await;
+    assert_eq!(status, 202, "a connection opened before the renewal is served on");
+    assert!(db.body_of("stripe", &id).await.is_some());
+    assert_eq!(db.count().await, 4);
+    drop(gateway);
+}
+
+#[test]
+fn check_config_names_a_key_that_does_not_fit_its_certificate() {
+    let first = TestCertificates::generate_expiring(2031);
+    let second = TestCertificates::generate_expiring(2031);
+    let check = |key_file: &str| {
+        hookgate()
+            .arg("check-config")
+            .env("HOOKGATE__SERVER__TLS__CERT_FILE", first.file("server.crt"))
+            .env("HOOKGATE__SERVER__TLS__KEY_FILE", key_file)
+            .output()
+            .expect("check-config runs")
+    };
+    let good = check(&first.file("server.crt").replace("server.crt", "server.key"));
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(stdout.contains("the certificate expires 2031-01-01T00:00:00Z"), "{stdout}");
+
+    let bad = check(&second.file("server.key"));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("does not fit the certificate"), "{stderr}");
+    let missing = check("/nonexistent/server.key");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read key file /nonexistent/server.key"));
+}
