@@ -150,7 +150,8 @@ impl CertificateStore {
         match result {
             Ok(None) => Reload::Unchanged,
             Ok(Some(loaded)) => {
-                info!(cert_file = %self.config.cert_file.display(), not_after_unix = loaded.not_after_unix, "TLS certificate reloaded");
+                let not_after_unix = loaded.not_after_unix;
+                info!(cert_file = %self.config.cert_file.display(), not_after_unix, "TLS certificate reloaded");
                 crate::metrics::record_tls_reload("replaced");
                 crate::metrics::record_tls_not_after(loaded.not_after_unix);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(loaded);
