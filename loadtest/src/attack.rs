@@ -23,6 +23,7 @@ use crate::payload::{Kind, PayloadFactory};
 use crate::recorder::Recorder;
 use crate::report::{fmt_us, Summary};
 use crate::results::{self, Meta, Row};
+use crate::tls::ClientTls;
 
 #[derive(Debug, Clone)]
 pub struct AttackConfig {
@@ -34,6 +35,8 @@ pub struct AttackConfig {
     pub requests: Option<u64>,
     pub connections: usize,
     pub http2: bool,
+    /// The TLS client for `https://` targets (None: every target is `http://`).
+    pub tls: Option<ClientTls>,
     pub timeout: Duration,
     /// Sent at the target rate before the measured run, and not recorded: connections, caches and the
     /// target's pools reach their steady state first (as wrk2's calibration period). Open loop only.
@@ -122,6 +125,13 @@ fn unix_s() -> i64 {
 /// Runs the attack to completion.
 pub async fn run(config: AttackConfig, factory: PayloadFactory) -> anyhow::Result<Outcome> {
     anyhow::ensure!(!config.targets.is_empty(), "at least one --target is needed");
+    for target in &config.targets {
+        match target.scheme_str() {
+            Some("http") => {}
+            Some("https") => anyhow::ensure!(config.tls.is_some(), "{target}: an https target needs a TLS client"),
+            _ => anyhow::bail!("{target}: the target must be an http:// or https:// URL"),
+        }
+    }
     anyhow::ensure!(config.duration.is_some() || config.requests.is_some(), "give --duration and/or --requests");
     anyhow::ensure!(config.rate > 0.0 || config.concurrency > 0, "closed loop (--rate 0) needs --concurrency");
     let closed_loop = config.rate <= 0.0;
@@ -273,7 +283,7 @@ async fn connect_all(config: &AttackConfig, workers: usize) -> Vec<Conn> {
         let mut shared = Vec::new();
         for c in 0..config.connections.max(1) {
             let target = targets[c % targets.len()].clone();
-            let sender = open_h2(&target).await.ok();
+            let sender = open_h2(&target, config.tls.as_ref()).await.ok();
             shared.push((target, Arc::new(tokio::sync::Mutex::new(sender))));
         }
         (0..workers).map(|w| Conn::H2(shared[w % shared.len()].0.clone(), shared[w % shared.len()].1.clone())).collect()
@@ -281,7 +291,7 @@ async fn connect_all(config: &AttackConfig, workers: usize) -> Vec<Conn> {
         let mut conns = Vec::with_capacity(workers);
         for w in 0..workers {
             let target = targets[w % targets.len()].clone();
-            let sender = open_h1(&target).await.ok();
+            let sender = open_h1(&target, config.tls.as_ref()).await.ok();
             conns.push(Conn::H1(target, sender));
         }
         conns
@@ -290,23 +300,45 @@ async fn connect_all(config: &AttackConfig, workers: usize) -> Vec<Conn> {
 
 async fn open_tcp(target: &Uri) -> std::io::Result<TcpStream> {
     let host = target.host().unwrap_or("127.0.0.1");
-    let port = target.port_u16().unwrap_or(80);
+    let https = target.scheme_str() == Some("https");
+    let port = target.port_u16().unwrap_or(if https { 443 } else { 80 });
     let stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
 
-async fn open_h1(target: &Uri) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
-    let io = TokioIo::new(open_tcp(target).await?);
-    let (sender, connection) = http1::handshake(io).await?;
-    tokio::spawn(connection);
+/// The TLS client to use for `target`: Some for an `https://` one.
+fn tls_for<'a>(target: &Uri, tls: Option<&'a ClientTls>) -> Option<&'a ClientTls> {
+    tls.filter(|_| target.scheme_str() == Some("https"))
+}
+
+async fn open_h1(target: &Uri, tls: Option<&ClientTls>) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
+    let tcp = open_tcp(target).await?;
+    let sender = if let Some(tls) = tls_for(target, tls) {
+        let stream = tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        sender
+    } else {
+        let (sender, connection) = http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        sender
+    };
     Ok(sender)
 }
 
-async fn open_h2(target: &Uri) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
-    let io = TokioIo::new(open_tcp(target).await?);
-    let (sender, connection) = http2::handshake(TokioExecutor::new(), io).await?;
-    tokio::spawn(connection);
+async fn open_h2(target: &Uri, tls: Option<&ClientTls>) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
+    let tcp = open_tcp(target).await?;
+    let sender = if let Some(tls) = tls_for(target, tls) {
+        let stream = tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?;
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        sender
+    } else {
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        sender
+    };
     Ok(sender)
 }
 
@@ -397,7 +429,8 @@ impl Worker {
         match &mut self.conn {
             Conn::H1(target, slot) => {
                 if slot.as_ref().is_none_or(http1::SendRequest::is_closed) {
-                    *slot = Some(open_h1(target).await.map_err(|_| "connect".to_owned())?);
+                    *slot =
+                        Some(open_h1(target, self.ctx.config.tls.as_ref()).await.map_err(|_| "connect".to_owned())?);
                 }
                 let Some(sender) = slot.as_mut() else { return Err("connect".into()) };
                 let result = match sender.ready().await {
@@ -416,7 +449,9 @@ impl Worker {
                 let mut sender = {
                     let mut guard = shared.lock().await;
                     if guard.as_ref().is_none_or(http2::SendRequest::is_closed) {
-                        *guard = Some(open_h2(target).await.map_err(|_| "connect".to_owned())?);
+                        *guard = Some(
+                            open_h2(target, self.ctx.config.tls.as_ref()).await.map_err(|_| "connect".to_owned())?,
+                        );
                     }
                     guard.clone().ok_or_else(|| "connect".to_owned())?
                 };

@@ -10,6 +10,7 @@
 //! - [`sink`]: the baseline server: 202 at once, after a delay, or after a one-off stall.
 //! - [`verify`]: the loss audit against Postgres and Redis.
 //! - [`findmax`]: the search for the highest rate that meets a P99 SLO.
+//! - [`tls`]: the client side of `https://` targets.
 //! - [`syncprobe`]: the disk's own write + `fdatasync` latency, the floor under a durable ack.
 
 pub mod attack;
@@ -21,4 +22,5 @@ pub mod report;
 pub mod results;
 pub mod sink;
 pub mod syncprobe;
+pub mod tls;
 pub mod verify;

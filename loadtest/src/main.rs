@@ -11,6 +11,7 @@ use hookgate::signature::{Scheme, Verifier};
 use hookgate_load::attack::{self, AttackConfig};
 use hookgate_load::payload::{IdOrder, PayloadFactory};
 use hookgate_load::report::{self, Summary};
+use hookgate_load::tls::ClientTls;
 use hookgate_load::{findmax, plot, sink, syncprobe, verify};
 
 #[derive(Parser, Debug)]
@@ -146,9 +147,12 @@ struct AttackArgs {
     /// Connections (HTTP/1.1: also the most requests in flight; HTTP/2: 64 streams each).
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// HTTP/2 over cleartext (h2c, prior knowledge).
+    /// HTTP/2: h2c (prior knowledge) to http:// targets, h2 by ALPN to https:// ones.
     #[arg(long)]
     http2: bool,
+    /// PEM file of the CA(s) to trust for https:// targets (default: the system's CA store).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
     #[arg(long, value_enum, default_value = "stripe")]
@@ -227,8 +231,10 @@ impl AttackArgs {
         Ok(())
     }
 
-    fn config(&self) -> AttackConfig {
-        AttackConfig {
+    fn config(&self) -> anyhow::Result<AttackConfig> {
+        let https = self.targets.iter().any(|t| t.scheme_str() == Some("https"));
+        let tls = if https { Some(ClientTls::new(self.cacert.as_deref(), self.http2)?) } else { None };
+        Ok(AttackConfig {
             targets: self.targets.clone(),
             rate: self.rate,
             concurrency: self.concurrency,
@@ -236,6 +242,7 @@ impl AttackArgs {
             requests: self.requests,
             connections: self.connections,
             http2: self.http2,
+            tls,
             timeout: self.timeout,
             warmup: self.warmup,
             pace_quantum: self.pace_quantum,
@@ -244,7 +251,7 @@ impl AttackArgs {
             output: self.output.clone(),
             progress: !self.no_progress,
             scheme: format!("{}", Scheme::from(self.scheme)),
-        }
+        })
     }
 
     fn factory(&self, suffix: &str) -> anyhow::Result<PayloadFactory> {
@@ -294,7 +301,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             if args.duration.is_none() && args.requests.is_none() {
                 bail!("give --duration and/or --requests");
             }
-            let outcome = attack::run(args.config(), args.factory("")?).await?;
+            let outcome = attack::run(args.config()?, args.factory("")?).await?;
             outcome.summary.write_text(&mut stdout)?;
             if let Some(path) = &args.report_json {
                 std::fs::write(path, serde_json::to_vec_pretty(&outcome.summary)?)?;
@@ -359,7 +366,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::FindMax { attack, slo_p99, start_rate, max_rate, step, precision, retries, settle } => {
             attack.validate()?;
-            let mut base = attack.config();
+            let mut base = attack.config()?;
             base.progress = false;
             if base.warmup.is_zero() {
                 // Each step starts from idle connections: without a warm-up, its first few hundred ms

@@ -32,6 +32,7 @@ fn attack_config(target: &str, rate: f64, seconds: u64, connections: usize, outp
         requests: None,
         connections,
         http2: false,
+        tls: None,
         timeout: Duration::from_secs(5),
         warmup: Duration::ZERO,
         pace_quantum: Duration::ZERO,

@@ -1,6 +1,6 @@
 //! hookgate-load against real gateways: a run spread over two replicas sharing Postgres and Redis, then
 //! the loss audit, which must pass, and must fail once an acknowledged row is deleted; and GitHub-signed
-//! runs with UUID event ids, audited the same way.
+//! runs with UUID event ids, audited the same way; and a run over HTTPS, HTTP/1.1 and h2.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use hookgate::config::Config;
 use hookgate::signature::Scheme;
 use hookgate_load::attack::{self, AttackConfig};
 use hookgate_load::payload::{IdOrder, PayloadFactory};
+use hookgate_load::tls::ClientTls;
 use hookgate_load::verify::{self, VerifyConfig, VerifyReport};
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
@@ -28,7 +29,8 @@ fn unique(prefix: &str) -> String {
 async fn start_gateway(config: Config, source: &str) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
     let webhooks = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/webhooks/{source}", webhooks.local_addr().unwrap());
+    let scheme = if config.server.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}/webhooks/{source}", webhooks.local_addr().unwrap());
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move {
@@ -69,6 +71,7 @@ fn attack_config(targets: &[&str], rate: f64, seconds: u64, scheme: &str, output
         requests: None,
         connections: 16,
         http2: false,
+        tls: None,
         timeout: Duration::from_secs(10),
         warmup: Duration::ZERO,
         pace_quantum: Duration::ZERO,
@@ -178,5 +181,92 @@ async fn github_runs_with_time_based_and_random_uuids_are_stored_once_and_audite
     }
     stop.cancel();
     let _ = task.await;
+    let _ = std::fs::remove_file(secret_file);
+}
+
+/// A CA and a server certificate it signed for `127.0.0.1`, as `ca.crt`, `server.crt`, `server.key` in `dir`.
+fn write_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, unique("hookgate-load e2e CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server =
+        CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&server_key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.crt"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_runs_over_http1_and_h2_are_acknowledged_and_audited() {
+    let (mut config, _db_url, secret_file) = fresh_setup("stripe").await;
+    let dir = std::env::temp_dir().join(unique("e2e-tls"));
+    write_certificates(&dir);
+    config.server.tls = Some(hookgate::config::TlsConfig {
+        cert_file: dir.join("server.crt"),
+        key_file: dir.join("server.key"),
+        reload_interval_s: 60,
+    });
+    let (url, stop, task) = start_gateway(config.clone(), "stripe").await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut outputs = Vec::new();
+    for http2 in [false, true] {
+        let output = std::env::temp_dir().join(unique("e2e-tls.csv"));
+        let factory = PayloadFactory::new(
+            Scheme::Stripe,
+            SECRET,
+            unique("e2e-tls"),
+            vec!["charge.succeeded".into()],
+            1024,
+            None,
+            1_700_000_000,
+        )
+        .unwrap();
+        let mut attack = attack_config(&[&url], 300.0, 2, "stripe", &output);
+        attack.http2 = http2;
+        attack.tls = Some(ClientTls::new(Some(&dir.join("ca.crt")), http2).unwrap());
+        let summary = attack::run(attack, factory).await.unwrap().summary;
+        assert_eq!(summary.successful(), summary.requests, "http2 {http2}: {:?}", summary.status_codes);
+        assert!(summary.requests >= 500, "http2 {http2}: {}", summary.requests);
+        outputs.push(output);
+    }
+    for output in &outputs {
+        let (_, report) = audit_until_ok(output, &config).await;
+        assert!(report.ok(), "{report:?}");
+        assert_eq!((report.stored, report.on_stream), (report.acknowledged, report.acknowledged), "{report:?}");
+    }
+
+    // Without the CA the client refuses the gateway's certificate: every request fails to connect.
+    let output = std::env::temp_dir().join(unique("e2e-untrusted.csv"));
+    let factory = PayloadFactory::new(
+        Scheme::Stripe,
+        SECRET,
+        unique("e2e-untrusted"),
+        vec!["charge.succeeded".into()],
+        1024,
+        None,
+        1_700_000_000,
+    )
+    .unwrap();
+    let other = std::env::temp_dir().join(unique("e2e-tls-other"));
+    write_certificates(&other);
+    let mut attack = attack_config(&[&url], 50.0, 1, "stripe", &output);
+    attack.tls = Some(ClientTls::new(Some(&other.join("ca.crt")), false).unwrap());
+    let summary = attack::run(attack, factory).await.unwrap().summary;
+    assert_eq!(summary.successful(), 0, "{:?}", summary.status_codes);
+
+    stop.cancel();
+    let _ = task.await;
+    for path in outputs.iter().chain([&output]) {
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(other);
     let _ = std::fs::remove_file(secret_file);
 }
