@@ -229,11 +229,40 @@ impl ReplayFilter {
     }
 }
 
+/// Whether the connection to Postgres would use TLS without checking the certificate, or fall back to plain
+/// text, without the operator having said so: no `sslmode` (in the URL or `PGSSLMODE`) and a host that is
+/// neither loopback nor a Unix socket. sqlx, like libpq, then "prefers" TLS: unverified, and optional.
+fn tls_left_unchecked(url: &str, options: &PgConnectOptions, pgsslmode_set: bool) -> bool {
+    let mode_named = url.contains("sslmode=") || pgsslmode_set;
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !mode_named && !local
+}
+
+fn warn_if_tls_unchecked(url: &str, options: &PgConnectOptions) {
+    if tls_left_unchecked(url, options, std::env::var_os("PGSSLMODE").is_some()) {
+        tracing::warn!(
+            host = options.get_host(),
+            "store.url names no sslmode: TLS to Postgres is tried without checking its certificate, and \
+             plain text is used if the server refuses; add ?sslmode=verify-full (or sslmode=disable on a \
+             private network)"
+        );
+    }
+}
+
 impl Store {
     /// Builds the pool; connects lazily, so a gateway can start while the database restarts.
     pub fn new(config: &StoreConfig, outbox: bool) -> Result<Self, StoreError> {
         crate::use_ring_for_tls();
         let options: PgConnectOptions = config.url.parse().map_err(StoreError::Url)?;
+        warn_if_tls_unchecked(&config.url, &options);
         let options = options.application_name("hookgate");
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_max)
@@ -470,5 +499,31 @@ impl Store {
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_postgres_without_sslmode_is_flagged_and_local_or_named_modes_are_not() {
+        let flagged = |url: &str, pgsslmode_set: bool| {
+            let options: PgConnectOptions = url.parse().expect("a valid URL");
+            tls_left_unchecked(url, &options, pgsslmode_set)
+        };
+        assert!(flagged("postgres://u:p@db.example.internal:5432/hookgate", false));
+        assert!(flagged("postgres://u@10.0.0.5/hookgate?application_name=x", false));
+        assert!(!flagged("postgres://u@db.example.internal/hookgate?sslmode=verify-full", false));
+        assert!(!flagged("postgres://u@db.example.internal/hookgate?sslmode=disable", false));
+        assert!(!flagged("postgres://u@db.example.internal/hookgate", true), "PGSSLMODE names it");
+        for local in [
+            "postgres://postgres@127.0.0.1:54329/hookgate",
+            "postgres://postgres@localhost/hookgate",
+            "postgres://postgres@[::1]:5432/hookgate",
+            "postgres://postgres@%2Frun%2Fpostgresql/hookgate",
+        ] {
+            assert!(!flagged(local, false), "{local}");
+        }
     }
 }
