@@ -224,8 +224,8 @@ impl AttackArgs {
             bail!("--connections must be at least 1");
         }
         for t in &self.targets {
-            if t.scheme_str() != Some("http") || t.host().is_none() {
-                bail!("--target {t}: only http://host[:port]/path targets are supported");
+            if !matches!(t.scheme_str(), Some("http" | "https")) || t.host().is_none() {
+                bail!("--target {t}: only http:// or https://host[:port]/path targets are supported");
             }
         }
         Ok(())

@@ -1,5 +1,5 @@
-//! The `hookgate-load` binary as bench.sh calls it: `sync-probe` writes its figures, and bad input is a
-//! clear error with exit status 2.
+//! The `hookgate-load` binary as bench.sh calls it: `sync-probe` writes its figures, and bad input (to it, or
+//! an attack's target and CA) is a clear error with exit status 2.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -44,4 +44,24 @@ fn sync_probe_on_a_missing_directory_fails_clearly() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/hookgate-load is not a directory"), "{stderr}");
+}
+
+#[test]
+fn attack_targets_must_be_http_or_https_and_an_unreadable_cacert_is_named() {
+    let attack = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_hookgate-load"))
+            .args(["attack", "--secret", "s", "--rate", "10", "--duration", "1s", "--no-progress"])
+            .args(extra)
+            .output()
+            .expect("run hookgate-load");
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (status, stderr) = attack(&["--target", "ftp://127.0.0.1:1/webhooks/stripe"]);
+    assert_eq!(status, Some(2));
+    assert!(stderr.contains("only http:// or https://host[:port]/path targets"), "{stderr}");
+    // No connection is tried: the CA file is read before the run starts.
+    let (status, stderr) =
+        attack(&["--target", "https://127.0.0.1:1/webhooks/stripe", "--cacert", "/nonexistent/ca.pem"]);
+    assert_eq!(status, Some(2));
+    assert!(stderr.contains("reading --cacert /nonexistent/ca.pem"), "{stderr}");
 }
