@@ -53,6 +53,7 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub reload: ReloadConfig,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
 }
@@ -70,19 +71,12 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// The webhook port's certificate (PEM files; the chain leaf first) and how often to look for a new one.
+/// The webhook port's certificate and key (PEM files; the chain's leaf first), read again on each reload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// Seconds between looks at the files for a renewed certificate (SIGHUP also looks at once).
-    #[serde(default = "default_tls_reload_interval_s")]
-    pub reload_interval_s: u64,
-}
-
-fn default_tls_reload_interval_s() -> u64 {
-    60
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,6 +195,14 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// What a running gateway reads again (the sources' secrets, the TLS certificate), and how often.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Seconds between reloads; SIGHUP reloads at once.
+    pub interval_s: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
@@ -236,6 +238,8 @@ pub struct Source {
     pub name: String,
     pub verifier: Verifier,
     pub max_body_bytes: usize,
+    /// SHA-256 of the secrets as loaded, so a reload can tell whether they changed without keeping them.
+    pub secrets_digest: [u8; 32],
 }
 
 impl Config {
@@ -288,14 +292,12 @@ impl Config {
             ("notify.catchup_page_mb", u64::from(self.notify.catchup_page_mb)),
             ("notify.warn_interval_s", self.notify.warn_interval_s),
             ("notify.queue_batches", self.notify.queue_batches as u64),
+            ("reload.interval_s", self.reload.interval_s),
         ];
         for (key, value) in positive {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
-        }
-        if self.server.tls.as_ref().is_some_and(|tls| tls.reload_interval_s == 0) {
-            return Err(invalid("server.tls.reload_interval_s", "must be greater than 0"));
         }
         if !(self.queue.high_water_ratio > 0.0 && self.queue.high_water_ratio <= 1.0) {
             return Err(invalid("queue.high_water_ratio", "must be in (0, 1]"));
@@ -350,7 +352,7 @@ impl Config {
 
     /// Reads every source's secrets and builds its verifier. Fails when a source has no secret.
     pub fn sources(&self) -> Result<Vec<Source>, ConfigError> {
-        self.sources.iter().map(|(name, cfg)| load_source(name, cfg)).collect()
+        self.sources.iter().map(|(name, cfg)| Source::load(name, cfg)).collect()
     }
 
     pub fn redacted_toml(&self) -> String {
@@ -362,31 +364,45 @@ impl Config {
     }
 }
 
-fn load_source(name: &str, cfg: &SourceConfig) -> Result<Source, ConfigError> {
-    let mut secrets: Vec<String> = Vec::new();
-    if let Some(var) = &cfg.secret_env {
-        let value = std::env::var(var).unwrap_or_default();
-        secrets.extend(value.split([',', ' ', '\n', '\t']).map(str::trim).filter(|s| !s.is_empty()).map(String::from));
-    }
-    if let Some(path) = &cfg.secret_file {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::SecretFile {
-            source_name: name.to_owned(),
-            path: path.clone(),
-            cause,
-        })?;
-        secrets.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
-    }
-    if secrets.is_empty() {
-        let place = match (&cfg.secret_env, &cfg.secret_file) {
-            (Some(var), _) => format!("environment variable {var} is unset or empty"),
-            (None, Some(path)) => format!("file {} holds no secret", path.display()),
-            (None, None) => "no secret_env or secret_file".to_owned(),
+impl Source {
+    /// Reads the source's secrets (its environment variable and/or file) and builds its verifier.
+    pub fn load(name: &str, cfg: &SourceConfig) -> Result<Self, ConfigError> {
+        let mut secrets: Vec<String> = Vec::new();
+        if let Some(var) = &cfg.secret_env {
+            let value = std::env::var(var).unwrap_or_default();
+            secrets
+                .extend(value.split([',', ' ', '\n', '\t']).map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+        }
+        if let Some(path) = &cfg.secret_file {
+            let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::SecretFile {
+                source_name: name.to_owned(),
+                path: path.clone(),
+                cause,
+            })?;
+            secrets
+                .extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        }
+        if secrets.is_empty() {
+            let place = match (&cfg.secret_env, &cfg.secret_file) {
+                (Some(var), _) => format!("environment variable {var} is unset or empty"),
+                (None, Some(path)) => format!("file {} holds no secret", path.display()),
+                (None, None) => "no secret_env or secret_file".to_owned(),
+            };
+            return Err(invalid(format!("sources.{name}"), format!("no secret: {place}")));
+        }
+        let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
+            .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
+        let secrets_digest = {
+            use sha2::{Digest as _, Sha256};
+            let mut hasher = Sha256::new();
+            for secret in &secrets {
+                hasher.update((secret.len() as u64).to_le_bytes());
+                hasher.update(secret.as_bytes());
+            }
+            hasher.finalize().into()
         };
-        return Err(invalid(format!("sources.{name}"), format!("no secret: {place}")));
+        Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, secrets_digest })
     }
-    let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
-        .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
-    Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes })
 }
 
 /// `redis://` and `rediss://` (TLS, checked against the system's CA store or `SSL_CERT_FILE`) over TCP,
@@ -520,15 +536,13 @@ mod tests {
     }
 
     #[test]
-    fn https_is_off_by_default_and_its_table_is_checked() {
+    fn https_is_off_by_default_and_its_table_and_the_reload_interval_are_checked() {
         assert!(Config::from_toml("").unwrap().server.tls.is_none());
         let tls = Config::from_toml("[server.tls]\ncert_file = '/etc/c.pem'\nkey_file = '/etc/k.pem'").unwrap();
         let tls = tls.server.tls.expect("tls set");
-        assert_eq!((tls.cert_file.to_str(), tls.reload_interval_s), (Some("/etc/c.pem"), 60));
-        let err = Config::from_toml("[server.tls]\ncert_file = 'c'\nkey_file = 'k'\nreload_interval_s = 0")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("server.tls.reload_interval_s"), "{err}");
+        assert_eq!((tls.cert_file.to_str(), tls.key_file.to_str()), (Some("/etc/c.pem"), Some("/etc/k.pem")));
+        let err = Config::from_toml("[reload]\ninterval_s = 0").unwrap_err().to_string();
+        assert!(err.contains("reload.interval_s"), "{err}");
         let err = Config::from_toml("[server.tls]\ncert_file = 'c'").unwrap_err().to_string();
         assert!(err.contains("key_file"), "{err}");
     }

@@ -12,6 +12,7 @@
 //! - [`store`]: Postgres: pool, migrations, the one-round-trip batch insert, the outbox queries.
 //! - [`notify`]: Redis streams: pipelined `XADD` per batch, the outbox catch-up, replay.
 //! - [`metrics`]: every metric name, described once.
+//! - [`reload`]: secrets and the TLS certificate read again on an interval and on SIGHUP.
 //! - [`shutdown`]: signals and time-bounded drain steps.
 //!
 //! [`run`] wires them together on listeners the caller has bound (port 0 in tests).
@@ -22,6 +23,7 @@ pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod reload;
 pub mod shutdown;
 pub mod signature;
 pub mod store;
@@ -37,6 +39,7 @@ use tracing::info;
 
 use crate::config::{Config, ConfigError};
 use crate::http::admin::{serve_admin, AdminState};
+use crate::http::webhook::SourceRoute;
 use crate::http::{serve_webhooks, WebhookState};
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
@@ -135,11 +138,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     );
     // Only the workers hold senders now: the publisher ends once they have all exited.
     drop(notify_tx);
+    let routes: Arc<HashMap<String, SourceRoute>> =
+        Arc::new(sources.into_iter().map(|s| (s.name.clone(), SourceRoute::new(s))).collect());
     let state = Arc::new(WebhookState {
-        sources: sources
-            .into_iter()
-            .map(|s| (s.name.clone(), (Arc::from(s.name.as_str()), s)))
-            .collect::<HashMap<_, _>>(),
+        sources: routes.clone(),
         pipeline: pipeline.clone(),
         ack_mode: config.queue.ack_mode,
         request_timeout: config.server.request_timeout(),
@@ -149,8 +151,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let admin_stop = CancellationToken::new();
     if let Some(tls) = &tls {
         metrics::init_tls_series();
-        tokio::spawn(tls.clone().watch(admin_stop.clone()));
+        metrics::record_tls_not_after(tls.not_after_unix());
     }
+    let reloader = reload::Reloader { routes, configs: config.sources.clone(), tls: tls.clone() };
+    tokio::spawn(reloader.watch(Duration::from_secs(config.reload.interval_s), admin_stop.clone()));
     let admin_state = AdminState {
         prometheus: prometheus.clone(),
         store: store.clone(),

@@ -28,6 +28,7 @@ pub const NOTIFY_PUBLISH_DURATION: &str = "hookgate_notify_publish_duration_seco
 pub const NOTIFY_CATCHUP_BATCHES: &str = "hookgate_notify_catchup_batches_total";
 pub const NOTIFY_DEFERRED: &str = "hookgate_notify_deferred_total";
 pub const NOTIFY_REDIS_DURABLE: &str = "hookgate_notify_redis_durable";
+pub const SECRET_RELOADS: &str = "hookgate_source_secret_reloads_total";
 pub const TLS_NOT_AFTER: &str = "hookgate_tls_certificate_not_after_timestamp_seconds";
 pub const TLS_RELOADS: &str = "hookgate_tls_certificate_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "hookgate_tls_handshake_failures_total";
@@ -86,6 +87,10 @@ fn describe() {
         NOTIFY_REDIS_DURABLE,
         "1 when Redis runs appendonly yes with appendfsync always, 0 when it can lose acknowledged entries."
     );
+    describe_counter!(
+        SECRET_RELOADS,
+        "Reloads that found a source's secrets changed, by source and result (replaced, failed)."
+    );
     describe_gauge!(
         TLS_NOT_AFTER,
         Unit::Seconds,
@@ -112,6 +117,9 @@ pub fn init_series(sources: &[&str]) {
         }
         for path in ["normal", "catchup", "replay"] {
             counter!(NOTIFY_PUBLISHED, "source" => source.to_string(), "path" => path).increment(0);
+        }
+        for result in ["replaced", "failed"] {
+            counter!(SECRET_RELOADS, "source" => source.to_string(), "result" => result).increment(0);
         }
     }
     for reason in ["queue_full", "body_memory_full", "shutting_down"] {
@@ -223,6 +231,10 @@ pub fn record_notify_deferred() {
 
 pub fn record_notify_redis_durable(durable: bool) {
     gauge!(NOTIFY_REDIS_DURABLE).set(if durable { 1.0 } else { 0.0 });
+}
+
+pub fn record_secret_reload(source: &str, result: &'static str) {
+    counter!(SECRET_RELOADS, "source" => source.to_owned(), "result" => result).increment(1);
 }
 
 pub fn record_tls_not_after(unix_seconds: i64) {

@@ -144,6 +144,11 @@ impl Verifier {
         self.scheme
     }
 
+    /// How many secrets are accepted (two during a rotation).
+    pub fn secret_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Checks the request's signature headers against `body`, as of unix time `now`.
     pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), SignatureError> {
         match self.scheme {

@@ -206,11 +206,8 @@ async fn https_runs_over_http1_and_h2_are_acknowledged_and_audited() {
     let (mut config, _db_url, secret_file) = fresh_setup("stripe").await;
     let dir = std::env::temp_dir().join(unique("e2e-tls"));
     write_certificates(&dir);
-    config.server.tls = Some(hookgate::config::TlsConfig {
-        cert_file: dir.join("server.crt"),
-        key_file: dir.join("server.key"),
-        reload_interval_s: 60,
-    });
+    config.server.tls =
+        Some(hookgate::config::TlsConfig { cert_file: dir.join("server.crt"), key_file: dir.join("server.key") });
     let (url, stop, task) = start_gateway(config.clone(), "stripe").await;
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     tokio::time::sleep(Duration::from_millis(300)).await;

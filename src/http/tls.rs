@@ -3,21 +3,20 @@
 //!
 //! Payment providers deliver only to `https://` endpoints. Where no load balancer terminates TLS in
 //! front of hookgate (a VM with systemd, a bare container), it terminates it itself. Certificates are
-//! renewed every few weeks (ACME, cert-manager), so the files are read again every
-//! `server.tls.reload_interval_s` and whenever the process gets SIGHUP; a pair that fails to load is
-//! logged and the certificate in use stays.
+//! renewed every few weeks (ACME, cert-manager), so [`crate::reload`] has the files read again every
+//! `reload.interval_s` and on SIGHUP; a pair that fails to load is logged and the certificate in use stays.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::TlsConfig;
@@ -108,7 +107,7 @@ fn not_after(leaf: &CertificateDer<'_>) -> Result<i64, String> {
 /// Hands the current certificate to every handshake; [`CertificateStore::reload`] swaps it.
 struct CertificateStore {
     config: TlsConfig,
-    current: RwLock<Arc<LoadedCertificate>>,
+    current: ArcSwap<LoadedCertificate>,
 }
 
 impl fmt::Debug for CertificateStore {
@@ -134,8 +133,7 @@ pub enum Reload {
 
 impl CertificateStore {
     fn current(&self) -> Arc<LoadedCertificate> {
-        // A panic while holding the lock cannot leave the Arc half-written: the value is usable as is.
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.current.load_full()
     }
 
     fn reload(&self) -> Reload {
@@ -154,7 +152,7 @@ impl CertificateStore {
                 info!(cert_file = %self.config.cert_file.display(), not_after_unix, "TLS certificate reloaded");
                 crate::metrics::record_tls_reload("replaced");
                 crate::metrics::record_tls_not_after(loaded.not_after_unix);
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(loaded);
+                self.current.store(Arc::new(loaded));
                 Reload::Replaced
             }
             Err(e) => {
@@ -186,7 +184,7 @@ impl TlsTermination {
     pub fn new(config: &TlsConfig) -> Result<Self, TlsError> {
         let loaded = load(config)?;
         warn_if_expiring(&config.cert_file, loaded.not_after_unix);
-        let store = Arc::new(CertificateStore { config: config.clone(), current: RwLock::new(Arc::new(loaded)) });
+        let store = Arc::new(CertificateStore { config: config.clone(), current: ArcSwap::from_pointee(loaded) });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -218,57 +216,6 @@ impl TlsTermination {
         }
         outcome
     }
-
-    /// Publishes the expiry metric, then looks at the files every `reload_interval_s` and on each SIGHUP
-    /// until `stop`. SIGHUP is caught from this call on (not from the future's first poll), so a caller
-    /// that spawns the future before reporting ready never lets a SIGHUP take the default action: exit.
-    pub fn watch(self, stop: CancellationToken) -> impl std::future::Future<Output = ()> + Send + 'static {
-        crate::metrics::record_tls_not_after(self.not_after_unix());
-        let mut hangup = hangup_signal();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(self.store.config.reload_interval_s));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = next_hangup(&mut hangup) => info!("SIGHUP: reading the TLS certificate again"),
-                    () = stop.cancelled() => return,
-                }
-                self.reload();
-            }
-        }
-    }
-}
-
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = Option<()>;
-
-fn hangup_signal() -> Hangup {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        signal(SignalKind::hangup())
-            .map_err(
-                |e| warn!(error = %e, "cannot listen for SIGHUP; the certificate is still reloaded on its interval"),
-            )
-            .ok()
-    }
-    #[cfg(not(unix))]
-    None
-}
-
-async fn next_hangup(hangup: &mut Hangup) {
-    #[cfg(unix)]
-    if let Some(signal) = hangup {
-        if signal.recv().await.is_some() {
-            return;
-        }
-    }
-    let _ = hangup;
-    std::future::pending::<()>().await;
 }
 
 /// Warns (at start and after each reload) when the certificate has expired or will within 14 days.

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -21,10 +22,24 @@ pub const WEBHOOK_PREFIX: &str = "/webhooks/";
 /// Most memory reserved for a body before its bytes arrive.
 const PREALLOCATE_MAX: usize = 64 * 1024;
 
+/// A configured source as the request path sees it: its label (shared by every event's `source`), and its
+/// verifier and limits, which a reload swaps (`crate::reload`) under running requests.
+#[derive(Debug)]
+pub struct SourceRoute {
+    pub label: Arc<str>,
+    pub source: ArcSwap<Source>,
+}
+
+impl SourceRoute {
+    pub fn new(source: Source) -> Self {
+        Self { label: Arc::from(source.name.as_str()), source: ArcSwap::from_pointee(source) }
+    }
+}
+
 /// What every webhook request needs, shared by all connections.
 #[derive(Debug)]
 pub struct WebhookState {
-    pub sources: HashMap<String, (Arc<str>, Source)>,
+    pub sources: Arc<HashMap<String, SourceRoute>>,
     pub pipeline: Pipeline,
     pub ack_mode: AckMode,
     pub request_timeout: Duration,
@@ -70,7 +85,7 @@ fn method_label(method: &Method) -> &'static str {
 
 async fn receive(
     state: &WebhookState,
-    (source_label, source): &(Arc<str>, Source),
+    route: &SourceRoute,
     request: Request<Incoming>,
     started: Instant,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -80,9 +95,12 @@ async fn receive(
     let deadline = started + state.request_timeout;
     let (parts, body) = request.into_parts();
     let memory = state.pipeline.body_memory();
-    let body =
-        read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline).await?;
+    let max_body_bytes = route.source.load().max_body_bytes;
+    let body = read_body(parts.headers.get(header::CONTENT_LENGTH), body, max_body_bytes, memory, deadline).await?;
 
+    // The secrets in use now, also if a reload swaps them while the body was read.
+    let source = route.source.load_full();
+    let source_label = &route.label;
     let now = unix_now();
     if let Err(e) = source.verifier.verify(&parts.headers, &body, now) {
         crate::metrics::record_signature_failure(source_label, e.kind());

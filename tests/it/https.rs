@@ -80,11 +80,10 @@ async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-fn tls_config(certificates: &TestCertificates, reload_interval_s: u64) -> hookgate::config::TlsConfig {
+fn tls_config(certificates: &TestCertificates) -> hookgate::config::TlsConfig {
     hookgate::config::TlsConfig {
         cert_file: certificates.dir.join("server.crt"),
         key_file: certificates.dir.join("server.key"),
-        reload_interval_s,
     }
 }
 
@@ -94,7 +93,7 @@ async fn signed_events_over_https_are_stored_with_http1_and_h2_and_plain_or_untr
     let stranger = TestCertificates::generate();
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
-    config.server.tls = Some(tls_config(&certificates, 3600));
+    config.server.tls = Some(tls_config(&certificates));
     config.server.header_read_timeout_ms = 500;
     let gateway = Gateway::start(config).await;
     let ca = certificates.file("ca.crt");
@@ -161,7 +160,7 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
         ("HOOKGATE__SERVER__TLS__CERT_FILE", cert_file.as_str()),
         ("HOOKGATE__SERVER__TLS__KEY_FILE", key_file.as_str()),
         // Only SIGHUP makes it look again within this test.
-        ("HOOKGATE__SERVER__TLS__RELOAD_INTERVAL_S", "3600"),
+        ("HOOKGATE__RELOAD__INTERVAL_S", "3600"),
     ];
     let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, None).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");

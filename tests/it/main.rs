@@ -9,5 +9,6 @@ mod observability;
 mod overload;
 mod process;
 mod refusals;
+mod reload;
 mod support;
 mod tls;

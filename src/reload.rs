@@ -1,0 +1,103 @@
+//! What a running gateway reads again without a restart: each source's secrets (a rotation adds the new
+//! secret beside the old, then removes the old) and the webhook port's TLS certificate, every
+//! `reload.interval_s` and at once on SIGHUP. What changed and loads is swapped in under running
+//! requests; what fails to load is logged and counted, and what was in use stays.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Source, SourceConfig};
+use crate::http::tls::TlsTermination;
+use crate::http::webhook::SourceRoute;
+
+/// Everything that reloads: the routes' secrets, read from `configs`, and the certificate.
+#[derive(Debug)]
+pub struct Reloader {
+    pub routes: Arc<HashMap<String, SourceRoute>>,
+    pub configs: BTreeMap<String, SourceConfig>,
+    pub tls: Option<TlsTermination>,
+}
+
+impl Reloader {
+    /// One reload of everything, now.
+    pub fn reload(&self) {
+        self.reload_secrets();
+        if let Some(tls) = &self.tls {
+            tls.reload();
+        }
+    }
+
+    /// Reloads every `interval` and on each SIGHUP until `stop`. SIGHUP is caught from this call on, not
+    /// from the future's first poll, so a caller that spawns the future before reporting ready never lets
+    /// a SIGHUP take its default action: ending the process.
+    pub fn watch(self, interval: Duration, stop: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
+        let mut hangup = hangup_signal();
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = next_hangup(&mut hangup) => info!("SIGHUP: reloading secrets and the TLS certificate"),
+                    () = stop.cancelled() => return,
+                }
+                self.reload();
+            }
+        }
+    }
+
+    /// Reads each source's secrets again and swaps in those that changed and load.
+    fn reload_secrets(&self) {
+        for (name, config) in &self.configs {
+            let Some(route) = self.routes.get(name) else { continue };
+            match Source::load(name, config) {
+                Ok(source) if source.secrets_digest == route.source.load().secrets_digest => {}
+                Ok(source) => {
+                    let (before, now) = (route.source.load().verifier.secret_count(), source.verifier.secret_count());
+                    info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
+                    route.source.store(Arc::new(source));
+                    crate::metrics::record_secret_reload(name, "replaced");
+                }
+                Err(e) => {
+                    let error = crate::error_chain(&e);
+                    error!(source = %name, error, "source secrets not reloaded; those in use stay");
+                    crate::metrics::record_secret_reload(name, "failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        signal(SignalKind::hangup())
+            .map_err(|e| warn!(error = %e, "cannot listen for SIGHUP; reloads still run on their interval"))
+            .ok()
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+async fn next_hangup(hangup: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(signal) = hangup {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = hangup;
+    std::future::pending::<()>().await;
+}
