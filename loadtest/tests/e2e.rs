@@ -61,6 +61,20 @@ async fn fresh_setup(source: &str) -> (Config, String, PathBuf) {
     (config, db_url, secret_file)
 }
 
+/// 1 KiB `charge.succeeded` events signed with the test secret, ids prefixed with a unique `prefix`.
+fn stripe_factory(prefix: &str) -> PayloadFactory {
+    PayloadFactory::new(
+        Scheme::Stripe,
+        SECRET,
+        unique(prefix),
+        vec!["charge.succeeded".into()],
+        1024,
+        None,
+        1_700_000_000,
+    )
+    .unwrap()
+}
+
 /// An open-loop run of `seconds` at `rate`, 5% duplicates and 2% bad signatures, results to `output`.
 fn attack_config(targets: &[&str], rate: f64, seconds: u64, scheme: &str, output: &Path) -> AttackConfig {
     AttackConfig {
@@ -113,16 +127,7 @@ async fn a_run_over_two_replicas_verifies_and_a_deleted_row_is_reported_lost() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let output = std::env::temp_dir().join(unique("e2e.csv"));
-    let factory = PayloadFactory::new(
-        Scheme::Stripe,
-        SECRET,
-        unique("e2e"),
-        vec!["charge.succeeded".into()],
-        1024,
-        None,
-        1_700_000_000,
-    )
-    .unwrap();
+    let factory = stripe_factory("e2e");
     let summary =
         attack::run(attack_config(&[&first, &second], 500.0, 3, "stripe", &output), factory).await.unwrap().summary;
     assert_eq!(summary.successful(), summary.requests, "{:?}", summary.status_codes);
@@ -215,16 +220,7 @@ async fn https_runs_over_http1_and_h2_are_acknowledged_and_audited() {
     let mut outputs = Vec::new();
     for http2 in [false, true] {
         let output = std::env::temp_dir().join(unique("e2e-tls.csv"));
-        let factory = PayloadFactory::new(
-            Scheme::Stripe,
-            SECRET,
-            unique("e2e-tls"),
-            vec!["charge.succeeded".into()],
-            1024,
-            None,
-            1_700_000_000,
-        )
-        .unwrap();
+        let factory = stripe_factory("e2e-tls");
         let mut attack = attack_config(&[&url], 300.0, 2, "stripe", &output);
         attack.http2 = http2;
         attack.tls = Some(ClientTls::new(Some(&dir.join("ca.crt")), http2).unwrap());
@@ -241,16 +237,7 @@ async fn https_runs_over_http1_and_h2_are_acknowledged_and_audited() {
 
     // Without the CA the client refuses the gateway's certificate: every request fails to connect.
     let output = std::env::temp_dir().join(unique("e2e-untrusted.csv"));
-    let factory = PayloadFactory::new(
-        Scheme::Stripe,
-        SECRET,
-        unique("e2e-untrusted"),
-        vec!["charge.succeeded".into()],
-        1024,
-        None,
-        1_700_000_000,
-    )
-    .unwrap();
+    let factory = stripe_factory("e2e-untrusted");
     let other = std::env::temp_dir().join(unique("e2e-tls-other"));
     write_certificates(&other);
     let mut attack = attack_config(&[&url], 50.0, 1, "stripe", &output);
