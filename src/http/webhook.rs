@@ -95,11 +95,12 @@ async fn receive(
     let deadline = started + state.request_timeout;
     let (parts, body) = request.into_parts();
     let memory = state.pipeline.body_memory();
-    let max_body_bytes = route.source.load().max_body_bytes;
-    let body = read_body(parts.headers.get(header::CONTENT_LENGTH), body, max_body_bytes, memory, deadline).await?;
-
-    // The secrets in use now, also if a reload swaps them while the body was read.
+    // The secrets in use when the request arrived (a reload may swap them while the body is read; this
+    // request keeps its copy).
     let source = route.source.load_full();
+    let body =
+        read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline).await?;
+
     let source_label = &route.label;
     let now = unix_now();
     if let Err(e) = source.verifier.verify(&parts.headers, &body, now) {
