@@ -61,6 +61,7 @@ impl Reloader {
                 Ok(source) => {
                     let (before, now) = (route.source.load().verifier.secret_count(), source.verifier.secret_count());
                     info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
+                    // Swapped before it is counted: whoever sees the count gets the new secrets.
                     route.source.store(Arc::new(source));
                     crate::metrics::record_secret_reload(name, "replaced");
                 }

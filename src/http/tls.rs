@@ -149,9 +149,10 @@ impl CertificateStore {
             Ok(Some(loaded)) => {
                 let not_after_unix = loaded.not_after_unix;
                 info!(cert_file = %self.config.cert_file.display(), not_after_unix, "TLS certificate reloaded");
-                crate::metrics::record_tls_reload("replaced");
-                crate::metrics::record_tls_not_after(loaded.not_after_unix);
+                // Swapped before it is counted: whoever sees the count gets the new certificate.
                 self.current.store(Arc::new(loaded));
+                crate::metrics::record_tls_reload("replaced");
+                crate::metrics::record_tls_not_after(not_after_unix);
                 Reload::Replaced
             }
             Err(e) => {
