@@ -24,7 +24,8 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// One reload of everything, now.
+    /// One reload of everything, now. The files are small (a few secrets, a certificate chain): read on the
+    /// runtime's thread, they take microseconds, once an interval.
     pub fn reload(&self) {
         self.reload_secrets();
         if let Some(tls) = &self.tls {
