@@ -17,6 +17,7 @@ use http::Uri;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::payload::{Kind, PayloadFactory};
@@ -314,31 +315,37 @@ fn tls_for<'a>(target: &Uri, tls: Option<&'a ClientTls>) -> Option<&'a ClientTls
 
 async fn open_h1(target: &Uri, tls: Option<&ClientTls>) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
     let tcp = open_tcp(target).await?;
-    let sender = if let Some(tls) = tls_for(target, tls) {
-        let stream = tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        sender
-    } else {
-        let (sender, connection) = http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(connection);
-        sender
-    };
-    Ok(sender)
+    match tls_for(target, tls) {
+        Some(tls) => h1_over(tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?).await,
+        None => h1_over(tcp).await,
+    }
 }
 
 async fn open_h2(target: &Uri, tls: Option<&ClientTls>) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
     let tcp = open_tcp(target).await?;
-    let sender = if let Some(tls) = tls_for(target, tls) {
-        let stream = tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?;
-        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        sender
-    } else {
-        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-        tokio::spawn(connection);
-        sender
-    };
+    match tls_for(target, tls) {
+        Some(tls) => h2_over(tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?).await,
+        None => h2_over(tcp).await,
+    }
+}
+
+/// An HTTP/1.1 connection over `io` (plain TCP or TLS), its driver spawned.
+async fn h1_over<I>(io: I) -> anyhow::Result<http1::SendRequest<Full<Bytes>>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// An HTTP/2 connection over `io` (plain TCP or TLS), its driver spawned.
+async fn h2_over<I>(io: I) -> anyhow::Result<http2::SendRequest<Full<Bytes>>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(connection);
     Ok(sender)
 }
 
