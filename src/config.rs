@@ -392,15 +392,7 @@ impl Source {
         }
         let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
             .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
-        let secrets_digest = {
-            use sha2::{Digest as _, Sha256};
-            let mut hasher = Sha256::new();
-            for secret in &secrets {
-                hasher.update((secret.len() as u64).to_le_bytes());
-                hasher.update(secret.as_bytes());
-            }
-            hasher.finalize().into()
-        };
+        let secrets_digest = crate::digest_of(secrets.iter().map(String::as_bytes));
         Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, secrets_digest })
     }
 }

@@ -57,6 +57,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// SHA-256 over `parts`, each prefixed with its length: tells whether files or secrets read again changed,
+/// without keeping a copy of them.
+pub fn digest_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// Seconds since the Unix epoch by the system clock (0 if it is set before 1970).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// TLS to Postgres and Redis goes through rustls with the ring provider. Made the process default before
 /// either connects, so that another provider compiled in by a dependency can never leave rustls unable
 /// to choose (it then panics at the first TLS connection). Idempotent.

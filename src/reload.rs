@@ -57,10 +57,11 @@ impl Reloader {
     fn reload_secrets(&self) {
         for (name, config) in &self.configs {
             let Some(route) = self.routes.get(name) else { continue };
+            let current = route.source.load();
             match Source::load(name, config) {
-                Ok(source) if source.secrets_digest == route.source.load().secrets_digest => {}
+                Ok(source) if source.secrets_digest == current.secrets_digest => {}
                 Ok(source) => {
-                    let (before, now) = (route.source.load().verifier.secret_count(), source.verifier.secret_count());
+                    let (before, now) = (current.verifier.secret_count(), source.verifier.secret_count());
                     info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
                     // Swapped before it is counted: whoever sees the count gets the new secrets.
                     route.source.store(Arc::new(source));

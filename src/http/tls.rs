@@ -48,16 +48,6 @@ pub struct LoadedCertificate {
     files_digest: [u8; 32],
 }
 
-fn files_digest(cert_pem: &[u8], key_pem: &[u8]) -> [u8; 32] {
-    use sha2::{Digest as _, Sha256};
-    let mut hasher = Sha256::new();
-    for file in [cert_pem, key_pem] {
-        hasher.update((file.len() as u64).to_le_bytes());
-        hasher.update(file);
-    }
-    hasher.finalize().into()
-}
-
 /// Reads `config`'s certificate chain and private key and checks that they belong together.
 pub fn load(config: &TlsConfig) -> Result<LoadedCertificate, TlsError> {
     let cert_pem = read("certificate", &config.cert_file)?;
@@ -92,7 +82,11 @@ fn parse(config: &TlsConfig, cert_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCe
         key: config.key_file.clone(),
         reason: e.to_string(),
     })?;
-    Ok(LoadedCertificate { key: Arc::new(certified), not_after_unix, files_digest: files_digest(cert_pem, key_pem) })
+    Ok(LoadedCertificate {
+        key: Arc::new(certified),
+        not_after_unix,
+        files_digest: crate::digest_of([cert_pem, key_pem]),
+    })
 }
 
 /// The leaf's `notAfter` (for the expiry metric and the warning as it nears).
@@ -121,31 +115,23 @@ impl ResolvesServerCert for CertificateStore {
     }
 }
 
-/// What a look at the files found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reload {
-    Unchanged,
-    Replaced,
-    /// The files changed but do not load; the certificate in use stays.
-    Failed,
-}
-
 impl CertificateStore {
     fn current(&self) -> Arc<LoadedCertificate> {
         self.current.load_full()
     }
 
-    fn reload(&self) -> Reload {
+    /// Reads the files again; swaps in the pair when it changed and loads.
+    fn reload(&self) {
         let files = read("certificate", &self.config.cert_file)
             .and_then(|cert| Ok((cert, read("key", &self.config.key_file)?)));
         let result = files.and_then(|(cert, key)| {
-            if self.current().files_digest == files_digest(&cert, &key) {
+            if self.current().files_digest == crate::digest_of([&cert[..], &key[..]]) {
                 return Ok(None);
             }
             parse(&self.config, &cert, &key).map(Some)
         });
         match result {
-            Ok(None) => Reload::Unchanged,
+            Ok(None) => {}
             Ok(Some(loaded)) => {
                 let not_after_unix = loaded.not_after_unix;
                 info!(cert_file = %self.config.cert_file.display(), not_after_unix, "TLS certificate reloaded");
@@ -153,14 +139,13 @@ impl CertificateStore {
                 self.current.store(Arc::new(loaded));
                 crate::metrics::record_tls_reload("replaced");
                 crate::metrics::record_tls_not_after(not_after_unix);
-                Reload::Replaced
+                warn_if_expiring(&self.config.cert_file, not_after_unix);
             }
             Err(e) => {
                 // Renewal tools often write the certificate and the key one after the other: the next look
                 // usually finds the pair whole again.
                 error!(error = %crate::error_chain(&e), "TLS certificate not reloaded; the one in use stays");
                 crate::metrics::record_tls_reload("failed");
-                Reload::Failed
             }
         }
     }
@@ -209,21 +194,14 @@ impl TlsTermination {
     }
 
     /// Reads the files again now; replaces the certificate when they changed and load.
-    pub fn reload(&self) -> Reload {
-        let outcome = self.store.reload();
-        if outcome == Reload::Replaced {
-            warn_if_expiring(&self.store.config.cert_file, self.not_after_unix());
-        }
-        outcome
+    pub fn reload(&self) {
+        self.store.reload();
     }
 }
 
 /// Warns (at start and after each reload) when the certificate has expired or will within 14 days.
 fn warn_if_expiring(path: &Path, not_after_unix: i64) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let left_s = not_after_unix.saturating_sub(now);
+    let left_s = not_after_unix.saturating_sub(crate::unix_now());
     if left_s <= 0 {
         error!(cert_file = %path.display(), not_after_unix, "the TLS certificate has expired: senders will refuse it");
     } else if left_s < 14 * 86_400 {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -102,7 +102,7 @@ async fn receive(
         read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline).await?;
 
     let source_label = &route.label;
-    let now = unix_now();
+    let now = crate::unix_now();
     if let Err(e) = source.verifier.verify(&parts.headers, &body, now) {
         crate::metrics::record_signature_failure(source_label, e.kind());
         return Err(e.into());
@@ -221,10 +221,6 @@ where
         }
     }
     Ok(reservation.into_body(owned))
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]

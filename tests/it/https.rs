@@ -75,11 +75,6 @@ async fn post_signed(sender: &mut Sender, prefix: &str) -> (String, u16) {
     (id, status)
 }
 
-async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
-    let (_, text) = get_text(&client(), &format!("http://{admin}/metrics")).await;
-    text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 fn tls_config(certificates: &TestCertificates) -> hookgate::config::TlsConfig {
     hookgate::config::TlsConfig {
         cert_file: certificates.dir.join("server.crt"),
@@ -133,7 +128,8 @@ async fn signed_events_over_https_are_stored_with_http1_and_h2_and_plain_or_untr
         )
         .await;
     assert!(plain.is_err(), "plain HTTP gets no answer from the HTTPS port: {plain:?}");
-    let failures = metric(gateway.admin, "hookgate_tls_handshake_failures_total").await.unwrap_or(0.0);
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let failures = scrape_metric(&metrics_url, "hookgate_tls_handshake_failures_total").await.unwrap_or(0.0);
     assert!(failures >= 1.0, "the refused handshakes are counted ({failures})");
     // A client that connects and never starts its handshake is closed at the header-read bound.
     let mut silent = TcpStream::connect(gateway.addr).await.expect("connect");
@@ -164,32 +160,38 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     ];
     let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, None).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("admin addr");
+    let metrics_url = gateway.metrics_url();
     let not_after = "hookgate_tls_certificate_not_after_timestamp_seconds";
-    assert_eq!(metric(admin, not_after).await, Some(old.not_after_unix as f64), "the expiry of the certificate in use");
+    assert_eq!(
+        scrape_metric(&metrics_url, not_after).await,
+        Some(old.not_after_unix as f64),
+        "the expiry of the certificate in use"
+    );
 
     let mut kept_open = http1_over_tls(addr, &old.file("ca.crt")).await.expect("a client of the old certificate");
     assert_eq!(post_signed(&mut kept_open, "evt_before").await.1, 202);
-    let hangup = || {
-        let status = std::process::Command::new("kill").args(["-HUP", &gateway.child.id().to_string()]).status();
-        assert!(status.expect("kill").success());
-    };
+    let scraped = &metrics_url;
     let reloads = |result: &'static str| async move {
-        metric(admin, &format!("hookgate_tls_certificate_reloads_total{{result=\"{result}\"}}")).await.unwrap_or(0.0)
+        let series = format!("hookgate_tls_certificate_reloads_total{{result=\"{result}\"}}");
+        scrape_metric(scraped, &series).await.unwrap_or(0.0)
     };
 
     // Half a renewal: the new key beside the old certificate. It does not load, and the old pair stays.
     std::fs::copy(renewed.dir.join("server.key"), live.dir.join("server.key")).expect("new key");
-    hangup();
+    gateway.signal("HUP");
     assert!(eventually(Duration::from_secs(10), || async { reloads("failed").await >= 1.0 }).await, "failure counted");
     let mut fresh = http1_over_tls(addr, &old.file("ca.crt")).await.expect("the old certificate is still served");
     assert_eq!(post_signed(&mut fresh, "evt_half").await.1, 202);
 
     // The whole renewal: now served to new connections, while the connection opened before goes on.
     std::fs::copy(renewed.dir.join("server.crt"), live.dir.join("server.crt")).expect("new certificate");
-    hangup();
+    gateway.signal("HUP");
     assert!(eventually(Duration::from_secs(10), || async { reloads("replaced").await >= 1.0 }).await, "reloaded");
-    assert_eq!(metric(admin, not_after).await, Some(renewed.not_after_unix as f64), "the renewed expiry is exported");
+    assert_eq!(
+        scrape_metric(&metrics_url, not_after).await,
+        Some(renewed.not_after_unix as f64),
+        "the renewed expiry is exported"
+    );
     let mut renewed_client = http1_over_tls(addr, &renewed.file("ca.crt")).await.expect("the renewed certificate");
     let (id, status) = post_signed(&mut renewed_client, "evt_renewed").await;
     assert_eq!(status, 202);

@@ -274,15 +274,6 @@ async fn replay_dry_run_counts_and_replay_republishes() {
     let _ = std::fs::remove_file(config_path);
 }
 
-/// The value of an unlabelled metric in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// A command that fails inside the round trip (here every `XADD`, on a key that is not a stream) fails the
 /// publish, although Redis runs the round trip's commands in `MULTI`/`EXEC` and only reports their errors
 /// in `EXEC`'s reply: the event stays in the outbox and reaches its stream once the key is fixed.

@@ -107,7 +107,7 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     let metrics = get_text(&client(), &format!("http://{}/metrics", gateway.admin)).await.1;
     let series = r#"hookgate_queue_rejections_total{reason="body_memory_full"}"#;
     // The recorder is shared by the test binary's gateways; only this test fills a body budget.
-    let counted = crate::notify::metric_value(&metrics, series);
+    let counted = metric_value(&metrics, series);
     assert!((counted - f64::from(refused)).abs() < 0.5, "{counted} rejections counted, {refused} seen");
     gateway.stop().await;
 }

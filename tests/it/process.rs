@@ -98,6 +98,12 @@ impl GatewayProcess {
             .map_or(0, |kb| kb / 1024)
     }
 
+    /// Sends the signal `name` (`HUP`, `TERM`, …) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} {}", self.child.id());
+    }
+
     /// SIGKILL: no drain, no flush, as a crash or an OOM kill.
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();

@@ -61,16 +61,11 @@ async fn a_rotation_is_picked_up_on_sighup_and_an_emptied_file_keeps_the_secrets
     let env = [("HOOKGATE__SOURCES__STRIPE__SECRET_FILE", secret_path), ("HOOKGATE__RELOAD__INTERVAL_S", "3600")];
     let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, None).await;
     let sender = Sender::new(gateway.url("stripe"));
-    let hangup = || {
-        let status = std::process::Command::new("kill").args(["-HUP", &gateway.child.id().to_string()]).status();
-        assert!(status.expect("kill").success());
-    };
     let reloads = |result: &'static str| {
         let metrics_url = gateway.metrics_url();
         async move {
-            let (_, text) = get_text(&client(), &metrics_url).await;
-            let series = format!("hookgate_source_secret_reloads_total{{source=\"stripe\",result=\"{result}\"}} ");
-            text.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1)
+            let series = format!("hookgate_source_secret_reloads_total{{source=\"stripe\",result=\"{result}\"}}");
+            scrape_metric(&metrics_url, &series).await.map_or(-1, |v| v as i64)
         }
     };
     assert_eq!(reloads("replaced").await, 0, "the series exists from the start");
@@ -79,21 +74,21 @@ async fn a_rotation_is_picked_up_on_sighup_and_an_emptied_file_keeps_the_secrets
 
     // The rotation's first step: the new secret beside the old one. Both are accepted after SIGHUP.
     write_secrets(&secret_file, &[NEW, OLD]);
-    hangup();
+    gateway.signal("HUP");
     assert!(sender.until_answered(NEW, 202).await, "the new secret is accepted after SIGHUP");
     assert_eq!(sender.post_signed_with(OLD).await, 202, "the old one still is, during the rotation");
     assert!(eventually(Duration::from_secs(10), || async { reloads("replaced").await == 1 }).await);
 
     // A file caught empty (a write in progress): refused as a reload, and the secrets in use stay.
     write_secrets(&secret_file, &[]);
-    hangup();
+    gateway.signal("HUP");
     assert!(eventually(Duration::from_secs(10), || async { reloads("failed").await == 1 }).await);
     assert_eq!(sender.post_signed_with(NEW).await, 202);
     assert_eq!(sender.post_signed_with(OLD).await, 202);
 
     // The rotation's end: the old secret removed, and refused from then on.
     write_secrets(&secret_file, &[NEW]);
-    hangup();
+    gateway.signal("HUP");
     assert!(sender.until_answered(OLD, 401).await, "the old secret is refused once it is gone");
     assert_eq!(sender.post_signed_with(NEW).await, 202);
     assert!(eventually(Duration::from_secs(10), || async { reloads("replaced").await == 2 }).await);

@@ -336,6 +336,22 @@ pub async fn get_text(client: &HttpClient, url: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// The value of a series in Prometheus text: its name, with its labels as rendered when it has any
+/// (`name{label="value"}`). NaN when the series is absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// One series scraped from an admin port's `/metrics` (`metrics_url`); None when it is absent.
+pub async fn scrape_metric(metrics_url: &str, name: &str) -> Option<f64> {
+    let (_, text) = get_text(&client(), metrics_url).await;
+    Some(metric_value(&text, name)).filter(|v| !v.is_nan())
+}
+
 /// Polls `check` every 100 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
