@@ -54,6 +54,7 @@ pub struct Config {
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub reload: ReloadConfig,
+    pub retention: RetentionConfig,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
 }
@@ -203,6 +204,31 @@ pub struct ReloadConfig {
     pub interval_s: u64,
 }
 
+/// How long stored events are kept, and how the old ones are deleted (`retention.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete events received more than this many days ago; 0 keeps every event.
+    pub keep_days: u32,
+    /// Seconds between pruning runs.
+    pub interval_s: u64,
+    /// Events deleted per statement (one commit each).
+    pub batch_rows: u32,
+    /// Pause between two statements, which bounds the deletes' share of the disk.
+    pub batch_pause_ms: u64,
+}
+
+/// The shortest retention allowed. A pruned event's id is forgotten, so a sender's late retry of it is
+/// stored and published again as new: keep events well past the longest retry schedule (Stripe's live
+/// mode retries for up to 3 days, Standard Webhooks senders for a few days too).
+pub const MIN_KEEP_DAYS: u32 = 7;
+
+impl RetentionConfig {
+    pub fn enabled(&self) -> bool {
+        self.keep_days > 0
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
@@ -293,6 +319,8 @@ impl Config {
             ("notify.warn_interval_s", self.notify.warn_interval_s),
             ("notify.queue_batches", self.notify.queue_batches as u64),
             ("reload.interval_s", self.reload.interval_s),
+            ("retention.interval_s", self.retention.interval_s),
+            ("retention.batch_rows", u64::from(self.retention.batch_rows)),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -301,6 +329,18 @@ impl Config {
         }
         if !(self.queue.high_water_ratio > 0.0 && self.queue.high_water_ratio <= 1.0) {
             return Err(invalid("queue.high_water_ratio", "must be in (0, 1]"));
+        }
+        if self.retention.keep_days != 0 && self.retention.keep_days < MIN_KEEP_DAYS {
+            return Err(invalid(
+                "retention.keep_days",
+                format!(
+                    "0 (keep every event) or at least {MIN_KEEP_DAYS}: a pruned event's id is forgotten, so a \
+                     sender's late retry of it would be stored and published again"
+                ),
+            ));
+        }
+        if self.retention.batch_rows > 100_000 {
+            return Err(invalid("retention.batch_rows", "at most 100000 events per statement"));
         }
         if self.workers.batch_max > 10_000 {
             return Err(invalid("workers.batch_max", "at most 10000 events per batch"));
@@ -525,6 +565,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sources.s.max_body_bytes") && err.contains("body_memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_refuses_a_keep_shorter_than_a_senders_retries() {
+        let retention = Config::from_toml("").unwrap().retention;
+        assert!(!retention.enabled());
+        assert!(Config::from_toml("[retention]\nkeep_days = 7").unwrap().retention.enabled());
+        for bad in ["keep_days = 3", "interval_s = 0", "batch_rows = 0", "batch_rows = 100001"] {
+            let err = Config::from_toml(&format!("[retention]\n{bad}")).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap_or_default();
+            assert!(err.contains(&format!("retention.{key}")), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`notify`]: Redis streams: pipelined `XADD` per batch, the outbox catch-up, replay.
 //! - [`metrics`]: every metric name, described once.
 //! - [`reload`]: secrets and the TLS certificate read again on an interval and on SIGHUP.
+//! - [`retention`]: old events deleted in small batches, never one still waiting for its stream.
 //! - [`shutdown`]: signals and time-bounded drain steps.
 //!
 //! [`run`] wires them together on listeners the caller has bound (port 0 in tests).
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod reload;
+pub mod retention;
 pub mod shutdown;
 pub mod signature;
 pub mod store;
@@ -172,6 +174,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     let reloader = reload::Reloader { routes, configs: config.sources.clone(), tls: tls.clone() };
     tokio::spawn(reloader.watch(Duration::from_secs(config.reload.interval_s), admin_stop.clone()));
+    if config.retention.enabled() {
+        metrics::init_retention_series(&config.sources.keys().map(String::as_str).collect::<Vec<_>>());
+        // Stops with the listener: no new deletes start while the queue drains.
+        tokio::spawn(retention::Retention::new(store.clone(), config.retention.clone()).watch(shutdown.clone()));
+    }
     let admin_state = AdminState {
         prometheus: prometheus.clone(),
         store: store.clone(),

@@ -70,6 +70,16 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Delete stored events received more than retention.keep_days ago, as `serve` does every
+    /// retention.interval_s when retention is on (Ctrl-C stops between two batches).
+    Prune {
+        /// Keep this many days instead of retention.keep_days (at least 7).
+        #[arg(long)]
+        keep_days: Option<u32>,
+        /// Count what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// A time given as unix seconds or RFC 3339.
@@ -112,6 +122,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let filter = hookgate::store::ReplayFilter { source, since, until, event_type };
             runtime()?.block_on(replay(&config, &filter, dry_run))
         }
+        Command::Prune { keep_days, dry_run } => runtime()?.block_on(prune(&config, keep_days, dry_run)),
     }
 }
 
@@ -158,6 +169,61 @@ async fn replay(config: &Config, filter: &hookgate::store::ReplayFilter, dry_run
     let published = notifier.replay(filter, |n| bar.set_position(n)).await.context("replaying")?;
     bar.finish();
     println!("{published} events republished to {stream}");
+    Ok(())
+}
+
+async fn prune(config: &Config, keep_days: Option<u32>, dry_run: bool) -> anyhow::Result<()> {
+    use hookgate::retention::{format_us, Outcome, Retention};
+    let mut retention = config.retention.clone();
+    retention.keep_days = keep_days.unwrap_or(retention.keep_days);
+    if retention.keep_days == 0 {
+        bail!("retention is off (retention.keep_days = 0): set it, or pass --keep-days");
+    }
+    if retention.keep_days < hookgate::config::MIN_KEEP_DAYS {
+        bail!(
+            "--keep-days must be at least {}: a pruned event's id is forgotten, so a sender's late retry of it \
+             would be stored and published again",
+            hookgate::config::MIN_KEEP_DAYS
+        );
+    }
+    let store = hookgate::store::Store::new(&config.store, config.notify.enabled)?;
+    let retention = Retention::new(store, retention);
+    let mut out = std::io::stdout().lock();
+    if dry_run {
+        let (cutoff, counts) = retention.count().await.context("counting events to prune")?;
+        let total: i64 = counts.values().sum();
+        writeln!(out, "{total} events received before {} would be deleted", format_us(cutoff.before_us))?;
+        for (source, n) in counts.iter().filter(|(_, n)| **n > 0) {
+            writeln!(out, "  {source}: {n}")?;
+        }
+        return Ok(());
+    }
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        hookgate::shutdown::signal().await;
+        trigger.cancel();
+    });
+    let report = retention.run_once(&stop).await.context("pruning")?;
+    let before = format_us(report.cutoff.before_us);
+    if let Some(queued_us) = report.cutoff.held_back_by_us {
+        writeln!(
+            out,
+            "# the outbox holds a batch queued at {}: newer events wait for their stream",
+            format_us(queued_us)
+        )?;
+    }
+    let total = report.total();
+    match report.outcome {
+        Outcome::Completed => writeln!(out, "{total} events received before {before} deleted")?,
+        Outcome::Interrupted => writeln!(out, "interrupted: {total} events received before {before} deleted")?,
+        Outcome::Skipped => {
+            bail!("another replica is pruning (it holds the pruning lock); {total} events deleted before it took over")
+        }
+    }
+    for (source, n) in &report.deleted {
+        writeln!(out, "  {source}: {n}")?;
+    }
     Ok(())
 }
 

@@ -32,6 +32,9 @@ pub const SECRET_RELOADS: &str = "hookgate_source_secret_reloads_total";
 pub const TLS_NOT_AFTER: &str = "hookgate_tls_certificate_not_after_timestamp_seconds";
 pub const TLS_RELOADS: &str = "hookgate_tls_certificate_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "hookgate_tls_handshake_failures_total";
+pub const RETENTION_DELETED: &str = "hookgate_retention_deleted_events_total";
+pub const RETENTION_RUNS: &str = "hookgate_retention_runs_total";
+pub const RETENTION_LAST_COMPLETED: &str = "hookgate_retention_last_completed_timestamp_seconds";
 
 /// Latency buckets (seconds): fine around the few-millisecond group commit, up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -101,6 +104,16 @@ fn describe() {
         TLS_HANDSHAKE_FAILURES,
         "Connections to the webhook port closed before their TLS handshake completed."
     );
+    describe_counter!(RETENTION_DELETED, "Stored events deleted by retention (older than retention.keep_days).");
+    describe_counter!(
+        RETENTION_RUNS,
+        "Retention runs, by result (completed, skipped: another replica prunes, interrupted, failed)."
+    );
+    describe_gauge!(
+        RETENTION_LAST_COMPLETED,
+        Unit::Seconds,
+        "When this gateway's last retention run completed (unix seconds)."
+    );
 }
 
 /// Exports every labelled series at zero from the start: `rate()` and alerts over a series that does not
@@ -142,6 +155,16 @@ pub fn init_tls_series() {
         counter!(TLS_RELOADS, "result" => result).increment(0);
     }
     counter!(TLS_HANDSHAKE_FAILURES).increment(0);
+}
+
+/// The retention series, at zero from the start (only when retention is on).
+pub fn init_retention_series(sources: &[&str]) {
+    for result in ["completed", "skipped", "interrupted", "failed"] {
+        counter!(RETENTION_RUNS, "result" => result).increment(0);
+    }
+    for source in sources {
+        counter!(RETENTION_DELETED, "source" => source.to_string()).increment(0);
+    }
 }
 
 /// The hot path's own series (POST to the webhook route, answered 202), registered once: looking a
@@ -247,4 +270,16 @@ pub fn record_tls_reload(result: &'static str) {
 
 pub fn record_tls_handshake_failure() {
     counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+}
+
+pub fn record_retention_deleted(source: &str, count: u64) {
+    counter!(RETENTION_DELETED, "source" => source.to_owned()).increment(count);
+}
+
+pub fn record_retention_run(result: &'static str) {
+    counter!(RETENTION_RUNS, "result" => result).increment(1);
+}
+
+pub fn record_retention_completed(unix_seconds: i64) {
+    gauge!(RETENTION_LAST_COMPLETED).set(unix_seconds as f64);
 }

@@ -10,5 +10,6 @@ mod overload;
 mod process;
 mod refusals;
 mod reload;
+mod retention;
 mod support;
 mod tls;
