@@ -102,7 +102,7 @@ fn describe() {
     describe_counter!(TLS_RELOADS, "Looks at changed certificate files, by result (replaced, failed).");
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
-        "Connections to the webhook port closed before their TLS handshake completed."
+        "Connections to the webhook port that sent something but did not complete a TLS handshake."
     );
     describe_counter!(RETENTION_DELETED, "Stored events deleted by retention (older than retention.keep_days).");
     describe_counter!(

@@ -89,8 +89,9 @@ pub async fn serve_webhooks(
             crate::metrics::record_connections(1.0);
             match acceptor {
                 None => serve_connection(&builder, stream, state, watcher, peer).await,
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(&builder, stream, state, watcher, peer).await,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, handshake(&acceptor, stream)).await {
+                    Ok(Ok(Some(stream))) => serve_connection(&builder, stream, state, watcher, peer).await,
+                    Ok(Ok(None)) => debug!(%peer, "connection closed before sending anything"),
                     Ok(Err(e)) => {
                         crate::metrics::record_tls_handshake_failure();
                         debug!(%peer, error = %e, "TLS handshake failed");
@@ -110,6 +111,20 @@ pub async fn serve_webhooks(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
     }
+}
+
+/// The server side of a TLS handshake, or `None` when the client goes before sending a byte: a load
+/// balancer's TCP health check connects and closes, and counting those as failed handshakes would bury
+/// the real ones (a client that does not trust the certificate, plain HTTP on the port).
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    // An error here (a reset before any byte) is no handshake either.
+    if matches!(stream.peek(&mut [0_u8; 1]).await, Ok(0) | Err(_)) {
+        return Ok(None);
+    }
+    acceptor.accept(stream).await.map(Some)
 }
 
 /// Serves one connection's requests (plain TCP or TLS) until it closes or the graceful shutdown ends it.

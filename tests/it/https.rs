@@ -1,6 +1,6 @@
 //! HTTPS on the webhook port: signed events over TLS with HTTP/1.1 and HTTP/2 (ALPN), clients that do not
-//! speak TLS or do not trust the certificate refused, and a renewed certificate served without a restart
-//! while a broken one is kept out.
+//! speak TLS or do not trust the certificate refused (and counted, unlike health checks that send nothing),
+//! and a renewed certificate served without a restart while a broken one is kept out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::process::{config_file, hookgate, GatewayProcess};
@@ -167,6 +167,21 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
         Some(old.not_after_unix as f64),
         "the expiry of the certificate in use"
     );
+
+    // A load balancer's TCP health check connects and goes without a byte: no failed handshake. A client
+    // that sends something other than TLS is one.
+    for _ in 0..3 {
+        drop(TcpStream::connect(addr).await.expect("health check"));
+    }
+    let mut not_tls = TcpStream::connect(addr).await.expect("connect");
+    not_tls.write_all(b"\0\0\0\0\0").await.expect("write");
+    // (after, perhaps, a TLS alert)
+    let closed = tokio::time::timeout(Duration::from_secs(5), not_tls.read_to_end(&mut Vec::new())).await;
+    assert!(closed.is_ok(), "a client that does not speak TLS is closed");
+    let all_closed = || async { scrape_metric(&metrics_url, "hookgate_http_connections_open").await == Some(0.0) };
+    assert!(eventually(Duration::from_secs(5), all_closed).await, "every probe's connection is done");
+    let failures = scrape_metric(&metrics_url, "hookgate_tls_handshake_failures_total").await;
+    assert_eq!(failures, Some(1.0), "only the client that sent something counts as a failed handshake");
 
     let mut kept_open = http1_over_tls(addr, &old.file("ca.crt")).await.expect("a client of the old certificate");
     assert_eq!(post_signed(&mut kept_open, "evt_before").await.1, 202);
