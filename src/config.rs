@@ -222,6 +222,8 @@ pub struct RetentionConfig {
 /// stored and published again as new: keep events well past the longest retry schedule (Stripe's live
 /// mode retries for up to 3 days, Standard Webhooks senders for a few days too).
 pub const MIN_KEEP_DAYS: u32 = 7;
+/// The longest retention that is not "forever" (0): a cutoff further back is out of Postgres's range.
+pub const MAX_KEEP_DAYS: u32 = 36_500;
 
 impl RetentionConfig {
     pub fn enabled(&self) -> bool {
@@ -329,6 +331,12 @@ impl Config {
         }
         if !(self.queue.high_water_ratio > 0.0 && self.queue.high_water_ratio <= 1.0) {
             return Err(invalid("queue.high_water_ratio", "must be in (0, 1]"));
+        }
+        if self.retention.keep_days > MAX_KEEP_DAYS {
+            return Err(invalid(
+                "retention.keep_days",
+                format!("at most {MAX_KEEP_DAYS} (100 years); 0 keeps every event"),
+            ));
         }
         if self.retention.keep_days != 0 && self.retention.keep_days < MIN_KEEP_DAYS {
             return Err(invalid(
@@ -572,7 +580,7 @@ mod tests {
         let retention = Config::from_toml("").unwrap().retention;
         assert!(!retention.enabled());
         assert!(Config::from_toml("[retention]\nkeep_days = 7").unwrap().retention.enabled());
-        for bad in ["keep_days = 3", "interval_s = 0", "batch_rows = 0", "batch_rows = 100001"] {
+        for bad in ["keep_days = 3", "keep_days = 36501", "interval_s = 0", "batch_rows = 0", "batch_rows = 100001"] {
             let err = Config::from_toml(&format!("[retention]\n{bad}")).unwrap_err().to_string();
             let key = bad.split(' ').next().unwrap_or_default();
             assert!(err.contains(&format!("retention.{key}")), "{bad}: {err}");

@@ -179,6 +179,9 @@ async fn prune(config: &Config, keep_days: Option<u32>, dry_run: bool) -> anyhow
     if retention.keep_days == 0 {
         bail!("retention is off (retention.keep_days = 0): set it, or pass --keep-days");
     }
+    if retention.keep_days > hookgate::config::MAX_KEEP_DAYS {
+        bail!("--keep-days must be at most {} (100 years)", hookgate::config::MAX_KEEP_DAYS);
+    }
     if retention.keep_days < hookgate::config::MIN_KEEP_DAYS {
         bail!(
             "--keep-days must be at least {}: a pruned event's id is forgotten, so a sender's late retry of it \

@@ -222,8 +222,11 @@ async fn the_grafana_dashboard_is_well_formed_and_names_only_exported_metrics() 
         }
     }
     // Every metric named must be exported by a gateway that has seen traffic.
+    // Retention on, so its series are exported (at zero; its first run would come a minute later).
     let db = TestDb::create().await;
-    let gateway = Gateway::start(test_config(&db.url)).await;
+    let mut config = test_config(&db.url);
+    config.retention.keep_days = 30;
+    let gateway = Gateway::start(config).await;
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("evt")).await.status, 202);
     let _ = post(&client, &gateway.url("stripe"), &[], b"{}").await;

@@ -1,5 +1,6 @@
 //! Retention against real Postgres: what a run deletes and keeps, the outbox holding the cutoff back, the
-//! lock between replicas, a gateway pruning on its interval, and `hookgate prune`.
+//! lock between replicas, gateways pruning on their interval (one, and two sharing a database), and
+//! `hookgate prune`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use hookgate::retention::{Outcome, Retention};
 use hookgate::store::{Store, PRUNE_LOCK_KEY};
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{config_file, hookgate};
+use crate::process::{config_file, config_file_with_streams, hookgate, GatewayProcess};
 use crate::support::*;
 
 fn retention_config(batch_rows: u32) -> RetentionConfig {
@@ -154,6 +155,56 @@ async fn a_gateway_with_retention_on_prunes_on_its_interval_while_serving() {
     let metrics = get_text(&client, &format!("http://{}/metrics", gateway.admin)).await.1;
     assert!(metric_value(&metrics, "hookgate_retention_runs_total{result=\"completed\"}") >= 1.0, "{metrics}");
     gateway.stop().await;
+}
+
+/// Two gateway processes on one database, both pruning every second in batches of 50: each old event is
+/// deleted once (the replicas' counts add up to exactly the events), none fails, the young stay.
+#[tokio::test]
+async fn two_replicas_prune_one_database_together_and_delete_each_event_once() {
+    let (db, _) = retention_on(100).await;
+    let old: Vec<String> = (0..2_000).map(|i| format!("evt_old_{i}")).collect();
+    store_aged(&db, "stripe", &old.iter().map(String::as_str).collect::<Vec<_>>(), "8 days").await;
+    store_aged(&db, "stripe", &["evt_young"], "6 days").await;
+    let env = [
+        ("HOOKGATE__RETENTION__KEEP_DAYS", "7"),
+        ("HOOKGATE__RETENTION__INTERVAL_S", "1"),
+        ("HOOKGATE__RETENTION__BATCH_ROWS", "50"),
+        ("HOOKGATE__RETENTION__BATCH_PAUSE_MS", "0"),
+    ];
+    let stream = format!("{}:{{source}}", unique("hg-it-prune"));
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = config_file_with_streams(&db.url, port, admin_port, &stream);
+        replicas.push((GatewayProcess::start_with(&config, port, admin_port, &env, None).await, config));
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async { db.count().await == 1 }).await,
+        "the replicas delete the old events"
+    );
+    assert_eq!(stored_keys(&db).await, keys("stripe", &["evt_young"]));
+    // Summed over the replicas (a replica counts a batch just after its commit, so the sum may lag the rows).
+    let sum = |series: &'static str| {
+        let urls: Vec<String> = replicas.iter().map(|(replica, _)| replica.metrics_url()).collect();
+        async move {
+            let mut total = 0.0;
+            for url in urls {
+                total += scrape_metric(&url, series).await.unwrap_or(f64::NAN);
+            }
+            total
+        }
+    };
+    let deleted = "hookgate_retention_deleted_events_total{source=\"stripe\"}";
+    assert!(
+        eventually(Duration::from_secs(5), || async { (sum(deleted).await - 2_000.0).abs() < f64::EPSILON }).await,
+        "each event counted as deleted once: {}",
+        sum(deleted).await
+    );
+    assert!(sum("hookgate_retention_runs_total{result=\"failed\"}").await.abs() < f64::EPSILON, "no run failed");
+    for (replica, config) in replicas {
+        drop(replica);
+        let _ = std::fs::remove_file(config);
+    }
 }
 
 #[tokio::test]
