@@ -1,5 +1,6 @@
 //! Retention: deletes the stored events received more than `retention.keep_days` ago, oldest first, a
-//! batch per statement with a pause between, never one still waiting for its stream, one replica at a time.
+//! batch per statement with a pause between, never one still waiting for its stream, one replica's delete
+//! at a time.
 //!
 //! A gateway with retention on runs this every `retention.interval_s`; `hookgate prune` runs it once.
 
