@@ -229,6 +229,21 @@ impl RetentionConfig {
     pub fn enabled(&self) -> bool {
         self.keep_days > 0
     }
+
+    /// Why `days` cannot be a retention, if it cannot (0, keeping every event, can). The configuration and
+    /// `hookgate prune --keep-days` both check with it.
+    pub fn keep_days_problem(days: u32) -> Option<String> {
+        if days > MAX_KEEP_DAYS {
+            Some(format!("at most {MAX_KEEP_DAYS} (100 years); 0 keeps every event"))
+        } else if days != 0 && days < MIN_KEEP_DAYS {
+            Some(format!(
+                "0 (keep every event) or at least {MIN_KEEP_DAYS}: a pruned event's id is forgotten, so a sender's \
+                 late retry of it would be stored and published again"
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -332,20 +347,8 @@ impl Config {
         if !(self.queue.high_water_ratio > 0.0 && self.queue.high_water_ratio <= 1.0) {
             return Err(invalid("queue.high_water_ratio", "must be in (0, 1]"));
         }
-        if self.retention.keep_days > MAX_KEEP_DAYS {
-            return Err(invalid(
-                "retention.keep_days",
-                format!("at most {MAX_KEEP_DAYS} (100 years); 0 keeps every event"),
-            ));
-        }
-        if self.retention.keep_days != 0 && self.retention.keep_days < MIN_KEEP_DAYS {
-            return Err(invalid(
-                "retention.keep_days",
-                format!(
-                    "0 (keep every event) or at least {MIN_KEEP_DAYS}: a pruned event's id is forgotten, so a \
-                     sender's late retry of it would be stored and published again"
-                ),
-            ));
+        if let Some(reason) = RetentionConfig::keep_days_problem(self.retention.keep_days) {
+            return Err(invalid("retention.keep_days", reason));
         }
         if self.retention.batch_rows > 100_000 {
             return Err(invalid("retention.batch_rows", "at most 100000 events per statement"));

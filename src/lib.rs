@@ -130,7 +130,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     store.warm_up(config.workers.count + 1).await;
     let prometheus = metrics::install();
-    metrics::init_series(&sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
+    let source_names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    metrics::init_series(&source_names);
+    if config.retention.enabled() {
+        metrics::init_retention_series(&source_names);
+    }
 
     // The notifier's tasks start before the workers, so the catch-up publishes what a crash left behind.
     let notifier_tasks = TaskTracker::new();
@@ -175,7 +179,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let reloader = reload::Reloader { routes, configs: config.sources.clone(), tls: tls.clone() };
     tokio::spawn(reloader.watch(Duration::from_secs(config.reload.interval_s), admin_stop.clone()));
     if config.retention.enabled() {
-        metrics::init_retention_series(&config.sources.keys().map(String::as_str).collect::<Vec<_>>());
         // Stops with the listener: no new deletes start while the queue drains.
         tokio::spawn(retention::Retention::new(store.clone(), config.retention.clone()).watch(shutdown.clone()));
     }

@@ -179,15 +179,8 @@ async fn prune(config: &Config, keep_days: Option<u32>, dry_run: bool) -> anyhow
     if retention.keep_days == 0 {
         bail!("retention is off (retention.keep_days = 0): set it, or pass --keep-days");
     }
-    if retention.keep_days > hookgate::config::MAX_KEEP_DAYS {
-        bail!("--keep-days must be at most {} (100 years)", hookgate::config::MAX_KEEP_DAYS);
-    }
-    if retention.keep_days < hookgate::config::MIN_KEEP_DAYS {
-        bail!(
-            "--keep-days must be at least {}: a pruned event's id is forgotten, so a sender's late retry of it \
-             would be stored and published again",
-            hookgate::config::MIN_KEEP_DAYS
-        );
+    if let Some(reason) = hookgate::config::RetentionConfig::keep_days_problem(retention.keep_days) {
+        bail!("--keep-days: {reason}");
     }
     let store = hookgate::store::Store::new(&config.store, config.notify.enabled)?;
     let retention = Retention::new(store, retention);
