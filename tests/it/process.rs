@@ -28,7 +28,7 @@ pub fn config_file_with_streams(db_url: &str, port: u16, admin_port: u16, stream
     let text = format!(
         "{}\n[server]\nlisten = '127.0.0.1:{port}'\n[admin]\nlisten = '127.0.0.1:{admin_port}'\n\
          [store]\nurl = '{db_url}'\n[notify]\nredis_url = '{}'\nstream_key = '{stream_key}'\n\
-         [log]\nlevel = 'warn'\n[shutdown]\nrequests_grace_ms = 10000\ndrain_grace_ms = 10000\n",
+         command_timeout_ms = {TEST_COMMAND_TIMEOUT_MS}\n[log]\nlevel = 'warn'\n[shutdown]\nrequests_grace_ms = 10000\ndrain_grace_ms = 10000\n",
         sources_toml(),
         redis_url()
     );

@@ -110,12 +110,21 @@ pub fn redis_url() -> String {
         .expect("HOOKGATE_REDIS_URL is not set: run the tests with deploy/test.sh, which starts Postgres and Redis")
 }
 
+/// The tests' `notify.command_timeout_ms`, above the default 2 s. Tests count stream entries exactly, and a
+/// Redis answer later than the timeout is published again by design (the gateway cannot tell whether the
+/// entries were added: at least once). The shared test Redis fsyncs every write on the disk ~50 concurrent
+/// tests' databases use, and a CI run once saw a catch-up page of 53 events twice; stopping Redis for 2.6 s
+/// during that test reproduces it. Tests of the timeout itself set their own.
+pub const TEST_COMMAND_TIMEOUT_MS: u64 = 15_000;
+
 /// The test configuration: defaults, three sources, the given database, the test Redis with streams of
-/// this gateway's own (`hg-it:<unique>:{source}`), quiet logs. Tests adjust fields.
+/// this gateway's own (`hg-it:<unique>:{source}`), a long Redis command timeout, quiet logs. Tests adjust
+/// fields.
 pub fn test_config(database_url: &str) -> Config {
     let mut config = Config::from_toml(&sources_toml()).expect("test config");
     database_url.clone_into(&mut config.store.url);
     config.notify.redis_url = redis_url();
+    config.notify.command_timeout_ms = TEST_COMMAND_TIMEOUT_MS;
     config.notify.stream_key = format!("{}:{{source}}", unique("hg-it"));
     config.log.level = "warn".into();
     config
