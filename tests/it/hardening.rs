@@ -282,6 +282,7 @@ async fn slowloris_connections_do_not_starve_normal_traffic() {
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     config.server.header_read_timeout_ms = 1000;
+    let header_timeout = Duration::from_millis(config.server.header_read_timeout_ms);
     let gateway = Gateway::start(config).await;
     let addr = gateway.addr;
     // 300 connections sending their headers one byte every 200 ms.
@@ -325,7 +326,10 @@ async fn slowloris_connections_do_not_starve_normal_traffic() {
     }
     let closed = closed_by_server.load(Ordering::Relaxed);
     println!("RELIABILITY | slowloris: 300 connections, 1 byte / 200 ms, beside 300 normal requests | 300 | 300 | 0 | normal P99 {p99:.1?}; {closed} of 300 slow connections cut by the 1 s header timeout | -");
-    assert!(p99 < Duration::from_millis(250), "normal traffic P99 {p99:?} under slowloris");
+    // Starved, a request would wait for slow connections to be cut (the header timeout, 1 s) or longer; the
+    // bound sits well below that rather than at a latency figure (250 ms once failed at 261 ms in CI, with
+    // ~50 other tests sharing this host's two cores).
+    assert!(p99 < header_timeout * 3 / 4, "normal traffic P99 {p99:?} under slowloris");
     assert!(closed >= 290, "only {closed} slowloris connections were closed by the header read timeout");
     gateway.stop().await;
 }
