@@ -89,14 +89,14 @@ pub async fn serve_webhooks(
             crate::metrics::record_connections(1.0);
             match acceptor {
                 None => serve_connection(&builder, stream, state, watcher, peer).await,
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, handshake(&acceptor, stream)).await {
-                    Ok(Ok(Some(stream))) => serve_connection(&builder, stream, state, watcher, peer).await,
-                    Ok(Ok(None)) => debug!(%peer, "connection closed before sending anything"),
-                    Ok(Err(e)) => {
+                Some(acceptor) => match handshake(&acceptor, stream, handshake_timeout).await {
+                    Handshake::Done(stream) => serve_connection(&builder, stream, state, watcher, peer).await,
+                    Handshake::Silent => debug!(%peer, "connection closed without sending anything"),
+                    Handshake::Failed(e) => {
                         crate::metrics::record_tls_handshake_failure();
                         debug!(%peer, error = %e, "TLS handshake failed");
                     }
-                    Err(_) => {
+                    Handshake::TimedOut => {
                         crate::metrics::record_tls_handshake_failure();
                         debug!(%peer, "TLS handshake timed out");
                     }
@@ -113,18 +113,35 @@ pub async fn serve_webhooks(
     }
 }
 
-/// The server side of a TLS handshake, or `None` when the client goes before sending a byte: a load
-/// balancer's TCP health check connects and closes, and counting those as failed handshakes would bury
-/// the real ones (a client that does not trust the certificate, plain HTTP on the port).
+/// How a TLS connection's handshake ended.
+enum Handshake {
+    /// Boxed: a TLS stream is ~1.2 KiB, one allocation per connection.
+    Done(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    /// The client went, or was closed at the bound, without sending a byte: a load balancer's TCP health
+    /// check (connect, close) or one that holds its connection open. Not a failed handshake: counting those
+    /// would bury the real ones (a client that does not trust the certificate, plain HTTP on the port).
+    Silent,
+    Failed(std::io::Error),
+    /// It started but did not finish within the bound.
+    TimedOut,
+}
+
+/// The server side of a TLS handshake, within `bound` from the connection's start.
 async fn handshake(
     acceptor: &tokio_rustls::TlsAcceptor,
     stream: tokio::net::TcpStream,
-) -> std::io::Result<Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    // An error here (a reset before any byte) is no handshake either.
-    if matches!(stream.peek(&mut [0_u8; 1]).await, Ok(0) | Err(_)) {
-        return Ok(None);
+    bound: std::time::Duration,
+) -> Handshake {
+    let deadline = tokio::time::Instant::now() + bound;
+    // A reset before any byte is no handshake either.
+    if !matches!(tokio::time::timeout_at(deadline, stream.peek(&mut [0_u8; 1])).await, Ok(Ok(1..))) {
+        return Handshake::Silent;
     }
-    acceptor.accept(stream).await.map(Some)
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Handshake::Done(Box::new(stream)),
+        Ok(Err(e)) => Handshake::Failed(e),
+        Err(_) => Handshake::TimedOut,
+    }
 }
 
 /// Serves one connection's requests (plain TCP or TLS) until it closes or the graceful shutdown ends it.

@@ -160,6 +160,8 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     ];
     let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, None).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // A health check that holds its connection open without a byte, until the handshake bound closes it.
+    let mut silent = TcpStream::connect(addr).await.expect("silent client");
     let metrics_url = gateway.metrics_url();
     let not_after = "hookgate_tls_certificate_not_after_timestamp_seconds";
     assert_eq!(
@@ -168,8 +170,8 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
         "the expiry of the certificate in use"
     );
 
-    // A load balancer's TCP health check connects and goes without a byte: no failed handshake. A client
-    // that sends something other than TLS is one.
+    // A load balancer's TCP health check connects and goes without a byte, or is closed at the bound
+    // without one: no failed handshake. A client that sends something other than TLS is one.
     for _ in 0..3 {
         drop(TcpStream::connect(addr).await.expect("health check"));
     }
@@ -178,6 +180,8 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     // (after, perhaps, a TLS alert)
     let closed = tokio::time::timeout(Duration::from_secs(5), not_tls.read_to_end(&mut Vec::new())).await;
     assert!(closed.is_ok(), "a client that does not speak TLS is closed");
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut Vec::new())).await;
+    assert!(closed.is_ok(), "a silent client is closed at the bound");
     let all_closed = || async { scrape_metric(&metrics_url, "hookgate_http_connections_open").await == Some(0.0) };
     assert!(eventually(Duration::from_secs(5), all_closed).await, "every probe's connection is done");
     let failures = scrape_metric(&metrics_url, "hookgate_tls_handshake_failures_total").await;
