@@ -76,6 +76,12 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Unix microseconds as an RFC 3339 time to the second (1970 for a time before it), for logs and the CLI.
+pub fn format_unix_us(unix_us: i64) -> String {
+    let since_epoch = std::time::Duration::from_micros(u64::try_from(unix_us).unwrap_or(0));
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + since_epoch).to_string()
+}
+
 /// TLS to Postgres and Redis goes through rustls with the ring provider. Made the process default before
 /// either connects, so that another provider compiled in by a dependency can never leave rustls unable
 /// to choose (it then panics at the first TLS connection). Idempotent.

@@ -173,7 +173,8 @@ async fn replay(config: &Config, filter: &hookgate::store::ReplayFilter, dry_run
 }
 
 async fn prune(config: &Config, keep_days: Option<u32>, dry_run: bool) -> anyhow::Result<()> {
-    use hookgate::retention::{format_us, Outcome, Retention};
+    use hookgate::format_unix_us;
+    use hookgate::retention::{Outcome, Retention};
     let mut retention = config.retention.clone();
     retention.keep_days = keep_days.unwrap_or(retention.keep_days);
     if retention.keep_days == 0 {
@@ -188,7 +189,7 @@ async fn prune(config: &Config, keep_days: Option<u32>, dry_run: bool) -> anyhow
     if dry_run {
         let (cutoff, counts) = retention.count().await.context("counting events to prune")?;
         let total: i64 = counts.values().sum();
-        writeln!(out, "{total} events received before {} would be deleted", format_us(cutoff.before_us))?;
+        writeln!(out, "{total} events received before {} would be deleted", format_unix_us(cutoff.before_us))?;
         for (source, n) in counts.iter().filter(|(_, n)| **n > 0) {
             writeln!(out, "  {source}: {n}")?;
         }
@@ -201,12 +202,12 @@ async fn prune(config: &Config, keep_days: Option<u32>, dry_run: bool) -> anyhow
         trigger.cancel();
     });
     let report = retention.run_once(&stop).await.context("pruning")?;
-    let before = format_us(report.cutoff.before_us);
+    let before = format_unix_us(report.cutoff.before_us);
     if let Some(queued_us) = report.cutoff.held_back_by_us {
         writeln!(
             out,
             "# the outbox holds a batch queued at {}: newer events wait for their stream",
-            format_us(queued_us)
+            format_unix_us(queued_us)
         )?;
     }
     let total = report.total();
@@ -252,9 +253,7 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
     }
     if let Some(tls) = &config.server.tls {
         let loaded = hookgate::http::tls::load(tls).context("invalid server.tls")?;
-        let expires = humantime::format_rfc3339_seconds(
-            UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(loaded.not_after_unix).unwrap_or(0)),
-        );
+        let expires = hookgate::format_unix_us(loaded.not_after_unix.saturating_mul(1_000_000));
         writeln!(out, "# tls: {} with its key; the certificate expires {expires}", tls.cert_file.display())?;
     }
     if sources.is_empty() {
@@ -276,7 +275,7 @@ fn sign(
         bail!("unknown source `{source_name}` (configured: {})", names.join(", "));
     };
     let body = std::fs::read(body_path).with_context(|| format!("reading {}", body_path.display()))?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
+    let now = hookgate::unix_now();
     let id = id.unwrap_or_else(|| {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         format!("msg_{nanos:x}{:x}", std::process::id())

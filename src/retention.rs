@@ -5,7 +5,7 @@
 //! A gateway with retention on runs this every `retention.interval_s`; `hookgate prune` runs it once.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -144,14 +144,14 @@ impl Retention {
         }
         if let Some(queued_us) = report.cutoff.held_back_by_us {
             warn!(
-                oldest_unpublished = %format_us(queued_us),
+                oldest_unpublished = %crate::format_unix_us(queued_us),
                 "retention: events received since the outbox's oldest batch are kept until they are on their \
                  stream (is Redis down?)"
             );
         }
         let (total, elapsed_ms) = (report.total(), started.elapsed().as_millis());
         let by_source = format!("{:?}", report.deleted);
-        let before = format_us(report.cutoff.before_us);
+        let before = crate::format_unix_us(report.cutoff.before_us);
         match report.outcome {
             Outcome::Skipped => debug!(total, "retention: another replica holds the pruning lock; skipped"),
             Outcome::Interrupted => info!(total, %by_source, %before, "retention: run interrupted by shutdown"),
@@ -161,10 +161,4 @@ impl Retention {
             Outcome::Completed => debug!(%before, "retention: nothing to delete"),
         }
     }
-}
-
-/// Unix microseconds as an RFC 3339 time, for logs and `hookgate prune`.
-pub fn format_us(unix_us: i64) -> String {
-    let since_epoch = Duration::from_micros(u64::try_from(unix_us).unwrap_or(0));
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + since_epoch).to_string()
 }
