@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 
 use http::HeaderMap;
+use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::Deserialize;
 
 use crate::signature::Scheme;
@@ -30,9 +31,15 @@ pub struct Event<'a> {
     pub created: Option<i64>,
     pub livemode: Option<bool>,
     pub api_version: Option<Cow<'a, str>>,
-    /// Stripe Connect account the event belongs to.
+    /// Stripe Connect account the event belongs to (a thin event's `context`).
     pub account: Option<Cow<'a, str>>,
 }
+
+/// Stripe's `object` of a snapshot event, the kind a v1 webhook endpoint receives.
+pub const STRIPE_SNAPSHOT_OBJECT: &str = "event";
+/// Stripe's `object` of a thin event, sent by an event destination for API v2 resources (and v1 ones on
+/// request): unversioned, no `data` snapshot, `created` as an RFC 3339 time, the account in `context`.
+pub const STRIPE_THIN_OBJECT: &str = "v2.core.event";
 
 /// Why a verified body is not an event of its source's scheme (answered 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,7 +48,7 @@ pub enum EventError {
     NotJson(String),
     #[error("the event has no `{0}`")]
     Missing(&'static str),
-    #[error("`object` is `{0}`, expected `event`")]
+    #[error("`object` is `{0}`, expected `event` or `v2.core.event`")]
     NotAnEvent(String),
     #[error("`{0}` is empty, too long or holds control characters")]
     Invalid(&'static str),
@@ -91,12 +98,46 @@ struct StripeBody<'a> {
     object: Option<Text<'a>>,
     #[serde(borrow, rename = "type")]
     event_type: Option<Text<'a>>,
-    created: Option<i64>,
+    created: Option<Created>,
     livemode: Option<bool>,
     #[serde(borrow)]
     api_version: Option<Text<'a>>,
     #[serde(borrow)]
     account: Option<Text<'a>>,
+    /// A thin event's account.
+    #[serde(borrow)]
+    context: Option<Text<'a>>,
+}
+
+/// Stripe's `created` in Unix seconds: a number in a snapshot event, an RFC 3339 time (`2024-09-17T06:20:52.246Z`,
+/// truncated to the second) in a thin one.
+struct Created(i64);
+
+impl<'de> Deserialize<'de> for Created {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CreatedVisitor;
+        impl Visitor<'_> for CreatedVisitor {
+            type Value = Created;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("Unix seconds or an RFC 3339 time")
+            }
+            fn visit_i64<E: de::Error>(self, seconds: i64) -> Result<Created, E> {
+                Ok(Created(seconds))
+            }
+            fn visit_u64<E: de::Error>(self, seconds: u64) -> Result<Created, E> {
+                i64::try_from(seconds).map(Created).map_err(|_| E::invalid_value(Unexpected::Unsigned(seconds), &self))
+            }
+            fn visit_str<E: de::Error>(self, time: &str) -> Result<Created, E> {
+                humantime::parse_rfc3339(time)
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .and_then(|since| i64::try_from(since.as_secs()).ok())
+                    .map(Created)
+                    .ok_or_else(|| E::invalid_value(Unexpected::Str(time), &self))
+            }
+        }
+        deserializer.deserialize_any(CreatedVisitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -158,16 +199,16 @@ pub fn parse<'a>(scheme: Scheme, headers: &'a HeaderMap, body: &'a [u8]) -> Resu
 fn parse_stripe(body: &[u8]) -> Result<Event<'_>, EventError> {
     let raw: StripeBody<'_> = from_json(body)?;
     let object = raw.object.ok_or(EventError::Missing("object"))?.0;
-    if object != "event" {
+    if object != STRIPE_SNAPSHOT_OBJECT && object != STRIPE_THIN_OBJECT {
         return Err(EventError::NotAnEvent(object.chars().take(40).collect()));
     }
     Ok(Event {
         id: raw.id.ok_or(EventError::Missing("id"))?.0,
         event_type: raw.event_type.ok_or(EventError::Missing("type"))?.0,
-        created: raw.created,
+        created: raw.created.map(|c| c.0),
         livemode: raw.livemode,
         api_version: raw.api_version.map(|t| t.0),
-        account: raw.account.map(|t| t.0),
+        account: raw.account.or(raw.context).map(|t| t.0),
     })
 }
 
@@ -212,6 +253,42 @@ mod tests {
         assert_eq!(e.livemode, Some(true));
         assert_eq!(e.api_version.as_deref(), Some("2024-06-20"));
         assert_eq!(e.account.as_deref(), Some("acct_9"));
+    }
+
+    #[test]
+    fn a_stripe_thin_event_gives_its_created_time_in_seconds_and_its_context_as_the_account() {
+        let body = r#"{"id":"evt_test_65R9Ijk8d","object":"v2.core.event","type":"v1.billing.meter.error_report_triggered",
+            "livemode":false,"created":"2024-09-17T06:20:52.246Z","context":"acct_123",
+            "related_object":{"id":"mtr_1","type":"billing.meter","url":"/v1/billing/meters/mtr_1"}}"#;
+        let e = stripe(body).unwrap();
+        assert_eq!(e.id, "evt_test_65R9Ijk8d");
+        assert_eq!(e.event_type, "v1.billing.meter.error_report_triggered");
+        assert_eq!(e.created, Some(1_726_554_052), "2024-09-17T06:20:52Z");
+        assert_eq!(e.livemode, Some(false));
+        assert_eq!(e.api_version, None, "thin events are unversioned");
+        assert_eq!(e.account.as_deref(), Some("acct_123"));
+        // An event destination's ping, with no context.
+        let ping = r#"{"id":"evt_ping","object":"v2.core.event","type":"v2.core.event_destination.ping",
+            "livemode":false,"created":"2026-09-18T19:56:56Z","context":null,"reason":null}"#;
+        let e = stripe(ping).unwrap();
+        assert_eq!((e.created, e.account), (Some(1_789_761_416), None));
+    }
+
+    #[test]
+    fn created_is_unix_seconds_or_an_rfc_3339_time_and_nothing_else() {
+        let with_created = |created: &str| format!(r#"{{"id":"e","object":"event","type":"x","created":{created}}}"#);
+        let created = |value: &str| stripe(&with_created(value)).map(|e| e.created);
+        assert_eq!(created("null"), Ok(None));
+        assert_eq!(created("-1"), Ok(Some(-1)));
+        assert_eq!(created(r#""1970-01-01T00:00:00Z""#), Ok(Some(0)));
+        for bad in [r#""yesterday""#, r#""1700000000""#, "18446744073709551615", "1.5", "true", "{}"] {
+            let body = with_created(bad);
+            let refused = stripe(&body);
+            assert!(
+                matches!(&refused, Err(EventError::NotJson(m)) if m.contains("Unix seconds or an RFC 3339 time")),
+                "{bad}: {refused:?}"
+            );
+        }
     }
 
     #[test]

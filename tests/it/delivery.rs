@@ -30,6 +30,49 @@ async fn accepted_then_duplicate_and_exact_body_stored() {
     gateway.stop().await;
 }
 
+/// A Stripe event destination of thin events (API v2) signs with the same scheme; its events are stored and
+/// published like snapshot ones, the RFC 3339 `created` in seconds and the `context` as the account.
+#[tokio::test]
+async fn a_stripe_thin_event_is_stored_and_published_with_its_time_and_account() {
+    use sqlx::Row;
+    let db = TestDb::create().await;
+    let config = test_config(&db.url);
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let id = unique("evt_thin");
+    let body = format!(
+        r#"{{"id":"{id}","object":"v2.core.event","type":"v2.core.account.updated","livemode":false,"created":"2026-11-28T09:15:30.123Z","context":"acct_1Thin","related_object":{{"id":"acct_1Thin","type":"v2.core.account","url":"/v2/core/accounts/acct_1Thin"}},"reason":null}}"#
+    );
+    let answer = post(&client(), &gateway.url("stripe"), &stripe_headers(body.as_bytes()), body.as_bytes()).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.json["status"], "accepted");
+    let row =
+        sqlx::query("SELECT event_type, created, livemode, api_version, account, body FROM events WHERE event_id = $1")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("the thin event is stored");
+    assert_eq!(row.get::<String, _>(0), "v2.core.account.updated");
+    assert_eq!(row.get::<Option<i64>, _>(1), Some(1_795_857_330), "2026-11-28T09:15:30Z");
+    assert_eq!(row.get::<Option<bool>, _>(2), Some(false));
+    assert_eq!(row.get::<Option<String>, _>(3), None);
+    assert_eq!(row.get::<Option<String>, _>(4).as_deref(), Some("acct_1Thin"));
+    assert_eq!(row.get::<Vec<u8>, _>(5), body.as_bytes());
+    let redis = redis_url();
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async { read_stream(&redis, &key).await.len() == 1 }).await
+    );
+    let entry = read_stream(&redis, &key).await.remove(0);
+    assert_eq!(entry["id"], id.as_bytes());
+    assert_eq!(entry["created"], b"1795857330");
+    // Any other `object` is still not an event.
+    let charge = format!(r#"{{"id":"{id}_ch","object":"charge","type":"x"}}"#);
+    let refused = post(&client(), &gateway.url("stripe"), &stripe_headers(charge.as_bytes()), charge.as_bytes()).await;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(refused.json["message"].as_str().is_some_and(|d| d.contains("v2.core.event")), "{refused:?}");
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn fifty_concurrent_deliveries_of_one_event_store_one_row() {
     let db = TestDb::create().await;
