@@ -31,7 +31,7 @@ pub struct Event<'a> {
     pub created: Option<i64>,
     pub livemode: Option<bool>,
     pub api_version: Option<Cow<'a, str>>,
-    /// Stripe Connect account the event belongs to (a thin event's `context`).
+    /// Stripe account the event belongs to: Connect's `account`, else `context`.
     pub account: Option<Cow<'a, str>>,
 }
 
@@ -104,13 +104,14 @@ struct StripeBody<'a> {
     api_version: Option<Text<'a>>,
     #[serde(borrow)]
     account: Option<Text<'a>>,
-    /// A thin event's account.
+    /// The account that generated the event: a thin event's only account field; snapshot events carry it
+    /// too since API version 2025-04-30 (beside `account` in a Connect event).
     #[serde(borrow)]
     context: Option<Text<'a>>,
 }
 
-/// Stripe's `created` in Unix seconds: a number in a snapshot event, an RFC 3339 time (`2024-09-17T06:20:52.246Z`,
-/// truncated to the second) in a thin one.
+/// Stripe's `created` in Unix seconds: a number in a snapshot event, an RFC 3339 time in a thin one
+/// (`2024-09-17T06:20:52.246Z`, truncated to the second).
 struct Created(i64);
 
 impl<'de> Deserialize<'de> for Created {
@@ -272,6 +273,12 @@ mod tests {
             "livemode":false,"created":"2026-09-18T19:56:56Z","context":null,"reason":null}"#;
         let e = stripe(ping).unwrap();
         assert_eq!((e.created, e.account), (Some(1_789_761_416), None));
+        // Snapshot events carry `context` too (API 2025-04-30): a Connect event's `account` comes first.
+        let connect =
+            r#"{"id":"e","object":"event","type":"x","account":"acct_connected","context":"acct_org_member"}"#;
+        assert_eq!(stripe(connect).unwrap().account.as_deref(), Some("acct_connected"));
+        let organization = r#"{"id":"e","object":"event","type":"x","context":"acct_org_member"}"#;
+        assert_eq!(stripe(organization).unwrap().account.as_deref(), Some("acct_org_member"));
     }
 
     #[test]
