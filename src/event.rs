@@ -44,7 +44,8 @@ pub const STRIPE_THIN_OBJECT: &str = "v2.core.event";
 /// Why a verified body is not an event of its source's scheme (answered 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
-    #[error("the body is not a JSON object: {0}")]
+    /// Not UTF-8, not JSON, not an object, a duplicated key, or a field of the wrong type.
+    #[error("the body is not a JSON event: {0}")]
     NotJson(String),
     #[error("the event has no `{0}`")]
     Missing(&'static str),
