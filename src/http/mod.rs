@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ServerConfig;
 pub use webhook::WebhookState;
@@ -154,9 +154,13 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The peer on every debug line of the connection's requests (a refusal, say), HTTP/2 streams included
+    // (hyper runs those as tasks of their own); a disabled span costs nothing when debug is off.
+    let span = tracing::debug_span!("connection", %peer);
     let service = service_fn(move |request| {
         let state = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(webhook::handle(state, request).await) }
+        let handled = webhook::handle(state, request).instrument(span.clone());
+        async move { Ok::<_, std::convert::Infallible>(handled.await) }
     });
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(connection.into_owned()).await {

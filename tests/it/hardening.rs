@@ -491,11 +491,18 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
     drop(gateway); // SIGTERM: the shutdown is logged too
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.lines().count() >= 3, "too few log lines: {text}");
+    let mut refusals = 0;
     for line in text.lines() {
         let parsed: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("forged or broken log line ({e}): {line}"));
         assert!(parsed.get("forged").is_none(), "{line}");
+        if parsed["message"] == "refused" {
+            refusals += 1;
+            let peer = parsed["span"]["peer"].as_str().unwrap_or_default();
+            assert!(peer.starts_with("127.0.0.1:"), "a refusal names the client's address: {line}");
+        }
     }
+    assert_eq!(refusals, 3, "the three forged requests are refused and logged: {text}");
     for secret in [STRIPE_SECRET, STANDARD_SECRET, GITHUB_SECRET] {
         assert!(!text.contains(secret), "a secret reached the logs");
         assert!(!metrics.contains(secret), "a secret reached the metrics");
