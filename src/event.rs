@@ -132,8 +132,7 @@ impl<'de> Deserialize<'de> for Created {
             fn visit_str<E: de::Error>(self, time: &str) -> Result<Created, E> {
                 humantime::parse_rfc3339(time)
                     .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .and_then(|since| i64::try_from(since.as_secs()).ok())
+                    .and_then(crate::unix_seconds)
                     .map(Created)
                     .ok_or_else(|| E::invalid_value(Unexpected::Str(time), &self))
             }

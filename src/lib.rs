@@ -73,7 +73,13 @@ pub fn digest_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
 
 /// Seconds since the Unix epoch by the system clock (0 if it is set before 1970).
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    unix_seconds(std::time::SystemTime::now()).unwrap_or(0)
+}
+
+/// A time in whole seconds since the Unix epoch; None before 1970 (or past `i64`).
+pub fn unix_seconds(time: std::time::SystemTime) -> Option<i64> {
+    let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_secs()).ok()
 }
 
 /// Unix microseconds as an RFC 3339 time to the second (1970 for a time before it), for logs and the CLI.

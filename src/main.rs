@@ -87,10 +87,8 @@ fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(secs) = text.parse::<i64>() {
         return Ok(secs);
     }
-    humantime::parse_rfc3339_weak(text)
-        .map_err(|e| format!("{e} (expected RFC 3339 or unix seconds)"))
-        .and_then(|t| t.duration_since(UNIX_EPOCH).map_err(|e| e.to_string()))
-        .map(|d| d.as_secs() as i64)
+    let time = humantime::parse_rfc3339_weak(text).map_err(|e| format!("{e} (expected RFC 3339 or unix seconds)"))?;
+    hookgate::unix_seconds(time).ok_or_else(|| format!("{text} is before 1970"))
 }
 
 fn main() -> std::process::ExitCode {
