@@ -14,6 +14,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::address::AddressRange;
 use crate::signature::{Scheme, Verifier};
 
 /// The documented defaults, built into the binary so it runs without any file.
@@ -67,6 +68,8 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
     pub http2_max_concurrent_streams: u32,
+    /// Proxies whose `X-Forwarded-For` names the client (see `crate::address`).
+    pub trusted_proxies: Vec<AddressRange>,
     /// HTTPS on the webhook port; absent: plain HTTP (TLS terminated in front, or a private network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -265,6 +268,9 @@ pub struct SourceConfig {
     pub tolerance_s: u64,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// The client addresses this source accepts (addresses or CIDR ranges); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ips: Vec<AddressRange>,
 }
 
 fn default_tolerance_s() -> u64 {
@@ -281,6 +287,8 @@ pub struct Source {
     pub name: String,
     pub verifier: Verifier,
     pub max_body_bytes: usize,
+    /// The client addresses it accepts; empty: any.
+    pub allowed_ips: Vec<AddressRange>,
     /// SHA-256 of the secrets as loaded, so a reload can tell whether they changed without keeping them.
     pub secrets_digest: [u8; 32],
 }
@@ -444,7 +452,13 @@ impl Source {
         let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
             .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
         let secrets_digest = crate::digest_of(secrets.iter().map(String::as_bytes));
-        Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, secrets_digest })
+        Ok(Source {
+            name: name.to_owned(),
+            verifier,
+            max_body_bytes: cfg.max_body_bytes,
+            allowed_ips: cfg.allowed_ips.clone(),
+            secrets_digest,
+        })
     }
 }
 
@@ -638,6 +652,36 @@ mod tests {
             assert_eq!(sources[0].name, "stripe");
             let shown = format!("{:?}", sources[0].verifier);
             assert!(shown.contains("2 redacted") && !shown.contains("whsec_new"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn trusted_proxies_and_allowed_ips_take_addresses_and_ranges_and_name_the_key_of_a_bad_one() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.server.trusted_proxies.is_empty());
+        let c = Config::from_toml(
+            "[server]\ntrusted_proxies = ['10.0.0.0/8', '::1']\n\
+             [sources.s]\nscheme = 'stripe'\nsecret_env = 'X'\nallowed_ips = ['3.18.12.63', '2001:db8::/32']",
+        )
+        .unwrap();
+        let shown = |list: &[AddressRange]| list.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(shown(&c.server.trusted_proxies), ["10.0.0.0/8", "::1"]);
+        assert_eq!(shown(&c.sources["s"].allowed_ips), ["3.18.12.63", "2001:db8::/32"]);
+        // Written back as it was given (`check-config` shows the redacted TOML).
+        let again = Config::from_toml(&c.redacted_toml()).unwrap();
+        assert_eq!(again.sources["s"].allowed_ips, c.sources["s"].allowed_ips);
+        for (toml, key) in [
+            ("[server]\ntrusted_proxies = ['10.0.0.0/40']", "trusted_proxies"),
+            ("[sources.s]\nscheme = 'stripe'\nsecret_env = 'X'\nallowed_ips = ['stripe.com']", "allowed_ips"),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("not an IP address or a CIDR range"), "{err}");
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HOOKGATE__SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\",\"192.168.0.0/16\"]");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(shown(&c.server.trusted_proxies), ["10.0.0.0/8", "192.168.0.0/16"]);
             Ok(())
         });
     }

@@ -3,6 +3,7 @@
 //!
 //! # Crate map
 //!
+//! - [`address`]: address ranges, and the client's address behind trusted proxies (`X-Forwarded-For`). Pure.
 //! - [`config`]: typed configuration (embedded defaults, file, `HOOKGATE__` environment), validated once.
 //! - [`signature`]: Stripe / Standard Webhooks / GitHub signature verification. Pure: no I/O, no clock.
 //! - [`event`]: the few event fields hookgate stores, parsed from the body without a JSON tree. Pure.
@@ -18,6 +19,7 @@
 //!
 //! [`run`] wires them together on listeners the caller has bound (port 0 in tests).
 
+pub mod address;
 pub mod config;
 pub mod event;
 pub mod http;
@@ -144,6 +146,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let prometheus = metrics::install();
     let source_names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
     metrics::init_series(&source_names);
+    let listed: Vec<&str> = sources.iter().filter(|s| !s.allowed_ips.is_empty()).map(|s| s.name.as_str()).collect();
+    metrics::init_address_series(&listed);
     if config.retention.enabled() {
         metrics::init_retention_series(&source_names);
     }
@@ -181,6 +185,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         ack_mode: config.queue.ack_mode,
         request_timeout: config.server.request_timeout(),
         retry_after_s: config.queue.retry_after_s,
+        trusted_proxies: address::TrustedProxies::new(config.server.trusted_proxies.clone()),
     });
 
     let admin_stop = CancellationToken::new();

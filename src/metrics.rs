@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const HTTP_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
 pub const SIGNATURE_FAILURES: &str = "hookgate_signature_failures_total";
+pub const ADDRESS_REFUSALS: &str = "hookgate_address_refusals_total";
 pub const EVENTS: &str = "hookgate_events_total";
 pub const QUEUE_DEPTH: &str = "hookgate_queue_depth";
 pub const QUEUE_CAPACITY: &str = "hookgate_queue_capacity";
@@ -63,6 +64,11 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "Duration of HTTP requests on the webhook port.");
     describe_counter!(SIGNATURE_FAILURES, "Requests refused because their signature did not verify, by reason.");
+    describe_counter!(
+        ADDRESS_REFUSALS,
+        "Requests refused because their client address is not in the source's allowed_ips, by whether their \
+         signature verified (valid: the sender's addresses have likely changed)."
+    );
     describe_counter!(EVENTS, "Events written to Postgres, by source and outcome (inserted or duplicate).");
     describe_gauge!(QUEUE_DEPTH, "Events accepted and waiting for a worker.");
     describe_gauge!(QUEUE_CAPACITY, "Capacity of the event queue.");
@@ -149,6 +155,15 @@ pub fn init_series(sources: &[&str]) {
     gauge!(BODY_MEMORY).set(0.0);
 }
 
+/// Address refusals' series, at zero from the start (only for sources with an `allowed_ips` list).
+pub fn init_address_series(sources: &[&str]) {
+    for source in sources {
+        for signature in ["valid", "invalid", "unread"] {
+            counter!(ADDRESS_REFUSALS, "source" => source.to_string(), "signature" => signature).increment(0);
+        }
+    }
+}
+
 /// The TLS series, at zero from the start (only when the webhook port serves HTTPS).
 pub fn init_tls_series() {
     for result in ["replaced", "failed"] {
@@ -189,6 +204,11 @@ pub const WEBHOOK_ROUTE: &str = "/webhooks/{source}";
 
 pub fn record_signature_failure(source: &str, reason: &'static str) {
     counter!(SIGNATURE_FAILURES, "source" => source.to_owned(), "reason" => reason).increment(1);
+}
+
+/// `signature`: `valid`, `invalid`, or `unread` (the body could not be read).
+pub fn record_address_refusal(source: &str, signature: &'static str) {
+    counter!(ADDRESS_REFUSALS, "source" => source.to_owned(), "signature" => signature).increment(1);
 }
 
 pub fn record_events(source: &str, outcome: &'static str, count: u64) {

@@ -14,6 +14,8 @@ pub enum ApiError {
     NotFound,
     #[error("unknown source")]
     UnknownSource,
+    #[error("this source does not accept requests from {0}")]
+    ForbiddenAddress(std::net::IpAddr),
     #[error("method not allowed: use POST")]
     MethodNotAllowed,
     #[error("the body is larger than {limit} bytes")]
@@ -43,6 +45,7 @@ impl ApiError {
         match self {
             ApiError::NotFound | ApiError::UnknownSource => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::ForbiddenAddress(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::BodyRead(_) | ApiError::Event(_) => StatusCode::BAD_REQUEST,
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::UnknownSource => "unknown_source",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::ForbiddenAddress(_) => "forbidden_address",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::BodyTimeout => "body_timeout",
             ApiError::BodyRead(_) => "body_unreadable",

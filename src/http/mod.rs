@@ -159,7 +159,7 @@ async fn serve_connection<S>(
     let span = tracing::debug_span!("connection", %peer);
     let service = service_fn(move |request| {
         let state = state.clone();
-        let handled = webhook::handle(state, request).instrument(span.clone());
+        let handled = webhook::handle(state, request, peer).instrument(span.clone());
         async move { Ok::<_, std::convert::Infallible>(handled.await) }
     });
     let connection = builder.serve_connection(TokioIo::new(stream), service);

@@ -1,6 +1,8 @@
 //! `POST /webhooks/{source}`: read the bounded body, verify, parse, enqueue, and (durable mode) await the commit.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +12,10 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::{debug, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use super::error::ApiError;
+use crate::address::{self, TrustedProxies};
 use crate::config::{AckMode, Source};
 use crate::event;
 use crate::pipeline::{BodyMemory, Outcome, Pipeline, StoreFailed, SubmitError};
@@ -21,6 +24,8 @@ use crate::store::NewEvent;
 pub const WEBHOOK_PREFIX: &str = "/webhooks/";
 /// Most memory reserved for a body before its bytes arrive.
 const PREALLOCATE_MAX: usize = 64 * 1024;
+/// At most one warning per source in this time about correctly signed requests from unlisted addresses.
+const ADDRESS_WARNING_INTERVAL_S: i64 = 60;
 
 /// A configured source as the request path sees it: its label (shared by every event's `source`), and its
 /// verifier and limits, which a reload swaps (`crate::reload`) under running requests.
@@ -28,11 +33,25 @@ const PREALLOCATE_MAX: usize = 64 * 1024;
 pub struct SourceRoute {
     pub label: Arc<str>,
     pub source: ArcSwap<Source>,
+    /// When a correctly signed request from an address outside `allowed_ips` was last warned about (unix
+    /// seconds; 0: never).
+    last_address_warning: AtomicI64,
 }
 
 impl SourceRoute {
     pub fn new(source: Source) -> Self {
-        Self { label: Arc::from(source.name.as_str()), source: ArcSwap::from_pointee(source) }
+        Self {
+            label: Arc::from(source.name.as_str()),
+            source: ArcSwap::from_pointee(source),
+            last_address_warning: AtomicI64::new(0),
+        }
+    }
+
+    /// Whether to warn now (and note it): once per `ADDRESS_WARNING_INTERVAL_S`, however many arrive.
+    fn address_warning_due(&self, now: i64) -> bool {
+        let last = self.last_address_warning.load(Ordering::Relaxed);
+        now >= last.saturating_add(ADDRESS_WARNING_INTERVAL_S)
+            && self.last_address_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 
@@ -44,6 +63,7 @@ pub struct WebhookState {
     pub ack_mode: AckMode,
     pub request_timeout: Duration,
     pub retry_after_s: u32,
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The 202 body.
@@ -53,19 +73,20 @@ struct Acknowledged<'a> {
     status: &'static str,
 }
 
-/// Routes one request and records its metric. Never fails: every refusal is a response.
-pub async fn handle(state: Arc<WebhookState>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Routes one request from `peer` and records its metric. Never fails: every refusal is a response.
+pub async fn handle(state: Arc<WebhookState>, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let method = request.method().clone();
+    let client = state.trusted_proxies.client(peer.ip(), request.headers());
     // The source is looked up while the path is still borrowed from the request: no allocation.
     let route = request.uri().path().strip_prefix(WEBHOOK_PREFIX).map(|name| state.sources.get(name));
     let (route, result) = match route {
-        Some(Some(source)) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, source, request, started).await),
+        Some(Some(source)) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, source, request, client, started).await),
         Some(None) => (crate::metrics::WEBHOOK_ROUTE, Err(ApiError::UnknownSource)),
         None => ("other", Err(ApiError::NotFound)),
     };
     let response = result.unwrap_or_else(|e| {
-        debug!(status = e.status().as_u16(), kind = e.kind(), "refused");
+        debug!(status = e.status().as_u16(), kind = e.kind(), %client, "refused");
         e.into_response(state.retry_after_s)
     });
     crate::metrics::record_request(method_label(&method), route, response.status().as_u16(), started.elapsed());
@@ -87,6 +108,7 @@ async fn receive(
     state: &WebhookState,
     route: &SourceRoute,
     request: Request<Incoming>,
+    client: IpAddr,
     started: Instant,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     if request.method() != Method::POST {
@@ -98,8 +120,19 @@ async fn receive(
     // The secrets in use when the request arrived (a reload may swap them while the body is read; this
     // request keeps its copy).
     let source = route.source.load_full();
-    let body =
-        read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline).await?;
+    let body = read_body(parts.headers.get(header::CONTENT_LENGTH), body, source.max_body_bytes, memory, deadline);
+    if !source.allowed_ips.is_empty() && !address::any_contains(&source.allowed_ips, client) {
+        let body = body.await;
+        let now = crate::unix_now();
+        let signature = match body {
+            Ok(body) if source.verifier.verify(&parts.headers, &body, now).is_ok() => "valid",
+            Ok(_) => "invalid",
+            Err(_) => "unread",
+        };
+        refuse_address(route, client, signature, now);
+        return Err(ApiError::ForbiddenAddress(client));
+    }
+    let body = body.await?;
 
     let source_label = &route.label;
     let now = crate::unix_now();
@@ -152,6 +185,22 @@ async fn receive(
     }
     .instrument(span)
     .await
+}
+
+/// Counts a request from an address outside the source's `allowed_ips`. Its body was read and verified
+/// first: a correctly signed one means the sender's addresses have changed and the list is out of date.
+/// The sender is being refused and retries (Stripe for up to 3 days, then disables the endpoint), so that
+/// is worth a warning, unlike the noise of the rest of the internet.
+fn refuse_address(route: &SourceRoute, client: IpAddr, signature: &'static str, now: i64) {
+    crate::metrics::record_address_refusal(&route.label, signature);
+    if signature == "valid" && route.address_warning_due(now) {
+        warn!(
+            source = %route.label,
+            %client,
+            "refused a correctly signed request from an address not in allowed_ips: the sender's addresses may \
+             have changed (check its published list); its events are refused and retried until the list is updated"
+        );
+    }
 }
 
 /// Reads the body up to `limit` bytes by `deadline`, within the `memory` budget. A declared or streamed length
@@ -228,6 +277,24 @@ mod tests {
     use super::*;
     use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_stale_address_list_is_warned_about_at_most_once_a_minute_per_source() {
+        let verifier = crate::signature::Verifier::new(crate::signature::Scheme::Stripe, &["whsec_x"], 300);
+        let source = Source {
+            name: "s".into(),
+            verifier: verifier.expect("verifier"),
+            max_body_bytes: 1,
+            allowed_ips: Vec::new(),
+            secrets_digest: [0; 32],
+        };
+        let route = SourceRoute::new(source);
+        assert!(route.address_warning_due(1_000));
+        assert!(!route.address_warning_due(1_000));
+        assert!(!route.address_warning_due(1_059));
+        assert!(route.address_warning_due(1_060));
+        assert!(!route.address_warning_due(1_061));
+    }
 
     /// Serves one connection whose handler runs `read_body` (limit 4 KiB, a 1 MiB budget) and hands its
     /// result back.

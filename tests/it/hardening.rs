@@ -499,7 +499,9 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
         if parsed["message"] == "refused" {
             refusals += 1;
             let peer = parsed["span"]["peer"].as_str().unwrap_or_default();
-            assert!(peer.starts_with("127.0.0.1:"), "a refusal names the client's address: {line}");
+            assert!(peer.starts_with("127.0.0.1:"), "a refusal names the connection's peer: {line}");
+            // And the client's address (behind trusted proxies, the one X-Forwarded-For names).
+            assert_eq!(parsed["client"], "127.0.0.1", "a refusal names the client's address: {line}");
         }
     }
     assert_eq!(refusals, 3, "the three forged requests are refused and logged: {text}");

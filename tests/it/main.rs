@@ -1,5 +1,6 @@
 //! Integration tests: the gateway against real Postgres (started by deploy/services.sh), over real HTTP.
 
+mod addresses;
 mod admin;
 mod delivery;
 mod hardening;
