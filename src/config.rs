@@ -37,6 +37,13 @@ pub enum ConfigError {
         #[source]
         cause: std::io::Error,
     },
+    #[error("cannot read the address file of source `{source_name}` ({path})")]
+    AddressFile {
+        source_name: String,
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -268,9 +275,13 @@ pub struct SourceConfig {
     pub tolerance_s: u64,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// The client addresses this source accepts (addresses or CIDR ranges); empty: any.
+    /// The client addresses this source accepts (addresses or CIDR ranges); empty, with no file: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_ips: Vec<AddressRange>,
+    /// More of them, one a line, read again on each reload (a list kept up to date by a job of the
+    /// operator's, from the sender's published addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_ips_file: Option<PathBuf>,
 }
 
 fn default_tolerance_s() -> u64 {
@@ -287,7 +298,7 @@ pub struct Source {
     pub name: String,
     pub verifier: Verifier,
     pub max_body_bytes: usize,
-    /// The client addresses it accepts; empty: any.
+    /// The client addresses it accepts (`allowed_ips` and the file's); empty: any.
     pub allowed_ips: Vec<AddressRange>,
     /// SHA-256 of the secrets as loaded, so a reload can tell whether they changed without keeping them.
     pub secrets_digest: [u8; 32],
@@ -424,6 +435,11 @@ impl Config {
 }
 
 impl Source {
+    /// Whether `self`, loaded again, holds what `current` does: the same secrets and the same addresses.
+    pub fn reloads_nothing_new(&self, current: &Source) -> bool {
+        self.secrets_digest == current.secrets_digest && self.allowed_ips == current.allowed_ips
+    }
+
     /// Reads the source's secrets (its environment variable and/or file) and builds its verifier.
     pub fn load(name: &str, cfg: &SourceConfig) -> Result<Self, ConfigError> {
         let mut secrets: Vec<String> = Vec::new();
@@ -452,14 +468,40 @@ impl Source {
         let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
             .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
         let secrets_digest = crate::digest_of(secrets.iter().map(String::as_bytes));
-        Ok(Source {
-            name: name.to_owned(),
-            verifier,
-            max_body_bytes: cfg.max_body_bytes,
-            allowed_ips: cfg.allowed_ips.clone(),
-            secrets_digest,
-        })
+        let mut allowed_ips = cfg.allowed_ips.clone();
+        if let Some(path) = &cfg.allowed_ips_file {
+            allowed_ips.extend(read_address_file(name, path)?);
+        }
+        Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, allowed_ips, secrets_digest })
     }
+}
+
+/// A source's address file: one address or CIDR range a line, `#` starting a comment. A file that names no
+/// address is an error, not an empty list: an empty list accepts every address, and a file caught empty
+/// mid-write must not open the source (a reload keeps the list in use).
+fn read_address_file(name: &str, path: &Path) -> Result<Vec<AddressRange>, ConfigError> {
+    let key = || format!("sources.{name}.allowed_ips_file");
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::AddressFile {
+        source_name: name.to_owned(),
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let mut ranges = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let entry = line.split('#').next().unwrap_or_default().trim();
+        if !entry.is_empty() {
+            let range =
+                entry.parse().map_err(|e| invalid(key(), format!("{} line {}: {e}", path.display(), number + 1)))?;
+            ranges.push(range);
+        }
+    }
+    if ranges.is_empty() {
+        return Err(invalid(
+            key(),
+            format!("{} names no address (an empty list would accept every address)", path.display()),
+        ));
+    }
+    Ok(ranges)
 }
 
 /// `redis://` and `rediss://` (TLS, checked against the system's CA store or `SSL_CERT_FILE`) over TCP,
@@ -682,6 +724,36 @@ mod tests {
             jail.set_env("HOOKGATE__SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\",\"192.168.0.0/16\"]");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(shown(&c.server.trusted_proxies), ["10.0.0.0/8", "192.168.0.0/16"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_address_file_adds_to_allowed_ips_and_one_that_names_no_address_or_a_bad_one_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HG_TEST_SECRET_B", "whsec_b");
+            let source = |file: &str| {
+                let toml = format!(
+                    "[sources.s]\nscheme = 'stripe'\nsecret_env = 'HG_TEST_SECRET_B'\nallowed_ips = ['203.0.113.7']\n\
+                     allowed_ips_file = '{file}'"
+                );
+                Config::from_toml(&toml).and_then(|c| c.sources()).map(|mut s| s.remove(0))
+            };
+            jail.create_file("ips", "# Stripe, fetched 2026-11-29\n3.18.12.63\n\n  10.0.0.0/8  # a range\n")?;
+            let loaded = source("ips").map_err(|e| e.to_string())?;
+            let shown: Vec<String> = loaded.allowed_ips.iter().map(ToString::to_string).collect();
+            assert_eq!(shown, ["203.0.113.7", "3.18.12.63", "10.0.0.0/8"]);
+            for (text, expected) in [
+                ("", "names no address"),
+                ("# only a comment\n\n", "names no address"),
+                ("3.18.12.63\nstripe.com\n", "line 2: `stripe.com` is not an IP address"),
+            ] {
+                jail.create_file("ips", text)?;
+                let err = source("ips").expect_err(text).to_string();
+                assert!(err.contains("sources.s.allowed_ips_file") && err.contains(expected), "{err}");
+            }
+            let err = source("absent").expect_err("absent").to_string();
+            assert!(err.contains("address file") && err.contains("absent"), "{err}");
             Ok(())
         });
     }

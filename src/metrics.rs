@@ -98,7 +98,7 @@ fn describe() {
     );
     describe_counter!(
         SECRET_RELOADS,
-        "Reloads that found a source's secrets changed, by source and result (replaced, failed)."
+        "Reloads that found a source's secrets or address file changed, by source and result (replaced, failed)."
     );
     describe_gauge!(
         TLS_NOT_AFTER,

@@ -1,5 +1,5 @@
 //! What a running gateway reads again without a restart: each source's secrets (a rotation adds the new
-//! secret beside the old, then removes the old) and the webhook port's TLS certificate, every
+//! secret beside the old, then removes the old) and address file, and the webhook port's TLS certificate, every
 //! `reload.interval_s` and at once on SIGHUP. What changed and loads is swapped in under running
 //! requests; what fails to load is logged and counted, and what was in use stays.
 
@@ -15,7 +15,7 @@ use crate::config::{Source, SourceConfig};
 use crate::http::tls::TlsTermination;
 use crate::http::webhook::SourceRoute;
 
-/// Everything that reloads: the routes' secrets, read from `configs`, and the certificate.
+/// Everything that reloads: the routes' secrets and addresses, read from `configs`, and the certificate.
 #[derive(Debug)]
 pub struct Reloader {
     pub routes: Arc<HashMap<String, SourceRoute>>,
@@ -27,7 +27,7 @@ impl Reloader {
     /// One reload of everything, now. The files are small (a few secrets, a certificate chain): read on the
     /// runtime's thread, they take microseconds, once an interval.
     pub fn reload(&self) {
-        self.reload_secrets();
+        self.reload_sources();
         if let Some(tls) = &self.tls {
             tls.reload();
         }
@@ -45,7 +45,7 @@ impl Reloader {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    () = next_hangup(&mut hangup) => info!("SIGHUP: reloading secrets and the TLS certificate"),
+                    () = next_hangup(&mut hangup) => info!("SIGHUP: reloading secrets, address files and the TLS certificate"),
                     () = stop.cancelled() => return,
                 }
                 self.reload();
@@ -53,23 +53,29 @@ impl Reloader {
         }
     }
 
-    /// Reads each source's secrets again and swaps in those that changed and load.
-    fn reload_secrets(&self) {
+    /// Reads each source's secrets and address file again and swaps in the sources that changed and load.
+    fn reload_sources(&self) {
         for (name, config) in &self.configs {
             let Some(route) = self.routes.get(name) else { continue };
             let current = route.source.load();
             match Source::load(name, config) {
-                Ok(source) if source.secrets_digest == current.secrets_digest => {}
+                Ok(source) if source.reloads_nothing_new(&current) => {}
                 Ok(source) => {
-                    let (before, now) = (current.verifier.secret_count(), source.verifier.secret_count());
-                    info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
+                    if source.secrets_digest != current.secrets_digest {
+                        let (before, now) = (current.verifier.secret_count(), source.verifier.secret_count());
+                        info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
+                    }
+                    if source.allowed_ips != current.allowed_ips {
+                        let (before, now) = (current.allowed_ips.len(), source.allowed_ips.len());
+                        info!(source = %name, addresses_before = before, addresses_now = now, "source addresses reloaded");
+                    }
                     // Swapped before it is counted: whoever sees the count gets the new secrets.
                     route.source.store(Arc::new(source));
                     crate::metrics::record_secret_reload(name, "replaced");
                 }
                 Err(e) => {
                     let error = crate::error_chain(&e);
-                    error!(source = %name, error, "source secrets not reloaded; those in use stay");
+                    error!(source = %name, error, "source not reloaded; the secrets and addresses in use stay");
                     crate::metrics::record_secret_reload(name, "failed");
                 }
             }

@@ -1,9 +1,11 @@
 //! A source's `allowed_ips`, and the client's address read from `X-Forwarded-For` only behind trusted proxies.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use hookgate::config::Config;
 
+use crate::process::{config_file_with_streams, GatewayProcess};
 use crate::support::*;
 
 /// Adds a Stripe source named `name` (the tests' Stripe secret) that accepts only `allowed`.
@@ -111,4 +113,117 @@ async fn behind_a_trusted_proxy_the_right_most_untrusted_forwarded_address_is_ju
 
     assert_eq!(db.stored_ids().await, [accepted, accepted_through_two].into());
     gateway.stop().await;
+}
+
+#[tokio::test]
+async fn signed_requests_from_an_unlisted_address_are_warned_about_once_and_counted() {
+    let db = TestDb::create().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-addr")));
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-addresses")));
+    // The list from the environment, as a Kubernetes Deployment could set it.
+    let env = [("HOOKGATE__SOURCES__STRIPE__ALLOWED_IPS", r#"["192.0.2.0/24"]"#), ("HOOKGATE__LOG__FORMAT", "json")];
+    let gateway = GatewayProcess::start_with(&config, port, admin, &env, Some(&log)).await;
+    let client = client();
+    for _ in 0..3 {
+        let answer = post_stripe_with(&client, &gateway.url("stripe"), &unique("evt")).await;
+        assert_eq!((answer.status, answer.kind()), (403, "forbidden_address"), "{answer:?}");
+    }
+    let body = stripe_event(&unique("evt"));
+    let unsigned = post(&client, &gateway.url("stripe"), &[], body.as_bytes()).await;
+    assert_eq!(unsigned.status, 403, "{unsigned:?}");
+    // Other sources have no list.
+    assert_eq!(post_stripe_with(&client, &gateway.url("standard"), "x").await.status, 401);
+    let series =
+        |signature: &str| format!(r#"hookgate_address_refusals_total{{source="stripe",signature="{signature}"}}"#);
+    assert_eq!(scrape_metric(&gateway.metrics_url(), &series("valid")).await, Some(3.0));
+    assert_eq!(scrape_metric(&gateway.metrics_url(), &series("invalid")).await, Some(1.0));
+    assert_eq!(scrape_metric(&gateway.metrics_url(), &series("unread")).await, Some(0.0));
+    drop(gateway);
+
+    let text = std::fs::read_to_string(&log).expect("log");
+    let warnings: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"].as_str().is_some_and(|m| m.contains("not in allowed_ips")))
+        .collect();
+    // Three signed refusals within a minute: one warning, naming the source and the address.
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert_eq!((&warnings[0]["level"], &warnings[0]["source"]), (&"WARN".into(), &"stripe".into()), "{text}");
+    assert_eq!(warnings[0]["client"], "127.0.0.1", "{text}");
+    assert_eq!(db.count().await, 0);
+    let _ = std::fs::remove_file(log);
+}
+
+/// Replaces `path` at once (a rename), as a job that refreshes the list should.
+fn write_addresses(path: &std::path::Path, text: &str) {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, text).expect("address file");
+    std::fs::rename(&staged, path).expect("rename");
+}
+
+/// Posts signed events to `url` every 100 ms until one is answered `want` (for up to 10 s); keeps the ids
+/// answered 202 in `accepted`.
+async fn post_until(client: &HttpClient, url: &str, want: u16, accepted: &mut HashSet<String>) -> bool {
+    for _ in 0..100 {
+        let id = unique("evt");
+        let status = post_stripe_with(client, url, &id).await.status;
+        if status == 202 {
+            accepted.insert(id);
+        }
+        if status == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn an_address_file_is_read_again_on_the_reload_interval_and_a_broken_one_keeps_the_list_in_use() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    let source = unique("filed");
+    add_listed_source(&mut config, &source, &[]);
+    let file = std::env::temp_dir().join(unique("hookgate-it-addresses"));
+    write_addresses(&file, "# the sender's list\n192.0.2.0/24\n");
+    config.sources.get_mut(&source).expect("source").allowed_ips_file = Some(file.clone());
+    config.reload.interval_s = 1;
+    let gateway = Gateway::start(config).await;
+    let (client, url) = (client(), gateway.url(&source));
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let reloads =
+        |result: &str| format!(r#"hookgate_source_secret_reloads_total{{source="{source}",result="{result}"}}"#);
+    let mut accepted = HashSet::new();
+    assert_eq!(post_stripe_with(&client, &url, &unique("evt")).await.status, 403);
+
+    // The sender's new address added: accepted within a few intervals, with no restart or signal.
+    write_addresses(&file, "192.0.2.0/24\n127.0.0.1 # added\n");
+    assert!(post_until(&client, &url, 202, &mut accepted).await, "the new address is accepted after a reload");
+    let counted = eventually(Duration::from_secs(5), || async {
+        scrape_metric(&metrics_url, &reloads("replaced")).await == Some(1.0)
+    });
+    assert!(counted.await, "the changed list is counted as a reload");
+
+    // A file caught empty, or with a line that is not an address: not reloaded, the list in use stays.
+    let mut failed = 0.0;
+    for broken in ["", "# nothing yet\n", "127.0.0.1\nstripe.com\n"] {
+        write_addresses(&file, broken);
+        let counted = eventually(Duration::from_secs(10), || async {
+            scrape_metric(&metrics_url, &reloads("failed")).await.is_some_and(|n| n > failed)
+        })
+        .await;
+        assert!(counted, "{broken:?} is counted as a failed reload");
+        failed = scrape_metric(&metrics_url, &reloads("failed")).await.unwrap_or(failed);
+        let id = unique("evt");
+        assert_eq!(post_stripe_with(&client, &url, &id).await.status, 202, "after {broken:?} the list in use stays");
+        accepted.insert(id);
+    }
+
+    // The address removed again: refused within a few intervals.
+    write_addresses(&file, "192.0.2.0/24\n");
+    assert!(post_until(&client, &url, 403, &mut accepted).await, "a removed address is refused after a reload");
+    assert_eq!(db.stored_ids().await, accepted, "every 202 stored, nothing refused");
+    gateway.stop().await;
+    let _ = std::fs::remove_file(file);
 }
