@@ -1,4 +1,5 @@
-//! `POST /webhooks/{source}`: read the bounded body, verify, parse, enqueue, and (durable mode) await the commit.
+//! `POST /webhooks/{source}`: check the client's address, read the bounded body, verify, parse, enqueue, and
+//! (durable mode) await the commit.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -189,8 +190,8 @@ async fn receive(
 
 /// Counts a request from an address outside the source's `allowed_ips`. Its body was read and verified
 /// first: a correctly signed one means the sender's addresses have changed and the list is out of date.
-/// The sender is being refused and retries (Stripe for up to 3 days, then disables the endpoint), so that
-/// is worth a warning, unlike the noise of the rest of the internet.
+/// The sender is being refused and retries (Stripe for up to 3 days, and may then disable the endpoint), so
+/// that is worth a warning, unlike the noise of the rest of the internet.
 fn refuse_address(route: &SourceRoute, client: IpAddr, signature: &'static str, now: i64) {
     crate::metrics::record_address_refusal(&route.label, signature);
     if signature == "valid" && route.address_warning_due(now) {
