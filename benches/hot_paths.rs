@@ -1,6 +1,8 @@
-//! Criterion benches of the request hot path's pure parts: signature verification and event parsing.
+//! Criterion benches of the request hot path's pure parts: signature verification, event parsing, and the
+//! client's address behind trusted proxies.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use hookgate::address::{AddressRange, TrustedProxies, FORWARDED_FOR};
 use hookgate::event;
 use hookgate::signature::{Scheme, Verifier};
 use http::{HeaderMap, HeaderValue};
@@ -34,6 +36,19 @@ fn benches(c: &mut Criterion) {
             b.iter(|| event::parse(Scheme::Stripe, &headers, body).expect("event"));
         });
     }
+    group.finish();
+
+    // The cost of `server.trusted_proxies` per request: none configured (the header is not read), and a
+    // client behind two proxy tiers (three X-Forwarded-For entries to walk).
+    let ranges = |list: &[&str]| list.iter().map(|r| r.parse::<AddressRange>().expect("range")).collect::<Vec<_>>();
+    let none = TrustedProxies::default();
+    let two_tiers = TrustedProxies::new(ranges(&["10.0.0.0/8", "172.16.0.0/12"]));
+    let mut headers = HeaderMap::new();
+    headers.insert(FORWARDED_FOR, HeaderValue::from_static("192.0.2.1, 203.0.113.7, 172.16.4.4"));
+    let peer = "10.0.0.2".parse().expect("peer");
+    let mut group = c.benchmark_group("address");
+    group.bench_function("client/no_trusted_proxies", |b| b.iter(|| none.client(peer, &headers)));
+    group.bench_function("client/behind_two_proxy_tiers", |b| b.iter(|| two_tiers.client(peer, &headers)));
     group.finish();
 }
 
