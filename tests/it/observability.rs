@@ -222,10 +222,12 @@ async fn the_grafana_dashboard_is_well_formed_and_names_only_exported_metrics() 
         }
     }
     // Every metric named must be exported by a gateway that has seen traffic.
-    // Retention on, so its series are exported (at zero; its first run would come a minute later).
+    // Retention on, so its series are exported (at zero; its first run would come a minute later), and
+    // an address list on one source, so that the address refusals are exported too.
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     config.retention.keep_days = 30;
+    config.sources.get_mut("github").expect("github").allowed_ips = vec!["127.0.0.1".parse().expect("address")];
     let gateway = Gateway::start(config).await;
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("evt")).await.status, 202);
