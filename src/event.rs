@@ -57,6 +57,22 @@ pub enum EventError {
     TooDeep,
 }
 
+impl EventError {
+    /// Every kind, as [`EventError::kind`] names them (for metric series that exist from the start).
+    pub const KINDS: [&'static str; 5] = ["not_json", "missing_field", "not_an_event", "invalid_field", "too_deep"];
+
+    /// A fixed word for the metric label: never request text.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventError::NotJson(_) => "not_json",
+            EventError::Missing(_) => "missing_field",
+            EventError::NotAnEvent(_) => "not_an_event",
+            EventError::Invalid(_) => "invalid_field",
+            EventError::TooDeep => "too_deep",
+        }
+    }
+}
+
 /// Refuses bodies nested deeper than [`MAX_DEPTH`]: one pass over the bytes, skipping strings.
 fn check_depth(body: &[u8]) -> Result<(), EventError> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
@@ -236,6 +252,19 @@ mod tests {
     use super::*;
     use http::HeaderValue;
     use proptest::prelude::*;
+
+    #[test]
+    fn every_error_kind_is_listed_for_the_metric_series_that_exist_from_the_start() {
+        let errors = [
+            EventError::NotJson(String::new()),
+            EventError::Missing("id"),
+            EventError::NotAnEvent(String::new()),
+            EventError::Invalid("id"),
+            EventError::TooDeep,
+        ];
+        let kinds: Vec<&str> = errors.iter().map(EventError::kind).collect();
+        assert_eq!(kinds, EventError::KINDS);
+    }
 
     fn stripe(body: &str) -> Result<Event<'_>, EventError> {
         static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();

@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
 pub const SIGNATURE_FAILURES: &str = "hookgate_signature_failures_total";
 pub const ADDRESS_REFUSALS: &str = "hookgate_address_refusals_total";
+pub const INVALID_EVENTS: &str = "hookgate_invalid_events_total";
 pub const EVENTS: &str = "hookgate_events_total";
 pub const QUEUE_DEPTH: &str = "hookgate_queue_depth";
 pub const QUEUE_CAPACITY: &str = "hookgate_queue_capacity";
@@ -68,6 +69,11 @@ fn describe() {
         ADDRESS_REFUSALS,
         "Requests refused because their client address is not in the source's allowed_ips, by whether their \
          signature verified (valid: the sender's addresses have likely changed)."
+    );
+    describe_counter!(
+        INVALID_EVENTS,
+        "Correctly signed requests refused with 400 because the body is not an event hookgate can store, by \
+         reason: the sender's format may have changed, and its events are being refused."
     );
     describe_counter!(EVENTS, "Events written to Postgres, by source and outcome (inserted or duplicate).");
     describe_gauge!(QUEUE_DEPTH, "Events accepted and waiting for a worker.");
@@ -130,6 +136,9 @@ pub fn init_series(sources: &[&str]) {
             ["missing_header", "malformed_header", "no_signatures", "bad_signature", "timestamp_outside_tolerance"]
         {
             counter!(SIGNATURE_FAILURES, "source" => source.to_string(), "reason" => reason).increment(0);
+        }
+        for reason in crate::event::EventError::KINDS {
+            counter!(INVALID_EVENTS, "source" => source.to_string(), "reason" => reason).increment(0);
         }
         for outcome in ["inserted", "duplicate"] {
             counter!(EVENTS, "source" => source.to_string(), "outcome" => outcome).increment(0);
@@ -204,6 +213,10 @@ pub const WEBHOOK_ROUTE: &str = "/webhooks/{source}";
 
 pub fn record_signature_failure(source: &str, reason: &'static str) {
     counter!(SIGNATURE_FAILURES, "source" => source.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn record_invalid_event(source: &str, reason: &'static str) {
+    counter!(INVALID_EVENTS, "source" => source.to_owned(), "reason" => reason).increment(1);
 }
 
 /// `signature`: `valid`, `invalid`, or `unread` (the body could not be read).

@@ -25,8 +25,11 @@ use crate::store::NewEvent;
 pub const WEBHOOK_PREFIX: &str = "/webhooks/";
 /// Most memory reserved for a body before its bytes arrive.
 const PREALLOCATE_MAX: usize = 64 * 1024;
-/// At most one warning per source in this time about correctly signed requests from unlisted addresses.
-const ADDRESS_WARNING_INTERVAL_S: i64 = 60;
+/// At most one warning of each kind per source in this time: correctly signed requests refused, for their
+/// address or as invalid events, come at the sender's retry rate.
+const WARNING_INTERVAL_S: i64 = 60;
+/// The longest refusal reason a warning quotes (it can hold a value from the body).
+const WARNING_REASON_MAX: usize = 200;
 
 /// A configured source as the request path sees it: its label (shared by every event's `source`), and its
 /// verifier and limits, which a reload swaps (`crate::reload`) under running requests.
@@ -34,9 +37,23 @@ const ADDRESS_WARNING_INTERVAL_S: i64 = 60;
 pub struct SourceRoute {
     pub label: Arc<str>,
     pub source: ArcSwap<Source>,
-    /// When a correctly signed request from an address outside `allowed_ips` was last warned about (unix
-    /// seconds; 0: never).
-    last_address_warning: AtomicI64,
+    /// Correctly signed requests from an address outside `allowed_ips`.
+    address_warning: Throttle,
+    /// Correctly signed requests whose body is not an event.
+    invalid_event_warning: Throttle,
+}
+
+/// When a warning was last given (unix seconds; 0: never), so that it is given at most once an interval.
+#[derive(Debug, Default)]
+struct Throttle(AtomicI64);
+
+impl Throttle {
+    /// Whether to warn now (and note it): once per `WARNING_INTERVAL_S`, however many arrive.
+    fn due(&self, now: i64) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        now >= last.saturating_add(WARNING_INTERVAL_S)
+            && self.0.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
 }
 
 impl SourceRoute {
@@ -44,15 +61,9 @@ impl SourceRoute {
         Self {
             label: Arc::from(source.name.as_str()),
             source: ArcSwap::from_pointee(source),
-            last_address_warning: AtomicI64::new(0),
+            address_warning: Throttle::default(),
+            invalid_event_warning: Throttle::default(),
         }
-    }
-
-    /// Whether to warn now (and note it): once per `ADDRESS_WARNING_INTERVAL_S`, however many arrive.
-    fn address_warning_due(&self, now: i64) -> bool {
-        let last = self.last_address_warning.load(Ordering::Relaxed);
-        now >= last.saturating_add(ADDRESS_WARNING_INTERVAL_S)
-            && self.last_address_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 
@@ -141,7 +152,8 @@ async fn receive(
         crate::metrics::record_signature_failure(source_label, e.kind());
         return Err(e.into());
     }
-    let parsed = event::parse(source.verifier.scheme(), &parts.headers, &body)?;
+    let parsed = event::parse(source.verifier.scheme(), &parts.headers, &body)
+        .inspect_err(|e| refuse_invalid_event(route, e, now))?;
     let span = tracing::info_span!("webhook", source = %source_label, event_id = %parsed.id);
     let event_id = parsed.id.to_string();
     let new_event = NewEvent {
@@ -194,12 +206,36 @@ async fn receive(
 /// that is worth a warning, unlike the noise of the rest of the internet.
 fn refuse_address(route: &SourceRoute, client: IpAddr, signature: &'static str, now: i64) {
     crate::metrics::record_address_refusal(&route.label, signature);
-    if signature == "valid" && route.address_warning_due(now) {
+    if signature == "valid" && route.address_warning.due(now) {
         warn!(
             source = %route.label,
             %client,
             "refused a correctly signed request from an address not in allowed_ips: the sender's addresses may \
              have changed (check its published list); its events are refused and retried until the list is updated"
+        );
+    }
+}
+
+/// Counts a correctly signed request whose body is not an event hookgate can store (400). Only the sender
+/// holds the secret, so this is the sender's real traffic in a form hookgate does not take (a new event
+/// format, say): its events are being refused and retried until the sender gives up. Warned about once a
+/// minute per source with the reason, cut short: it can quote a value from the body.
+fn refuse_invalid_event(route: &SourceRoute, error: &event::EventError, now: i64) {
+    crate::metrics::record_invalid_event(&route.label, error.kind());
+    if route.invalid_event_warning.due(now) {
+        let mut reason = error.to_string();
+        if reason.len() > WARNING_REASON_MAX {
+            // On a character boundary (`floor_char_boundary` is newer than the MSRV).
+            let end = (0..=WARNING_REASON_MAX).rev().find(|&i| reason.is_char_boundary(i)).unwrap_or(0);
+            reason.truncate(end);
+            reason.push('…');
+        }
+        warn!(
+            source = %route.label,
+            kind = error.kind(),
+            reason,
+            "refused a correctly signed request whose body is not an event hookgate takes: the sender's format may \
+             have changed; its events are refused and retried until this is fixed"
         );
     }
 }
@@ -280,7 +316,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn a_stale_address_list_is_warned_about_at_most_once_a_minute_per_source() {
+    fn refusals_of_signed_requests_are_warned_about_at_most_once_a_minute_per_source_and_kind() {
         let verifier = crate::signature::Verifier::new(crate::signature::Scheme::Stripe, &["whsec_x"], 300);
         let source = Source {
             name: "s".into(),
@@ -290,11 +326,13 @@ mod tests {
             secrets_digest: [0; 32],
         };
         let route = SourceRoute::new(source);
-        assert!(route.address_warning_due(1_000));
-        assert!(!route.address_warning_due(1_000));
-        assert!(!route.address_warning_due(1_059));
-        assert!(route.address_warning_due(1_060));
-        assert!(!route.address_warning_due(1_061));
+        assert!(route.address_warning.due(1_000));
+        assert!(!route.address_warning.due(1_000));
+        assert!(!route.address_warning.due(1_059));
+        assert!(route.address_warning.due(1_060));
+        assert!(!route.address_warning.due(1_061));
+        // Each kind of warning has its own interval.
+        assert!(route.invalid_event_warning.due(1_061));
     }
 
     /// Serves one connection whose handler runs `read_body` (limit 4 KiB, a 1 MiB budget) and hands its

@@ -2,6 +2,7 @@
 
 use std::io::{Read as _, Write as _};
 
+use crate::process::{config_file_with_streams, GatewayProcess};
 use crate::support::*;
 
 /// (what, headers, body, expected status, expected kind)
@@ -117,4 +118,50 @@ fn read_status(stream: &mut std::net::TcpStream) -> u16 {
     let n = stream.read(&mut buf).expect("read status line");
     let line = String::from_utf8_lossy(&buf[..n]);
     line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A correctly signed body that is not an event: only the sender holds the secret, so this is its real
+/// traffic in a form the gateway does not take. It is counted by reason, and warned about once a minute.
+#[tokio::test]
+async fn signed_requests_that_are_not_events_are_counted_by_reason_and_warned_about_once() {
+    let db = TestDb::create().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-invalid")));
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-invalid")));
+    let gateway =
+        GatewayProcess::start_with(&config, port, admin, &[("HOOKGATE__LOG__FORMAT", "json")], Some(&log)).await;
+    let client = client();
+    let url = gateway.url("stripe");
+    let long_value = "o".repeat(300);
+    for payload in [
+        // First, so that its reason is the one warned about: serde quotes the whole value.
+        format!(r#"{{"id":"{}","object":"event","type":"x","livemode":"{long_value}"}}"#, unique("evt")),
+        format!(r#"{{"id":"{}","object":"charge","type":"x"}}"#, unique("evt")),
+        "hello".to_owned(),
+        r#"{"object":"event","type":"x"}"#.to_owned(),
+    ] {
+        let answer = post(&client, &url, &stripe_headers(payload.as_bytes()), payload.as_bytes()).await;
+        assert_eq!((answer.status, answer.kind()), (400, "invalid_event"), "{answer:?}");
+    }
+    // Unsigned, it is a signature failure, not the sender's traffic.
+    assert_eq!(post(&client, &url, &[], b"hello").await.status, 401);
+    assert_eq!(post_stripe_with(&client, &url, &unique("evt")).await.status, 202);
+    let series = |reason: &str| format!(r#"hookgate_invalid_events_total{{source="stripe",reason="{reason}"}}"#);
+    for (reason, count) in [("not_an_event", 1.0), ("not_json", 2.0), ("missing_field", 1.0), ("too_deep", 0.0)] {
+        assert_eq!(scrape_metric(&gateway.metrics_url(), &series(reason)).await, Some(count), "{reason}");
+    }
+    drop(gateway);
+
+    let text = std::fs::read_to_string(&log).expect("log");
+    let warnings: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"].as_str().is_some_and(|m| m.contains("not an event hookgate takes")))
+        .collect();
+    assert_eq!(warnings.len(), 1, "four refusals within a minute, one warning: {text}");
+    assert_eq!((&warnings[0]["level"], &warnings[0]["kind"]), (&"WARN".into(), &"not_json".into()), "{text}");
+    // The reason names the field's problem and quotes the value, cut short.
+    let reason = warnings[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ooooo") && reason.ends_with('…') && reason.len() < 210, "{reason}");
+    let _ = std::fs::remove_file(log);
 }
