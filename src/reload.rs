@@ -1,6 +1,6 @@
 //! What a running gateway reads again without a restart: each source's secrets (a rotation adds the new
-//! secret beside the old, then removes the old) and address file, and the webhook port's TLS certificate, every
-//! `reload.interval_s` and at once on SIGHUP. What changed and loads is swapped in under running
+//! secret beside the old, then removes the old) and address file, and the webhook port's TLS certificate,
+//! every `reload.interval_s` and at once on SIGHUP. What changed and loads is swapped in under running
 //! requests; what fails to load is logged and counted, and what was in use stays.
 
 use std::collections::{BTreeMap, HashMap};

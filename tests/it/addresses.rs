@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hookgate::config::Config;
 
-use crate::process::{config_file_with_streams, GatewayProcess};
+use crate::process::{config_file_with_streams, json_log_lines_with, GatewayProcess};
 use crate::support::*;
 
 /// Adds a Stripe source named `name` (the tests' Stripe secret) that accepts only `allowed`.
@@ -141,12 +141,7 @@ async fn signed_requests_from_an_unlisted_address_are_warned_about_once_and_coun
     assert_eq!(scrape_metric(&gateway.metrics_url(), &series("unread")).await, Some(0.0));
     drop(gateway);
 
-    let text = std::fs::read_to_string(&log).expect("log");
-    let warnings: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| line["message"].as_str().is_some_and(|m| m.contains("not in allowed_ips")))
-        .collect();
+    let (text, warnings) = json_log_lines_with(&log, "not in allowed_ips");
     // Three signed refusals within a minute: one warning, naming the source and the address.
     assert_eq!(warnings.len(), 1, "{text}");
     assert_eq!((&warnings[0]["level"], &warnings[0]["source"]), (&"WARN".into(), &"stripe".into()), "{text}");

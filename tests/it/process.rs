@@ -36,6 +36,18 @@ pub fn config_file_with_streams(db_url: &str, port: u16, admin_port: u16, stream
     path
 }
 
+/// The JSON log at `path` (the whole text, for failure messages) and its lines whose message contains
+/// `message_part`.
+pub fn json_log_lines_with(path: &std::path::Path, message_part: &str) -> (String, Vec<serde_json::Value>) {
+    let text = std::fs::read_to_string(path).expect("log");
+    let lines = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"].as_str().is_some_and(|m| m.contains(message_part)))
+        .collect();
+    (text, lines)
+}
+
 /// A gateway process of its own (its metrics are its own), stopped with SIGTERM when dropped.
 pub struct GatewayProcess {
     pub child: std::process::Child,

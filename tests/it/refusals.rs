@@ -2,7 +2,7 @@
 
 use std::io::{Read as _, Write as _};
 
-use crate::process::{config_file_with_streams, GatewayProcess};
+use crate::process::{config_file_with_streams, json_log_lines_with, GatewayProcess};
 use crate::support::*;
 
 /// (what, headers, body, expected status, expected kind)
@@ -152,12 +152,7 @@ async fn signed_requests_that_are_not_events_are_counted_by_reason_and_warned_ab
     }
     drop(gateway);
 
-    let text = std::fs::read_to_string(&log).expect("log");
-    let warnings: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| line["message"].as_str().is_some_and(|m| m.contains("not an event hookgate takes")))
-        .collect();
+    let (text, warnings) = json_log_lines_with(&log, "not an event hookgate takes");
     assert_eq!(warnings.len(), 1, "four refusals within a minute, one warning: {text}");
     assert_eq!((&warnings[0]["level"], &warnings[0]["kind"]), (&"WARN".into(), &"not_json".into()), "{text}");
     // The reason names the field's problem and quotes the value, cut short.
