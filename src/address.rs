@@ -84,10 +84,6 @@ impl TrustedProxies {
         Self(ranges)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The client's address: the peer itself unless it is a trusted proxy; then the right-most address of
     /// `X-Forwarded-For` (over all its lines, in order) that is not a trusted proxy. When every address is a
     /// trusted proxy, the left-most one. An entry that is not an address (`unknown`, an obfuscated name)
