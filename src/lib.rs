@@ -90,6 +90,37 @@ pub fn format_unix_us(unix_us: i64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + since_epoch).to_string()
 }
 
+/// A warning given at most once per interval however often its cause recurs (Redis down for every batch, a
+/// sender retrying every event): lock-free, on the monotonic clock.
+#[derive(Debug)]
+pub struct WarnThrottle {
+    interval_ms: u64,
+    /// When it was last given, in ms since the process's first throttle call plus one (0: never).
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl WarnThrottle {
+    pub fn new(interval: Duration) -> Self {
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        Self { interval_ms, last_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Whether to give the warning now (and note that it was given).
+    pub fn due(&self) -> bool {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+        self.due_at(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX).saturating_add(1))
+    }
+
+    /// As [`WarnThrottle::due`] at `now_ms` (> 0), for tests.
+    pub fn due_at(&self, now_ms: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        (last == 0 || now_ms >= last.saturating_add(self.interval_ms))
+            && self.last_ms.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
 /// TLS to Postgres and Redis goes through rustls with the ring provider. Made the process default before
 /// either connects, so that another provider compiled in by a dependency can never leave rustls unable
 /// to choose (it then panics at the first TLS connection). Idempotent.

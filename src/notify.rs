@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::NotifyConfig;
-use crate::error_chain;
 use crate::store::{OutboxBatch, PageLimit, ReplayFilter, ReplayPosition, Store, StoreError, StoredEvent};
+use crate::{error_chain, WarnThrottle};
 
 /// Longest a published batch waits to be marked; well under `catchup_grace_ms`, so the catch-up does not
 /// republish what the normal path has just published.
@@ -174,7 +174,8 @@ pub struct Notifier {
     /// Set whenever an event may have been left in the outbox (a failed publish or mark, a deferred
     /// batch): the next catch-up tick then scans it.
     backlog_suspected: Arc<AtomicBool>,
-    last_warning: Arc<Mutex<Option<Instant>>>,
+    /// The "cannot publish" warning, at most once per `warn_interval_s`.
+    failure_warning: Arc<WarnThrottle>,
     /// How Redis persists, as last read (None until Redis has answered).
     persistence: Arc<Mutex<Option<RedisPersistence>>>,
 }
@@ -201,7 +202,7 @@ impl Notifier {
             redis_up: Arc::new(AtomicBool::new(true)),
             // At start-up the outbox may hold what a crash left behind.
             backlog_suspected: Arc::new(AtomicBool::new(true)),
-            last_warning: Arc::new(Mutex::new(None)),
+            failure_warning: Arc::new(WarnThrottle::new(Duration::from_secs(config.warn_interval_s))),
             persistence: Arc::new(Mutex::new(None)),
         })
     }
@@ -321,10 +322,7 @@ impl Notifier {
         crate::metrics::record_notify_failure();
         self.redis_up.store(false, Ordering::Release);
         self.backlog_suspected.store(true, Ordering::Release);
-        let interval = Duration::from_secs(self.config.warn_interval_s);
-        let mut last = self.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.is_none_or(|at| at.elapsed() >= interval) {
-            *last = Some(Instant::now());
+        if self.failure_warning.due() {
             warn!(error = %error_chain(error), "cannot publish to Redis; events stay in the outbox until it is back");
         }
     }

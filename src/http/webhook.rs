@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,13 +20,14 @@ use crate::config::{AckMode, Source};
 use crate::event;
 use crate::pipeline::{BodyMemory, Outcome, Pipeline, StoreFailed, SubmitError};
 use crate::store::NewEvent;
+use crate::WarnThrottle;
 
 pub const WEBHOOK_PREFIX: &str = "/webhooks/";
 /// Most memory reserved for a body before its bytes arrive.
 const PREALLOCATE_MAX: usize = 64 * 1024;
 /// At most one warning of each kind per source in this time: correctly signed requests refused, for their
 /// address or as invalid events, come at the sender's retry rate.
-const WARNING_INTERVAL_S: i64 = 60;
+const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// The longest refusal reason a warning quotes (it can hold a value from the body).
 const WARNING_REASON_MAX: usize = 200;
 
@@ -38,22 +38,9 @@ pub struct SourceRoute {
     pub label: Arc<str>,
     pub source: ArcSwap<Source>,
     /// Correctly signed requests from an address outside `allowed_ips`.
-    address_warning: Throttle,
+    address_warning: WarnThrottle,
     /// Correctly signed requests whose body is not an event.
-    invalid_event_warning: Throttle,
-}
-
-/// When a warning was last given (unix seconds; 0: never), so that it is given at most once an interval.
-#[derive(Debug, Default)]
-struct Throttle(AtomicI64);
-
-impl Throttle {
-    /// Whether to warn now (and note it): once per `WARNING_INTERVAL_S`, however many arrive.
-    fn due(&self, now: i64) -> bool {
-        let last = self.0.load(Ordering::Relaxed);
-        now >= last.saturating_add(WARNING_INTERVAL_S)
-            && self.0.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
+    invalid_event_warning: WarnThrottle,
 }
 
 impl SourceRoute {
@@ -61,8 +48,8 @@ impl SourceRoute {
         Self {
             label: Arc::from(source.name.as_str()),
             source: ArcSwap::from_pointee(source),
-            address_warning: Throttle::default(),
-            invalid_event_warning: Throttle::default(),
+            address_warning: WarnThrottle::new(WARNING_INTERVAL),
+            invalid_event_warning: WarnThrottle::new(WARNING_INTERVAL),
         }
     }
 }
@@ -141,7 +128,7 @@ async fn receive(
             Ok(_) => "invalid",
             Err(_) => "unread",
         };
-        refuse_address(route, client, signature, now);
+        refuse_address(route, client, signature);
         return Err(ApiError::ForbiddenAddress(client));
     }
     let body = body.await?;
@@ -153,7 +140,7 @@ async fn receive(
         return Err(e.into());
     }
     let parsed = event::parse(source.verifier.scheme(), &parts.headers, &body)
-        .inspect_err(|e| refuse_invalid_event(route, e, now))?;
+        .inspect_err(|e| refuse_invalid_event(route, e))?;
     let span = tracing::info_span!("webhook", source = %source_label, event_id = %parsed.id);
     let event_id = parsed.id.to_string();
     let new_event = NewEvent {
@@ -204,9 +191,9 @@ async fn receive(
 /// first: a correctly signed one means the sender's addresses have changed and the list is out of date.
 /// The sender is being refused and retries (Stripe for up to 3 days, and may then disable the endpoint), so
 /// that is worth a warning, unlike the noise of the rest of the internet.
-fn refuse_address(route: &SourceRoute, client: IpAddr, signature: &'static str, now: i64) {
+fn refuse_address(route: &SourceRoute, client: IpAddr, signature: &'static str) {
     crate::metrics::record_address_refusal(&route.label, signature);
-    if signature == "valid" && route.address_warning.due(now) {
+    if signature == "valid" && route.address_warning.due() {
         warn!(
             source = %route.label,
             %client,
@@ -220,9 +207,9 @@ fn refuse_address(route: &SourceRoute, client: IpAddr, signature: &'static str, 
 /// holds the secret, so this is the sender's real traffic in a form hookgate does not take (a new event
 /// format, say): its events are being refused and retried until the sender gives up. Warned about once a
 /// minute per source with the reason, cut short: it can quote a value from the body.
-fn refuse_invalid_event(route: &SourceRoute, error: &event::EventError, now: i64) {
+fn refuse_invalid_event(route: &SourceRoute, error: &event::EventError) {
     crate::metrics::record_invalid_event(&route.label, error.kind());
-    if route.invalid_event_warning.due(now) {
+    if route.invalid_event_warning.due() {
         let mut reason = error.to_string();
         if reason.len() > WARNING_REASON_MAX {
             // On a character boundary (`floor_char_boundary` is newer than the MSRV).
@@ -326,13 +313,13 @@ mod tests {
             secrets_digest: [0; 32],
         };
         let route = SourceRoute::new(source);
-        assert!(route.address_warning.due(1_000));
-        assert!(!route.address_warning.due(1_000));
-        assert!(!route.address_warning.due(1_059));
-        assert!(route.address_warning.due(1_060));
-        assert!(!route.address_warning.due(1_061));
+        assert!(route.address_warning.due_at(1_000_000));
+        assert!(!route.address_warning.due_at(1_000_000));
+        assert!(!route.address_warning.due_at(1_059_000));
+        assert!(route.address_warning.due_at(1_060_000));
+        assert!(!route.address_warning.due_at(1_061_000));
         // Each kind of warning has its own interval.
-        assert!(route.invalid_event_warning.due(1_061));
+        assert!(route.invalid_event_warning.due_at(1_061_000));
     }
 
     /// Serves one connection whose handler runs `read_body` (limit 4 KiB, a 1 MiB budget) and hands its
