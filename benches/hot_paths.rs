@@ -1,9 +1,10 @@
-//! Criterion benches of the request hot path's pure parts: signature verification, event parsing, and the
-//! client's address behind trusted proxies.
+//! Criterion benches of the request hot path's pure parts: signature verification, event parsing, the
+//! client's address behind trusted proxies, and (once per connection) a PROXY protocol header.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hookgate::address::{AddressRange, TrustedProxies, FORWARDED_FOR};
 use hookgate::event;
+use hookgate::http::proxy_protocol;
 use hookgate::signature::{Scheme, Verifier};
 use http::{HeaderMap, HeaderValue};
 
@@ -49,6 +50,22 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("address");
     group.bench_function("client/no_trusted_proxies", |b| b.iter(|| none.client(peer, &headers)));
     group.bench_function("client/behind_two_proxy_tiers", |b| b.iter(|| two_tiers.client(peer, &headers)));
+    // With `server.proxy_protocol`, once per connection: the header as AWS NLB (v2, with its endpoint TLV)
+    // and nginx (v1) send it, followed by the start of a request.
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.5 51234 443\r\nPOST /webhooks/stripe HTTP/1.1\r\n".to_vec();
+    let client: std::net::SocketAddr = "203.0.113.7:51234".parse().expect("client");
+    let server: std::net::SocketAddr = "10.0.0.5:443".parse().expect("server");
+    let mut v2 = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (client, server),
+    )
+    .write_tlv(0xEA, b"\x01vpce-0123456789abcdef")
+    .and_then(ppp::v2::Builder::build)
+    .expect("v2 header");
+    v2.extend_from_slice(b"\x16\x03\x01\x02\x00");
+    group.bench_function("proxy_header/v1", |b| b.iter(|| proxy_protocol::parse(&v1)));
+    group.bench_function("proxy_header/v2", |b| b.iter(|| proxy_protocol::parse(&v2)));
     group.finish();
 }
 

@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub http2_max_concurrent_streams: u32,
     /// Proxies whose `X-Forwarded-For` names the client (see `crate::address`).
     pub trusted_proxies: Vec<AddressRange>,
+    /// Every connection starts with a PROXY protocol header naming the client (see `crate::http::proxy_protocol`).
+    pub proxy_protocol: bool,
     /// HTTPS on the webhook port; absent: plain HTTP (TLS terminated in front, or a private network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,

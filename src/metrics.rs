@@ -34,6 +34,7 @@ pub const SECRET_RELOADS: &str = "hookgate_source_secret_reloads_total";
 pub const TLS_NOT_AFTER: &str = "hookgate_tls_certificate_not_after_timestamp_seconds";
 pub const TLS_RELOADS: &str = "hookgate_tls_certificate_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "hookgate_tls_handshake_failures_total";
+pub const PROXY_HEADER_FAILURES: &str = "hookgate_proxy_header_failures_total";
 pub const RETENTION_DELETED: &str = "hookgate_retention_deleted_events_total";
 pub const RETENTION_RUNS: &str = "hookgate_retention_runs_total";
 pub const RETENTION_LAST_COMPLETED: &str = "hookgate_retention_last_completed_timestamp_seconds";
@@ -116,6 +117,11 @@ fn describe() {
         TLS_HANDSHAKE_FAILURES,
         "Connections to the webhook port that sent something but did not complete a TLS handshake."
     );
+    describe_counter!(
+        PROXY_HEADER_FAILURES,
+        "Connections to the webhook port closed without a valid PROXY protocol header, by reason (invalid, \
+         timed_out); only with server.proxy_protocol."
+    );
     describe_counter!(RETENTION_DELETED, "Stored events deleted by retention (older than retention.keep_days).");
     describe_counter!(
         RETENTION_RUNS,
@@ -179,6 +185,13 @@ pub fn init_tls_series() {
         counter!(TLS_RELOADS, "result" => result).increment(0);
     }
     counter!(TLS_HANDSHAKE_FAILURES).increment(0);
+}
+
+/// The PROXY protocol series, at zero from the start (only when the webhook port expects the header).
+pub fn init_proxy_header_series() {
+    for reason in ["invalid", "timed_out"] {
+        counter!(PROXY_HEADER_FAILURES, "reason" => reason).increment(0);
+    }
 }
 
 /// The retention series, at zero from the start (only when retention is on).
@@ -299,6 +312,10 @@ pub fn record_tls_not_after(unix_seconds: i64) {
 
 pub fn record_tls_reload(result: &'static str) {
     counter!(TLS_RELOADS, "result" => result).increment(1);
+}
+
+pub fn record_proxy_header_failure(reason: &'static str) {
+    counter!(PROXY_HEADER_FAILURES, "reason" => reason).increment(1);
 }
 
 pub fn record_tls_handshake_failure() {

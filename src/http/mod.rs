@@ -1,5 +1,6 @@
 //! The webhook listener: a connection-limited accept loop serving HTTP/1.1 and HTTP/2 with hyper (over
-//! TLS when `server.tls` is set, else in plain text with h2c), drained on shutdown.
+//! TLS when `server.tls` is set, else in plain text with h2c; after a PROXY protocol header when
+//! `server.proxy_protocol` is on), drained on shutdown.
 //!
 //! A semaphore permit is taken before `accept()` (as mini-redis does), so past `max_connections` new clients
 //! wait in the kernel backlog instead of consuming memory here. Handlers only enqueue: this module never
@@ -7,9 +8,11 @@
 
 pub mod admin;
 pub mod error;
+pub mod proxy_protocol;
 pub mod tls;
 pub mod webhook;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +21,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ServerConfig;
+use crate::WarnThrottle;
 pub use webhook::WebhookState;
 
 /// Serves webhooks on `listener` (HTTPS when `tls` is given) until `stop` is cancelled, then lets in-flight
@@ -51,14 +55,28 @@ pub async fn serve_webhooks(
         .max_pending_accept_reset_streams(Some(64))
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    // A client that connects and never finishes its handshake is held to the same bound as one that never
-    // finishes its headers.
-    let handshake_timeout = config.header_read_timeout();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), scheme, "webhook listener ready");
+    let settings = Arc::new(ConnectionSettings {
+        builder,
+        state,
+        tls: tls.map(|tls| tls.acceptor().clone()),
+        // A client that connects and never finishes its PROXY header or its TLS handshake is held to the same
+        // bound as one that never finishes its headers.
+        handshake_timeout: config.header_read_timeout(),
+        proxy_protocol: config.proxy_protocol,
+        proxy_header_warning: WarnThrottle::new(Duration::from_secs(60)),
+    });
+    if config.proxy_protocol {
+        crate::metrics::init_proxy_header_series();
+    }
+    info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        scheme,
+        proxy_protocol = config.proxy_protocol,
+        "webhook listener ready"
+    );
 
     loop {
         let permit = tokio::select! {
@@ -81,27 +99,11 @@ pub async fn serve_webhooks(
             () = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let builder = builder.clone();
+        let settings = settings.clone();
         let watcher = graceful.watcher();
-        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
         tokio::spawn(async move {
             crate::metrics::record_connections(1.0);
-            match acceptor {
-                None => serve_connection(&builder, stream, state, watcher, peer).await,
-                Some(acceptor) => match handshake(&acceptor, stream, handshake_timeout).await {
-                    Handshake::Done(stream) => serve_connection(&builder, stream, state, watcher, peer).await,
-                    Handshake::Silent => debug!(%peer, "connection closed without sending anything"),
-                    Handshake::Failed(e) => {
-                        crate::metrics::record_tls_handshake_failure();
-                        debug!(%peer, error = %e, "TLS handshake failed");
-                    }
-                    Handshake::TimedOut => {
-                        crate::metrics::record_tls_handshake_failure();
-                        debug!(%peer, "TLS handshake timed out");
-                    }
-                },
-            }
+            settings.serve_accepted(stream, peer, watcher).await;
             crate::metrics::record_connections(-1.0);
             drop(permit);
         });
@@ -110,6 +112,94 @@ pub async fn serve_webhooks(
     info!(open_connections = graceful.count(), "webhook listener closed; finishing in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
+    }
+}
+
+/// What every connection of the webhook listener is served with.
+struct ConnectionSettings {
+    builder: auto::Builder<TokioExecutor>,
+    state: Arc<WebhookState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+    proxy_protocol: bool,
+    /// Connections without a valid PROXY header: warned about once a minute, since a balancer that does not
+    /// send one has every connection refused.
+    proxy_header_warning: WarnThrottle,
+}
+
+impl ConnectionSettings {
+    /// Reads the PROXY header (when on), completes the TLS handshake (when on), then serves the requests.
+    async fn serve_accepted(&self, mut stream: TcpStream, mut peer: SocketAddr, watcher: Watcher) {
+        // One bound from the connection's start for all that comes before its first request.
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        if self.proxy_protocol {
+            match proxy_protocol::read_header(&mut stream, deadline).await {
+                proxy_protocol::Outcome::Read(Some(client)) => {
+                    debug!(balancer = %peer, %client, "PROXY protocol header read");
+                    peer = client;
+                }
+                // The balancer's own connection (a v2 LOCAL health check): it stays the peer.
+                proxy_protocol::Outcome::Read(None) => debug!(%peer, "PROXY protocol header names no client"),
+                proxy_protocol::Outcome::Silent => {
+                    debug!(%peer, "connection closed without sending anything");
+                    return;
+                }
+                proxy_protocol::Outcome::Invalid(reason) => {
+                    crate::metrics::record_proxy_header_failure("invalid");
+                    if self.proxy_header_warning.due() {
+                        warn!(
+                            %peer,
+                            %reason,
+                            "connection closed: it did not start with a PROXY protocol header (server.proxy_protocol \
+                             is on; every connection must come through a balancer that sends one)"
+                        );
+                    } else {
+                        debug!(%peer, %reason, "connection closed: no valid PROXY protocol header");
+                    }
+                    return;
+                }
+                proxy_protocol::Outcome::TimedOut => {
+                    crate::metrics::record_proxy_header_failure("timed_out");
+                    debug!(%peer, "PROXY protocol header not complete in time");
+                    return;
+                }
+            }
+        }
+        match &self.tls {
+            None => self.serve_connection(stream, peer, watcher).await,
+            Some(acceptor) => match handshake(acceptor, stream, deadline).await {
+                Handshake::Done(stream) => self.serve_connection(stream, peer, watcher).await,
+                Handshake::Silent => debug!(%peer, "connection closed without sending anything"),
+                Handshake::Failed(e) => {
+                    crate::metrics::record_tls_handshake_failure();
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Handshake::TimedOut => {
+                    crate::metrics::record_tls_handshake_failure();
+                    debug!(%peer, "TLS handshake timed out");
+                }
+            },
+        }
+    }
+
+    /// Serves one connection's requests (plain TCP or TLS) until it closes or the graceful shutdown ends it.
+    async fn serve_connection<S>(&self, stream: S, peer: SocketAddr, watcher: Watcher)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // The peer on every debug line of the connection's requests (a refusal, say), HTTP/2 streams included
+        // (hyper runs those as tasks of their own); a disabled span costs nothing when debug is off.
+        let span = tracing::debug_span!("connection", %peer);
+        let state = self.state.clone();
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            let handled = webhook::handle(state, request, peer).instrument(span.clone());
+            async move { Ok::<_, std::convert::Infallible>(handled.await) }
+        });
+        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = watcher.watch(connection.into_owned()).await {
+            debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }
 
@@ -126,13 +216,12 @@ enum Handshake {
     TimedOut,
 }
 
-/// The server side of a TLS handshake, within `bound` from the connection's start.
+/// The server side of a TLS handshake, by `deadline`.
 async fn handshake(
     acceptor: &tokio_rustls::TlsAcceptor,
-    stream: tokio::net::TcpStream,
-    bound: std::time::Duration,
+    stream: TcpStream,
+    deadline: tokio::time::Instant,
 ) -> Handshake {
-    let deadline = tokio::time::Instant::now() + bound;
     // A reset before any byte is no handshake either.
     if !matches!(tokio::time::timeout_at(deadline, stream.peek(&mut [0_u8; 1])).await, Ok(Ok(1..))) {
         return Handshake::Silent;
@@ -141,29 +230,5 @@ async fn handshake(
         Ok(Ok(stream)) => Handshake::Done(Box::new(stream)),
         Ok(Err(e)) => Handshake::Failed(e),
         Err(_) => Handshake::TimedOut,
-    }
-}
-
-/// Serves one connection's requests (plain TCP or TLS) until it closes or the graceful shutdown ends it.
-async fn serve_connection<S>(
-    builder: &auto::Builder<TokioExecutor>,
-    stream: S,
-    state: Arc<WebhookState>,
-    watcher: Watcher,
-    peer: std::net::SocketAddr,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    // The peer on every debug line of the connection's requests (a refusal, say), HTTP/2 streams included
-    // (hyper runs those as tasks of their own); a disabled span costs nothing when debug is off.
-    let span = tracing::debug_span!("connection", %peer);
-    let service = service_fn(move |request| {
-        let state = state.clone();
-        let handled = webhook::handle(state, request, peer).instrument(span.clone());
-        async move { Ok::<_, std::convert::Infallible>(handled.await) }
-    });
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
-        debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -3,17 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use hookgate::config::Config;
-
 use crate::process::{config_file_with_streams, json_log_lines_with, GatewayProcess};
 use crate::support::*;
-
-/// Adds a Stripe source named `name` (the tests' Stripe secret) that accepts only `allowed`.
-fn add_listed_source(config: &mut Config, name: &str, allowed: &[&str]) {
-    let mut source = config.sources["stripe"].clone();
-    source.allowed_ips = allowed.iter().map(|a| a.parse().expect("range")).collect();
-    config.sources.insert(name.to_owned(), source);
-}
 
 fn with_forwarded_for(mut headers: Vec<(String, String)>, value: &str) -> Vec<(String, String)> {
     headers.push(("X-Forwarded-For".to_owned(), value.to_owned()));

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::process::{config_file, hookgate, GatewayProcess};
+use crate::proxy_protocol::{http1_on, post_signed_on, v1_header};
 use crate::support::*;
 use crate::tls::TestCertificates;
 
@@ -247,4 +248,32 @@ fn check_config_names_a_key_that_does_not_fit_its_certificate() {
     assert!(stderr.contains("does not fit the certificate"), "{stderr}");
     let missing = check("/nonexistent/server.key");
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read key file /nonexistent/server.key"));
+}
+
+#[tokio::test]
+async fn behind_a_tls_passthrough_balancer_the_proxy_header_comes_before_the_handshake_and_names_the_client() {
+    let certificates = TestCertificates::generate();
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.server.tls = Some(tls_config(&certificates));
+    config.server.proxy_protocol = true;
+    let source = unique("passthrough");
+    add_listed_source(&mut config, &source, &["192.0.2.0/24"]);
+    let gateway = Gateway::start(config).await;
+    let ca = certificates.file("ca.crt");
+
+    let mut stored = std::collections::HashSet::new();
+    for (client, want) in [("192.0.2.7:5000", 202), ("198.51.100.1:5000", 403)] {
+        let mut tcp = TcpStream::connect(gateway.addr).await.expect("connect");
+        tcp.write_all(&v1_header(client)).await.expect("PROXY header");
+        let name = ServerName::try_from("localhost").expect("server name");
+        let tls = tls_connector(&ca, b"http/1.1").connect(name, tcp).await.expect("the handshake after the header");
+        let (id, answer) = post_signed_on(&mut http1_on(tls).await, &source, &[]).await;
+        assert_eq!(answer.status, want, "{client}: {answer:?}");
+        if want == 202 {
+            stored.insert(id);
+        }
+    }
+    assert_eq!(db.stored_ids().await, stored, "only the listed client's event is stored");
+    gateway.stop().await;
 }

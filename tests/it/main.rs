@@ -9,6 +9,7 @@ mod notify;
 mod observability;
 mod overload;
 mod process;
+mod proxy_protocol;
 mod refusals;
 mod reload;
 mod retention;
