@@ -437,13 +437,16 @@ impl Config {
 }
 
 impl Source {
-    /// Whether `self`, loaded again, holds what `current` does: the same secrets and the same addresses.
-    pub fn reloads_nothing_new(&self, current: &Source) -> bool {
-        self.secrets_digest == current.secrets_digest && self.allowed_ips == current.allowed_ips
+    /// Reads the source's secrets and its address file, and builds its verifier.
+    pub fn load(name: &str, cfg: &SourceConfig) -> Result<Self, ConfigError> {
+        let (verifier, secrets_digest) = Self::load_secrets(name, cfg)?;
+        let allowed_ips = Self::load_addresses(name, cfg)?;
+        Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, allowed_ips, secrets_digest })
     }
 
-    /// Reads the source's secrets (its environment variable and/or file) and builds its verifier.
-    pub fn load(name: &str, cfg: &SourceConfig) -> Result<Self, ConfigError> {
+    /// Reads the source's secrets (its environment variable and/or file) and builds its verifier; returns it
+    /// with the secrets' digest.
+    pub fn load_secrets(name: &str, cfg: &SourceConfig) -> Result<(Verifier, [u8; 32]), ConfigError> {
         let mut secrets: Vec<String> = Vec::new();
         if let Some(var) = &cfg.secret_env {
             let value = std::env::var(var).unwrap_or_default();
@@ -469,12 +472,16 @@ impl Source {
         }
         let verifier = Verifier::new(cfg.scheme, &secrets, cfg.tolerance_s)
             .map_err(|e| invalid(format!("sources.{name}"), e.to_string()))?;
-        let secrets_digest = crate::digest_of(secrets.iter().map(String::as_bytes));
+        Ok((verifier, crate::digest_of(secrets.iter().map(String::as_bytes))))
+    }
+
+    /// The client addresses the source accepts: `allowed_ips`, and its address file's (empty: any).
+    pub fn load_addresses(name: &str, cfg: &SourceConfig) -> Result<Vec<AddressRange>, ConfigError> {
         let mut allowed_ips = cfg.allowed_ips.clone();
         if let Some(path) = &cfg.allowed_ips_file {
             allowed_ips.extend(read_address_file(name, path)?);
         }
-        Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, allowed_ips, secrets_digest })
+        Ok(allowed_ips)
     }
 }
 

@@ -178,7 +178,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let source_names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
     metrics::init_series(&source_names);
     let listed: Vec<&str> = sources.iter().filter(|s| !s.allowed_ips.is_empty()).map(|s| s.name.as_str()).collect();
-    metrics::init_address_series(&listed);
+    let with_file: Vec<&str> =
+        config.sources.iter().filter(|(_, s)| s.allowed_ips_file.is_some()).map(|(name, _)| name.as_str()).collect();
+    metrics::init_address_series(&listed, &with_file);
     if config.retention.enabled() {
         metrics::init_retention_series(&source_names);
     }

@@ -31,6 +31,7 @@ pub const NOTIFY_CATCHUP_BATCHES: &str = "hookgate_notify_catchup_batches_total"
 pub const NOTIFY_DEFERRED: &str = "hookgate_notify_deferred_total";
 pub const NOTIFY_REDIS_DURABLE: &str = "hookgate_notify_redis_durable";
 pub const SECRET_RELOADS: &str = "hookgate_source_secret_reloads_total";
+pub const ADDRESS_RELOADS: &str = "hookgate_source_address_reloads_total";
 pub const TLS_NOT_AFTER: &str = "hookgate_tls_certificate_not_after_timestamp_seconds";
 pub const TLS_RELOADS: &str = "hookgate_tls_certificate_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "hookgate_tls_handshake_failures_total";
@@ -105,7 +106,13 @@ fn describe() {
     );
     describe_counter!(
         SECRET_RELOADS,
-        "Reloads that found a source's secrets or address file changed, by source and result (replaced, failed)."
+        "Reloads that found a source's secrets changed, or could not read them, by source and result (replaced, \
+         failed)."
+    );
+    describe_counter!(
+        ADDRESS_RELOADS,
+        "Reloads that found a source's address file changed, or could not load it, by source and result \
+         (replaced, failed)."
     );
     describe_gauge!(
         TLS_NOT_AFTER,
@@ -170,11 +177,17 @@ pub fn init_series(sources: &[&str]) {
     gauge!(BODY_MEMORY).set(0.0);
 }
 
-/// Address refusals' series, at zero from the start (only for sources with an `allowed_ips` list).
-pub fn init_address_series(sources: &[&str]) {
-    for source in sources {
+/// Address refusals' series, at zero from the start (only for sources with an `allowed_ips` list), and
+/// address file reloads' (only for sources with an `allowed_ips_file`).
+pub fn init_address_series(listed: &[&str], with_file: &[&str]) {
+    for source in listed {
         for signature in ["valid", "invalid", "unread"] {
             counter!(ADDRESS_REFUSALS, "source" => source.to_string(), "signature" => signature).increment(0);
+        }
+    }
+    for source in with_file {
+        for result in ["replaced", "failed"] {
+            counter!(ADDRESS_RELOADS, "source" => source.to_string(), "result" => result).increment(0);
         }
     }
 }
@@ -304,6 +317,10 @@ pub fn record_notify_redis_durable(durable: bool) {
 
 pub fn record_secret_reload(source: &str, result: &'static str) {
     counter!(SECRET_RELOADS, "source" => source.to_owned(), "result" => result).increment(1);
+}
+
+pub fn record_address_reload(source: &str, result: &'static str) {
+    counter!(ADDRESS_RELOADS, "source" => source.to_owned(), "result" => result).increment(1);
 }
 
 pub fn record_tls_not_after(unix_seconds: i64) {

@@ -53,30 +53,53 @@ impl Reloader {
         }
     }
 
-    /// Reads each source's secrets and address file again and swaps in the sources that changed and load.
+    /// Reads each source's secrets and address file again and swaps in what changed and loads. The two are
+    /// judged apart: a broken address file (a refresh job's half-written download) must not hold back a
+    /// secret rotation, whose new secret the sender may already sign with, nor the other way round.
     fn reload_sources(&self) {
         for (name, config) in &self.configs {
             let Some(route) = self.routes.get(name) else { continue };
             let current = route.source.load();
-            match Source::load(name, config) {
-                Ok(source) if source.reloads_nothing_new(&current) => {}
-                Ok(source) => {
-                    if source.secrets_digest != current.secrets_digest {
-                        let (before, now) = (current.verifier.secret_count(), source.verifier.secret_count());
-                        info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
-                    }
-                    if source.allowed_ips != current.allowed_ips {
-                        let (before, now) = (current.allowed_ips.len(), source.allowed_ips.len());
-                        info!(source = %name, addresses_before = before, addresses_now = now, "source addresses reloaded");
-                    }
-                    // Swapped before it is counted: whoever sees the count gets the new secrets.
-                    route.source.store(Arc::new(source));
-                    crate::metrics::record_secret_reload(name, "replaced");
+            let mut next: Option<Source> = None;
+            let mut secrets_replaced = false;
+            match Source::load_secrets(name, config) {
+                Ok((_, digest)) if digest == current.secrets_digest => {}
+                Ok((verifier, digest)) => {
+                    let (before, now) = (current.verifier.secret_count(), verifier.secret_count());
+                    info!(source = %name, secrets_before = before, secrets_now = now, "source secrets reloaded");
+                    let source = next.get_or_insert_with(|| Source::clone(&current));
+                    (source.verifier, source.secrets_digest) = (verifier, digest);
+                    secrets_replaced = true;
                 }
                 Err(e) => {
                     let error = crate::error_chain(&e);
-                    error!(source = %name, error, "source not reloaded; the secrets and addresses in use stay");
+                    error!(source = %name, error, "source secrets not reloaded; the secrets in use stay");
                     crate::metrics::record_secret_reload(name, "failed");
+                }
+            }
+            let mut addresses_replaced = false;
+            match Source::load_addresses(name, config) {
+                Ok(list) if list == current.allowed_ips => {}
+                Ok(list) => {
+                    let (before, now) = (current.allowed_ips.len(), list.len());
+                    info!(source = %name, addresses_before = before, addresses_now = now, "source addresses reloaded");
+                    next.get_or_insert_with(|| Source::clone(&current)).allowed_ips = list;
+                    addresses_replaced = true;
+                }
+                Err(e) => {
+                    let error = crate::error_chain(&e);
+                    error!(source = %name, error, "source addresses not reloaded; the list in use stays");
+                    crate::metrics::record_address_reload(name, "failed");
+                }
+            }
+            if let Some(source) = next {
+                // Swapped before it is counted: whoever sees the count gets the new secrets and addresses.
+                route.source.store(Arc::new(source));
+                if secrets_replaced {
+                    crate::metrics::record_secret_reload(name, "replaced");
+                }
+                if addresses_replaced {
+                    crate::metrics::record_address_reload(name, "replaced");
                 }
             }
         }

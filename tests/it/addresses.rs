@@ -179,7 +179,7 @@ async fn an_address_file_is_read_again_on_the_reload_interval_and_a_broken_one_k
     let (client, url) = (client(), gateway.url(&source));
     let metrics_url = format!("http://{}/metrics", gateway.admin);
     let reloads =
-        |result: &str| format!(r#"hookgate_source_secret_reloads_total{{source="{source}",result="{result}"}}"#);
+        |result: &str| format!(r#"hookgate_source_address_reloads_total{{source="{source}",result="{result}"}}"#);
     let mut accepted = HashSet::new();
     assert_eq!(post_stripe_with(&client, &url, &unique("evt")).await.status, 403);
 

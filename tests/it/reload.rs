@@ -119,3 +119,60 @@ async fn a_new_secret_is_picked_up_on_the_reload_interval_without_a_signal() {
     gateway.stop().await;
     let _ = std::fs::remove_file(secret_file);
 }
+
+#[tokio::test]
+async fn a_broken_address_file_does_not_hold_back_a_rotation_nor_a_broken_secret_file_an_address_change() {
+    let db = TestDb::create().await;
+    let (secret_file, address_file) = (
+        std::env::temp_dir().join(unique("hookgate-it-both-secrets")),
+        std::env::temp_dir().join(unique("hookgate-it-both-ips")),
+    );
+    write_secrets(&secret_file, &[OLD]);
+    std::fs::write(&address_file, "127.0.0.1\n").expect("address file");
+    let mut config = test_config(&db.url);
+    // A source of this test's own: the metrics recorder is shared by every test in this process.
+    let name = unique("both");
+    let mut source = config.sources["stripe"].clone();
+    (source.secret_env, source.secret_file, source.allowed_ips_file) =
+        (None, Some(secret_file.clone()), Some(address_file.clone()));
+    config.sources.insert(name.clone(), source);
+    config.reload.interval_s = 1;
+    let gateway = Gateway::start(config).await;
+    let sender = Sender::new(gateway.url(&name));
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let count = |kind: &'static str, result: &'static str| {
+        let (metrics_url, name) = (metrics_url.clone(), name.clone());
+        async move {
+            let series = format!("hookgate_source_{kind}_reloads_total{{source=\"{name}\",result=\"{result}\"}}");
+            scrape_metric(&metrics_url, &series).await
+        }
+    };
+    assert_eq!(
+        count("address", "failed").await,
+        Some(0.0),
+        "exported from the start for a source with an address file"
+    );
+    assert_eq!(sender.post_signed_with(OLD).await, 202);
+
+    // The address list's refresh job leaves an empty file just as the secret rotation starts: the new
+    // secret is taken, and the list in use (127.0.0.1) stays.
+    std::fs::write(&address_file, "").expect("emptied");
+    write_secrets(&secret_file, &[NEW, OLD]);
+    assert!(sender.until_answered(NEW, 202).await, "the new secret is accepted despite the broken address file");
+    assert!(eventually(Duration::from_secs(5), || async { count("address", "failed").await >= Some(1.0) }).await);
+    assert_eq!(count("secret", "replaced").await, Some(1.0));
+    assert_eq!(count("secret", "failed").await, Some(0.0));
+
+    // The other way round: a secret file caught empty does not hold back the new address list, which no
+    // longer holds 127.0.0.1.
+    write_secrets(&secret_file, &[]);
+    std::fs::write(&address_file, "192.0.2.0/24\n").expect("address file");
+    assert!(sender.until_answered(NEW, 403).await, "the new list is applied despite the broken secret file");
+    assert!(eventually(Duration::from_secs(5), || async { count("secret", "failed").await >= Some(1.0) }).await);
+    assert_eq!(count("address", "replaced").await, Some(1.0));
+
+    assert_eq!(db.count().await, sender.accepted(), "every 202 is stored");
+    gateway.stop().await;
+    let _ = std::fs::remove_file(secret_file);
+    let _ = std::fs::remove_file(address_file);
+}
