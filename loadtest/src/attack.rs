@@ -6,6 +6,7 @@
 //! measured from the due time (corrected for coordinated omission) and from the actual send.
 
 use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use http::Uri;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::payload::{Kind, PayloadFactory};
@@ -49,6 +50,47 @@ pub struct AttackConfig {
     pub output: Option<PathBuf>,
     pub progress: bool,
     pub scheme: String,
+    /// Open each connection with a PROXY protocol header, as a layer-4 balancer in front of the target would.
+    pub proxy_header: Option<ProxyHeader>,
+}
+
+/// Which PROXY protocol header a connection starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyVersion {
+    /// HAProxy's text header (`PROXY TCP4 ...`), as nginx's `proxy_protocol on` sends it.
+    V1,
+    /// The binary header, as AWS NLB and HAProxy's `send-proxy-v2` send it.
+    V2,
+}
+
+/// The PROXY protocol header each connection starts with (`--proxy-protocol`, `--proxy-client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyHeader {
+    pub version: ProxyVersion,
+    /// The client address the header names; `None`: the connection's own (as a balancer would pass it).
+    pub client_ip: Option<IpAddr>,
+}
+
+impl ProxyHeader {
+    /// The header for a connection from `local` to `peer`. The two addresses of a header are of one family.
+    pub fn encode(&self, local: SocketAddr, peer: SocketAddr) -> std::io::Result<Vec<u8>> {
+        let client = SocketAddr::new(self.client_ip.unwrap_or(local.ip()), local.port());
+        if client.is_ipv4() != peer.is_ipv4() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a PROXY header names one IP family: client {} and target {peer} differ", client.ip()),
+            ));
+        }
+        match self.version {
+            ProxyVersion::V1 => Ok(ppp::v1::Addresses::from((client, peer)).to_string().into_bytes()),
+            ProxyVersion::V2 => ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+                ppp::v2::Protocol::Stream,
+                (client, peer),
+            )
+            .build(),
+        }
+    }
 }
 
 /// How often the collector drains the result channel.
@@ -284,7 +326,7 @@ async fn connect_all(config: &AttackConfig, workers: usize) -> Vec<Conn> {
         let mut shared = Vec::new();
         for c in 0..config.connections.max(1) {
             let target = targets[c % targets.len()].clone();
-            let sender = open_h2(&target, config.tls.as_ref()).await.ok();
+            let sender = open_h2(&target, config).await.ok();
             shared.push((target, Arc::new(tokio::sync::Mutex::new(sender))));
         }
         (0..workers).map(|w| Conn::H2(shared[w % shared.len()].0.clone(), shared[w % shared.len()].1.clone())).collect()
@@ -292,19 +334,24 @@ async fn connect_all(config: &AttackConfig, workers: usize) -> Vec<Conn> {
         let mut conns = Vec::with_capacity(workers);
         for w in 0..workers {
             let target = targets[w % targets.len()].clone();
-            let sender = open_h1(&target, config.tls.as_ref()).await.ok();
+            let sender = open_h1(&target, config).await.ok();
             conns.push(Conn::H1(target, sender));
         }
         conns
     }
 }
 
-async fn open_tcp(target: &Uri) -> std::io::Result<TcpStream> {
+/// A TCP connection to `target`, after its PROXY header when `proxy_header` is given.
+async fn open_tcp(target: &Uri, proxy_header: Option<&ProxyHeader>) -> std::io::Result<TcpStream> {
     let host = target.host().unwrap_or("127.0.0.1");
     let https = target.scheme_str() == Some("https");
     let port = target.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let stream = TcpStream::connect((host, port)).await?;
+    let mut stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
+    if let Some(proxy_header) = proxy_header {
+        let header = proxy_header.encode(stream.local_addr()?, stream.peer_addr()?)?;
+        stream.write_all(&header).await?;
+    }
     Ok(stream)
 }
 
@@ -313,17 +360,17 @@ fn tls_for<'a>(target: &Uri, tls: Option<&'a ClientTls>) -> Option<&'a ClientTls
     tls.filter(|_| target.scheme_str() == Some("https"))
 }
 
-async fn open_h1(target: &Uri, tls: Option<&ClientTls>) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
-    let tcp = open_tcp(target).await?;
-    match tls_for(target, tls) {
+async fn open_h1(target: &Uri, config: &AttackConfig) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
+    let tcp = open_tcp(target, config.proxy_header.as_ref()).await?;
+    match tls_for(target, config.tls.as_ref()) {
         Some(tls) => h1_over(tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?).await,
         None => h1_over(tcp).await,
     }
 }
 
-async fn open_h2(target: &Uri, tls: Option<&ClientTls>) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
-    let tcp = open_tcp(target).await?;
-    match tls_for(target, tls) {
+async fn open_h2(target: &Uri, config: &AttackConfig) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
+    let tcp = open_tcp(target, config.proxy_header.as_ref()).await?;
+    match tls_for(target, config.tls.as_ref()) {
         Some(tls) => h2_over(tls.connect(target.host().unwrap_or("127.0.0.1"), tcp).await?).await,
         None => h2_over(tcp).await,
     }
@@ -436,8 +483,7 @@ impl Worker {
         match &mut self.conn {
             Conn::H1(target, slot) => {
                 if slot.as_ref().is_none_or(http1::SendRequest::is_closed) {
-                    *slot =
-                        Some(open_h1(target, self.ctx.config.tls.as_ref()).await.map_err(|_| "connect".to_owned())?);
+                    *slot = Some(open_h1(target, &self.ctx.config).await.map_err(|_| "connect".to_owned())?);
                 }
                 let Some(sender) = slot.as_mut() else { return Err("connect".into()) };
                 let result = match sender.ready().await {
@@ -456,9 +502,7 @@ impl Worker {
                 let mut sender = {
                     let mut guard = shared.lock().await;
                     if guard.as_ref().is_none_or(http2::SendRequest::is_closed) {
-                        *guard = Some(
-                            open_h2(target, self.ctx.config.tls.as_ref()).await.map_err(|_| "connect".to_owned())?,
-                        );
+                        *guard = Some(open_h2(target, &self.ctx.config).await.map_err(|_| "connect".to_owned())?);
                     }
                     guard.clone().ok_or_else(|| "connect".to_owned())?
                 };
@@ -549,6 +593,26 @@ fn spawn_collector(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_header_names_the_chosen_client_as_the_gateway_reads_it_and_refuses_mixed_families() {
+        let (local, peer): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:40000".parse().expect("local"), "127.0.0.1:8080".parse().expect("peer"));
+        for version in [ProxyVersion::V1, ProxyVersion::V2] {
+            let own = ProxyHeader { version, client_ip: None }.encode(local, peer).expect("header");
+            let chosen = ProxyHeader { version, client_ip: Some("192.0.2.10".parse().expect("ip")) };
+            let header = chosen.encode(local, peer).expect("header");
+            let read = |bytes: &[u8]| match hookgate::http::proxy_protocol::parse(bytes) {
+                hookgate::http::proxy_protocol::Parsed::Header { len, client } => (len, client),
+                other => panic!("{version:?}: {other:?}"),
+            };
+            assert_eq!(read(&own), (own.len(), Some(local)), "{version:?}");
+            assert_eq!(read(&header), (header.len(), Some("192.0.2.10:40000".parse().expect("addr"))), "{version:?}");
+            let v6 = ProxyHeader { version, client_ip: Some("2001:db8::1".parse().expect("ip")) };
+            let error = v6.encode(local, peer).expect_err("one family per header");
+            assert!(error.to_string().contains("differ"), "{error}");
+        }
+    }
 
     #[test]
     fn plan_respects_ratios_and_duplicates_point_back_to_fresh_events() {

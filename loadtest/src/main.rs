@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use hookgate::signature::{Scheme, Verifier};
-use hookgate_load::attack::{self, AttackConfig};
+use hookgate_load::attack::{self, AttackConfig, ProxyHeader, ProxyVersion};
 use hookgate_load::payload::{IdOrder, PayloadFactory};
 use hookgate_load::report::{self, Summary};
 use hookgate_load::tls::ClientTls;
@@ -200,6 +200,14 @@ struct AttackArgs {
     run_id: Option<String>,
     #[arg(long)]
     no_progress: bool,
+    /// Start each connection with a PROXY protocol header, as a layer-4 balancer in front of a gateway
+    /// with server.proxy_protocol does (v1: text, as nginx; v2: binary, as AWS NLB).
+    #[arg(long, value_enum)]
+    proxy_protocol: Option<ProxyVersion>,
+    /// The client address the PROXY header names (default: the connection's own), e.g. one of a source's
+    /// allowed_ips; the port stays the connection's.
+    #[arg(long, requires = "proxy_protocol")]
+    proxy_client: Option<std::net::IpAddr>,
 }
 
 impl AttackArgs {
@@ -251,6 +259,7 @@ impl AttackArgs {
             output: self.output.clone(),
             progress: !self.no_progress,
             scheme: format!("{}", Scheme::from(self.scheme)),
+            proxy_header: self.proxy_protocol.map(|version| ProxyHeader { version, client_ip: self.proxy_client }),
         })
     }
 

@@ -41,6 +41,7 @@ fn attack_config(target: &str, rate: f64, seconds: u64, connections: usize, outp
         output,
         progress: false,
         scheme: "stripe".into(),
+        proxy_header: None,
     }
 }
 

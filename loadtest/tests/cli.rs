@@ -47,7 +47,7 @@ fn sync_probe_on_a_missing_directory_fails_clearly() {
 }
 
 #[test]
-fn attack_targets_must_be_http_or_https_and_an_unreadable_cacert_is_named() {
+fn attack_targets_must_be_http_or_https_and_an_unreadable_cacert_or_proxy_client_is_named() {
     let attack = |extra: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_hookgate-load"))
             .args(["attack", "--secret", "s", "--rate", "10", "--duration", "1s", "--no-progress"])
@@ -64,4 +64,13 @@ fn attack_targets_must_be_http_or_https_and_an_unreadable_cacert_is_named() {
         attack(&["--target", "https://127.0.0.1:1/webhooks/stripe", "--cacert", "/nonexistent/ca.pem"]);
     assert_eq!(status, Some(2));
     assert!(stderr.contains("reading --cacert /nonexistent/ca.pem"), "{stderr}");
+    // A client address for a PROXY header that is not sent, and one that is not an address: refused by the
+    // parser (its usage error, status 2), naming the flag.
+    let (status, stderr) = attack(&["--target", "http://127.0.0.1:1/webhooks/stripe", "--proxy-client", "192.0.2.1"]);
+    assert_eq!(status, Some(2));
+    assert!(stderr.contains("--proxy-protocol"), "{stderr}");
+    let bad_address = ["--target", "http://127.0.0.1:1/x", "--proxy-protocol", "v2", "--proxy-client", "stripe.com"];
+    let (status, stderr) = attack(&bad_address);
+    assert_eq!(status, Some(2));
+    assert!(stderr.contains("--proxy-client"), "{stderr}");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hookgate::config::Config;
 use hookgate::signature::Scheme;
-use hookgate_load::attack::{self, AttackConfig};
+use hookgate_load::attack::{self, AttackConfig, ProxyHeader, ProxyVersion};
 use hookgate_load::payload::{IdOrder, PayloadFactory};
 use hookgate_load::tls::ClientTls;
 use hookgate_load::verify::{self, VerifyConfig, VerifyReport};
@@ -94,6 +94,7 @@ fn attack_config(targets: &[&str], rate: f64, seconds: u64, scheme: &str, output
         output: Some(output.to_path_buf()),
         progress: false,
         scheme: scheme.into(),
+        proxy_header: None,
     }
 }
 
@@ -253,4 +254,48 @@ async fn https_runs_over_http1_and_h2_are_acknowledged_and_audited() {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(other);
     let _ = std::fs::remove_file(secret_file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_through_a_proxy_protocol_balancer_are_judged_by_the_client_the_header_names() {
+    let (mut config, _db_url, secret_file) = fresh_setup("stripe").await;
+    config.server.proxy_protocol = true;
+    config.sources.get_mut("stripe").expect("source").allowed_ips = vec!["192.0.2.0/24".parse().expect("range")];
+    let (target, stop, task) = start_gateway(config.clone(), "stripe").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = |version: ProxyVersion, client_ip: Option<&str>, output: &Path| {
+        let mut attack = attack_config(&[&target], 300.0, 2, "stripe", output);
+        (attack.duplicate_ratio, attack.bad_signature_ratio) = (0.0, 0.0);
+        attack.proxy_header =
+            Some(ProxyHeader { version, client_ip: client_ip.map(|ip| ip.parse().expect("client address")) });
+        attack
+    };
+
+    // A listed sender behind the balancer, v2 as AWS NLB sends it: every event acknowledged and audited.
+    let output = std::env::temp_dir().join(unique("e2e-proxy.csv"));
+    let summary = attack::run(run(ProxyVersion::V2, Some("192.0.2.10"), &output), stripe_factory("e2e-proxy"))
+        .await
+        .expect("attack")
+        .summary;
+    assert_eq!(summary.status_codes.get("202"), Some(&summary.requests), "{summary:?}");
+    let (_, report) = audit_until_ok(&output, &config).await;
+    assert!(report.ok() && report.acknowledged == summary.requests, "{report:?}");
+
+    // The same run naming the generator's own address (v1): not listed, every request refused with 403.
+    let refused = std::env::temp_dir().join(unique("e2e-proxy-refused.csv"));
+    let summary =
+        attack::run(run(ProxyVersion::V1, None, &refused), stripe_factory("e2e-proxy")).await.expect("attack").summary;
+    assert_eq!(summary.status_codes.get("403"), Some(&summary.requests), "{summary:?}");
+
+    // Without the header the gateway closes every connection before reading a request.
+    let mut direct = attack_config(&[&target], 100.0, 1, "stripe", &refused);
+    direct.timeout = Duration::from_secs(2);
+    let summary = attack::run(direct, stripe_factory("e2e-direct")).await.expect("attack").summary;
+    assert_eq!(summary.completed, 0, "{summary:?}");
+
+    stop.cancel();
+    let _ = task.await;
+    for file in [output, refused, secret_file] {
+        let _ = std::fs::remove_file(file);
+    }
 }
