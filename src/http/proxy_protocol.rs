@@ -127,17 +127,18 @@ pub async fn read_header(stream: &mut TcpStream, deadline: Instant) -> Outcome {
     // waiting between looks keeps a client that trickles its header from spinning a thread (a peek of bytes
     // already there returns at once).
     let mut pause = Duration::from_millis(1);
-    let mut seen = 0;
+    // Whether any byte came: a connection that goes without one is a health check, not a failure.
+    let mut started = false;
     loop {
         let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buffer)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) if seen == 0 => return Outcome::Silent,
+            Ok(Err(_)) | Err(_) if !started => return Outcome::Silent,
             Ok(Err(_)) | Err(_) => return Outcome::TimedOut,
         };
         if peeked == 0 {
-            return if seen == 0 { Outcome::Silent } else { Outcome::TimedOut };
+            return if started { Outcome::TimedOut } else { Outcome::Silent };
         }
-        seen = peeked;
+        started = true;
         match parse(&buffer[..peeked]) {
             Parsed::Header { len, client } => {
                 // The bytes are already in the socket's buffer: this read does not wait.
