@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::process::{config_file_with_streams, json_log_lines_with, GatewayProcess};
+use crate::process::{json_log_lines_with, start_logging_json};
 use crate::support::*;
 
 fn with_forwarded_for(mut headers: Vec<(String, String)>, value: &str) -> Vec<(String, String)> {
@@ -109,12 +109,9 @@ async fn behind_a_trusted_proxy_the_right_most_untrusted_forwarded_address_is_ju
 #[tokio::test]
 async fn signed_requests_from_an_unlisted_address_are_warned_about_once_and_counted() {
     let db = TestDb::create().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-addr")));
-    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-addresses")));
     // The list from the environment, as a Kubernetes Deployment could set it.
-    let env = [("HOOKGATE__SOURCES__STRIPE__ALLOWED_IPS", r#"["192.0.2.0/24"]"#), ("HOOKGATE__LOG__FORMAT", "json")];
-    let gateway = GatewayProcess::start_with(&config, port, admin, &env, Some(&log)).await;
+    let env = [("HOOKGATE__SOURCES__STRIPE__ALLOWED_IPS", r#"["192.0.2.0/24"]"#)];
+    let (gateway, log) = start_logging_json(&db.url, "addresses", &env).await;
     let client = client();
     for _ in 0..3 {
         let answer = post_stripe_with(&client, &gateway.url("stripe"), &unique("evt")).await;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::process::{config_file_with_streams, GatewayProcess};
+use crate::process::{config_file_with_streams, start_logging_json, GatewayProcess};
 use crate::support::*;
 
 /// The outcome of a load: what was sent, what got a 2xx (ids), the other statuses, the slowest answer.
@@ -474,11 +474,7 @@ async fn http2_stream_limits_and_rapid_reset_do_not_exhaust_the_server() {
 #[tokio::test]
 async fn logs_cannot_be_forged_and_never_contain_a_secret() {
     let db = TestDb::create().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-logs")));
-    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-logs")));
-    let env = [("HOOKGATE__LOG__FORMAT", "json"), ("RUST_LOG", "debug")];
-    let gateway = GatewayProcess::start_with(&config, port, admin, &env, Some(&log)).await;
+    let (gateway, log) = start_logging_json(&db.url, "logs", &[("RUST_LOG", "debug")]).await;
     let client = client();
     // Attempts to smuggle line breaks into the log: path, header, event id; plus ordinary traffic.
     let url = gateway.url("stripe");

@@ -48,6 +48,21 @@ pub fn json_log_lines_with(path: &std::path::Path, message_part: &str) -> (Strin
     (text, lines)
 }
 
+/// A gateway process for a test that reads its warnings: the test's sources on `db_url`, streams of its own,
+/// and JSON logs (with `env`'s overrides) in a file named after `name`, whose path comes back beside it.
+pub async fn start_logging_json(
+    db_url: &str,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (GatewayProcess, std::path::PathBuf) {
+    let (port, admin) = (free_port(), free_port());
+    let config =
+        config_file_with_streams(db_url, port, admin, &format!("{}:{{source}}", unique(&format!("hg-it-{name}"))));
+    let log = std::env::temp_dir().join(format!("{}.log", unique(&format!("hookgate-it-{name}"))));
+    let env: Vec<(&str, &str)> = [("HOOKGATE__LOG__FORMAT", "json")].into_iter().chain(env.iter().copied()).collect();
+    (GatewayProcess::start_with(&config, port, admin, &env, Some(&log)).await, log)
+}
+
 /// A gateway process of its own (its metrics are its own), stopped with SIGTERM when dropped.
 pub struct GatewayProcess {
     pub child: std::process::Child,

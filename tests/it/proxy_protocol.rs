@@ -11,7 +11,7 @@ use ppp::v2;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::process::{config_file_with_streams, json_log_lines_with, GatewayProcess};
+use crate::process::{json_log_lines_with, start_logging_json};
 use crate::support::*;
 
 pub type Sender = hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>;
@@ -143,16 +143,9 @@ async fn closed_without_answer(addr: SocketAddr, bytes: &[u8]) -> bool {
 #[tokio::test]
 async fn connections_without_a_proxy_header_are_closed_counted_and_warned_about_once() {
     let db = TestDb::create().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-pp")));
-    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-proxy")));
-    let env = [
-        ("HOOKGATE__SERVER__PROXY_PROTOCOL", "true"),
-        ("HOOKGATE__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
-        ("HOOKGATE__LOG__FORMAT", "json"),
-    ];
-    let gateway = GatewayProcess::start_with(&config, port, admin, &env, Some(&log)).await;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let env = [("HOOKGATE__SERVER__PROXY_PROTOCOL", "true"), ("HOOKGATE__SERVER__HEADER_READ_TIMEOUT_MS", "500")];
+    let (gateway, log) = start_logging_json(&db.url, "proxy", &env).await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", gateway.port).parse().expect("addr");
     let metrics_url = gateway.metrics_url();
     let failures = |reason: &str| format!(r#"hookgate_proxy_header_failures_total{{reason="{reason}"}}"#);
     assert_eq!(scrape_metric(&metrics_url, &failures("invalid")).await, Some(0.0), "exported before the first");

@@ -2,7 +2,7 @@
 
 use std::io::{Read as _, Write as _};
 
-use crate::process::{config_file_with_streams, json_log_lines_with, GatewayProcess};
+use crate::process::{json_log_lines_with, start_logging_json};
 use crate::support::*;
 
 /// (what, headers, body, expected status, expected kind)
@@ -125,11 +125,7 @@ fn read_status(stream: &mut std::net::TcpStream) -> u16 {
 #[tokio::test]
 async fn signed_requests_that_are_not_events_are_counted_by_reason_and_warned_about_once() {
     let db = TestDb::create().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = config_file_with_streams(&db.url, port, admin, &format!("{}:{{source}}", unique("hg-it-invalid")));
-    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-invalid")));
-    let gateway =
-        GatewayProcess::start_with(&config, port, admin, &[("HOOKGATE__LOG__FORMAT", "json")], Some(&log)).await;
+    let (gateway, log) = start_logging_json(&db.url, "invalid", &[]).await;
     let client = client();
     let url = gateway.url("stripe");
     let long_value = "o".repeat(300);
