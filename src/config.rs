@@ -65,6 +65,9 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
+    /// The file this was loaded from (`--config`), read again on SIGHUP (see `crate::reload`).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,8 +324,9 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        let config: Config = figment.merge(env).extract().map_err(Box::new)?;
+        let mut config: Config = figment.merge(env).extract().map_err(Box::new)?;
         config.validate()?;
+        config.file = file.map(Path::to_path_buf);
         Ok(config)
     }
 
@@ -425,6 +429,33 @@ impl Config {
     /// Reads every source's secrets and builds its verifier. Fails when a source has no secret.
     pub fn sources(&self) -> Result<Vec<Source>, ConfigError> {
         self.sources.iter().map(|(name, cfg)| Source::load(name, cfg)).collect()
+    }
+
+    /// The keys whose values differ between `self` and `other`, dotted (`server.max_connections`,
+    /// `sources.stripe.allowed_ips`), in order; a source added or removed is named whole.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        fn walk(prefix: &str, before: &toml::Value, after: &toml::Value, changed: &mut Vec<String>) {
+            match (before, after) {
+                (toml::Value::Table(before), toml::Value::Table(after)) => {
+                    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+                    for key in keys {
+                        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                        match (before.get(key), after.get(key)) {
+                            (Some(b), Some(a)) => walk(&path, b, a, changed),
+                            _ => changed.push(path),
+                        }
+                    }
+                }
+                (before, after) if before != after => changed.push(prefix.to_owned()),
+                _ => {}
+            }
+        }
+        let mut changed = Vec::new();
+        // Plain structs of strings, numbers and maps always serialise.
+        if let (Ok(before), Ok(after)) = (toml::Value::try_from(self), toml::Value::try_from(other)) {
+            walk("", &before, &after, &mut changed);
+        }
+        changed
     }
 
     pub fn redacted_toml(&self) -> String {
@@ -584,6 +615,23 @@ impl ServerConfig {
 #[allow(clippy::result_large_err)] // figment::Jail's own error type
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_keys_names_each_changed_value_and_each_source_added_or_removed() {
+        let source = |name: &str| format!("[sources.{name}]\nscheme = 'stripe'\nsecret_env = 'S'\n");
+        let before = Config::from_toml(&(source("a") + &source("b"))).unwrap();
+        assert!(before.changed_keys(&before.clone()).is_empty());
+        let after = Config::from_toml(&format!(
+            "[server]\nmax_connections = 10\n[log]\nlevel = 'debug'\n{}[sources.a]\nscheme = 'stripe'\n\
+             secret_env = 'S'\nallowed_ips = ['192.0.2.0/24']\n",
+            source("c")
+        ))
+        .unwrap();
+        assert_eq!(
+            before.changed_keys(&after),
+            ["log.level", "server.max_connections", "sources.a.allowed_ips", "sources.b", "sources.c"]
+        );
+    }
 
     #[test]
     fn defaults_load_and_validate() {

@@ -289,15 +289,37 @@ fn sign(
     Ok(())
 }
 
+/// Replaces the log filter of the running subscriber.
+type SetFilter = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+
 fn init_tracing(log: &LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // RUST_LOG, when set and valid, wins over log.level, at start and on a reload.
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_wins = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&log.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+    // The filter behind a reload handle, so a SIGHUP can change the level (hookgate::reload).
+    let (result, set_filter): (_, SetFilter) = match log.format {
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_current_span(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            (builder.try_init(), Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string())))
+        }
+        LogFormat::Pretty => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            (builder.try_init(), Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string())))
+        }
     };
     if let Err(e) = result {
         eprintln!("hookgate: logging was already initialised: {e}");
+        return;
     }
+    hookgate::reload::install_log_level_setter(Box::new(move |level| {
+        if env_wins {
+            return Err("RUST_LOG is set, and wins over log.level".to_owned());
+        }
+        set_filter(EnvFilter::try_new(level).map_err(|e| format!("`{level}` is not a log filter: {e}"))?)
+    }));
 }

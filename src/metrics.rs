@@ -32,6 +32,7 @@ pub const NOTIFY_DEFERRED: &str = "hookgate_notify_deferred_total";
 pub const NOTIFY_REDIS_DURABLE: &str = "hookgate_notify_redis_durable";
 pub const SECRET_RELOADS: &str = "hookgate_source_secret_reloads_total";
 pub const ADDRESS_RELOADS: &str = "hookgate_source_address_reloads_total";
+pub const CONFIG_RESTART_PENDING: &str = "hookgate_config_restart_pending";
 pub const TLS_NOT_AFTER: &str = "hookgate_tls_certificate_not_after_timestamp_seconds";
 pub const TLS_RELOADS: &str = "hookgate_tls_certificate_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "hookgate_tls_handshake_failures_total";
@@ -115,6 +116,10 @@ fn describe() {
          (replaced, failed)."
     );
     describe_gauge!(
+        CONFIG_RESTART_PENDING,
+        "1 when the configuration file, read again on SIGHUP, changes keys that take effect only on restart."
+    );
+    describe_gauge!(
         TLS_NOT_AFTER,
         Unit::Seconds,
         "Expiry (notAfter, unix seconds) of the webhook port's TLS certificate in use."
@@ -173,6 +178,7 @@ pub fn init_series(sources: &[&str]) {
     counter!(NOTIFY_CATCHUP_BATCHES).increment(0);
     counter!(NOTIFY_DEFERRED).increment(0);
     gauge!(NOTIFY_PENDING).set(0.0);
+    gauge!(CONFIG_RESTART_PENDING).set(0.0);
     gauge!(QUEUE_DEPTH).set(0.0);
     gauge!(BODY_MEMORY).set(0.0);
 }
@@ -317,6 +323,10 @@ pub fn record_notify_redis_durable(durable: bool) {
 
 pub fn record_secret_reload(source: &str, result: &'static str) {
     counter!(SECRET_RELOADS, "source" => source.to_owned(), "result" => result).increment(1);
+}
+
+pub fn record_config_restart_pending(pending: bool) {
+    gauge!(CONFIG_RESTART_PENDING).set(if pending { 1.0 } else { 0.0 });
 }
 
 pub fn record_address_reload(source: &str, result: &'static str) {

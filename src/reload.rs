@@ -2,25 +2,43 @@
 //! secret beside the old, then removes the old) and address file, and the webhook port's TLS certificate,
 //! every `reload.interval_s` and at once on SIGHUP. What changed and loads is swapped in under running
 //! requests; what fails to load is logged and counted, and what was in use stays.
+//!
+//! SIGHUP also reads the configuration file again: a new `log.level` is applied at once (debug logs for a
+//! few minutes, without the restart that would end the behaviour being looked at), and any other changed
+//! key is named in a warning as taking effect on restart, so an edit is never silently ignored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Source, SourceConfig};
+use crate::config::{Config, Source, SourceConfig};
 use crate::http::tls::TlsTermination;
 use crate::http::webhook::SourceRoute;
 
-/// Everything that reloads: the routes' secrets and addresses, read from `configs`, and the certificate.
+/// Changes the running process's log filter to a `log.level` directive, or says why it cannot.
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static LOG_LEVEL_SETTER: OnceLock<LogLevelSetter> = OnceLock::new();
+
+/// Lets a reload change the log level: installed once by the binary, which owns the process's logging (a
+/// gateway embedded in another program, as in the tests, leaves its host's logging alone).
+pub fn install_log_level_setter(setter: LogLevelSetter) {
+    let _ = LOG_LEVEL_SETTER.set(setter);
+}
+
+/// Everything that reloads: the routes' secrets and addresses, read from `configs`, the certificate, and
+/// the configuration file `config` was loaded from.
 #[derive(Debug)]
 pub struct Reloader {
     pub routes: Arc<HashMap<String, SourceRoute>>,
     pub configs: BTreeMap<String, SourceConfig>,
     pub tls: Option<TlsTermination>,
+    /// The configuration in use (with the log level last applied).
+    pub config: Config,
 }
 
 impl Reloader {
@@ -36,7 +54,7 @@ impl Reloader {
     /// Reloads every `interval` and on each SIGHUP until `stop`. SIGHUP is caught from this call on, not
     /// from the future's first poll, so a caller that spawns the future before reporting ready never lets
     /// a SIGHUP take its default action: ending the process.
-    pub fn watch(self, interval: Duration, stop: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
+    pub fn watch(mut self, interval: Duration, stop: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
         let mut hangup = hangup_signal();
         async move {
             let mut tick = tokio::time::interval(interval);
@@ -45,11 +63,51 @@ impl Reloader {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    () = next_hangup(&mut hangup) => info!("SIGHUP: reloading secrets, address files and the TLS certificate"),
+                    () = next_hangup(&mut hangup) => {
+                        info!("SIGHUP: reloading the configuration file, secrets, address files and the TLS certificate");
+                        self.reload_config();
+                    }
                     () = stop.cancelled() => return,
                 }
                 self.reload();
             }
+        }
+    }
+
+    /// Reads the configuration file again (on SIGHUP): applies a new `log.level`, and names every other
+    /// changed key as waiting for a restart (`hookgate_config_restart_pending`). A file that does not load
+    /// changes nothing.
+    fn reload_config(&mut self) {
+        let Some(path) = self.config.file.clone() else { return };
+        let file = path.display().to_string();
+        let new = match Config::load(Some(&path)) {
+            Ok(new) => new,
+            Err(e) => {
+                let error = crate::error_chain(&e);
+                error!(
+                    file,
+                    error, "configuration file not reloaded: it does not load; the configuration in use stays"
+                );
+                return;
+            }
+        };
+        let (live, restart): (Vec<String>, Vec<String>) =
+            self.config.changed_keys(&new).into_iter().partition(|key| key == "log.level");
+        if !live.is_empty() {
+            match LOG_LEVEL_SETTER.get().map(|set| set(&new.log.level)) {
+                Some(Ok(())) => {
+                    // At warn, so that the line shows both when the level rises and when it falls back.
+                    warn!(level = %new.log.level, before = %self.config.log.level, "log level changed");
+                    self.config.log.level.clone_from(&new.log.level);
+                }
+                Some(Err(reason)) => warn!(level = %new.log.level, reason, "log.level not applied"),
+                None => {}
+            }
+        }
+        crate::metrics::record_config_restart_pending(!restart.is_empty());
+        if !restart.is_empty() {
+            let keys = restart.join(", ");
+            warn!(file, keys, "the configuration file changed keys that take effect only on restart");
         }
     }
 

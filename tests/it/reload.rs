@@ -176,3 +176,56 @@ async fn a_broken_address_file_does_not_hold_back_a_rotation_nor_a_broken_secret
     let _ = std::fs::remove_file(secret_file);
     let _ = std::fs::remove_file(address_file);
 }
+
+#[tokio::test]
+async fn sighup_applies_a_new_log_level_at_once_and_names_the_keys_that_wait_for_a_restart() {
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-loglevel")));
+    let env = [("HOOKGATE__LOG__FORMAT", "json"), ("HOOKGATE__RELOAD__INTERVAL_S", "3600")];
+    let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, Some(&log)).await;
+    let unsigned =
+        || async { post(&client(), &gateway.url("stripe"), &[], stripe_event("evt_x").as_bytes()).await.status };
+    let logged = |part: &'static str| {
+        let log = log.clone();
+        move || {
+            let log = log.clone();
+            async move { !crate::process::json_log_lines_with(&log, part).1.is_empty() }
+        }
+    };
+    let pending = || async { scrape_metric(&gateway.metrics_url(), "hookgate_config_restart_pending").await };
+    assert_eq!(unsigned().await, 401);
+    assert!(!logged("refused")().await, "no debug lines at the level the gateway started with");
+    assert_eq!(pending().await, Some(0.0));
+    let original = std::fs::read_to_string(&config).expect("config");
+    assert!(original.contains("level = 'warn'"), "{original}");
+
+    // Debug logs for a while, and a key that only a restart applies.
+    let edited = original
+        .replace("level = 'warn'", "level = 'debug'")
+        .replace("[server]\n", "[server]\nmax_connections = 100\n");
+    std::fs::write(&config, &edited).expect("edited config");
+    gateway.signal("HUP");
+    assert!(eventually(Duration::from_secs(10), logged("log level changed")).await, "the new level is applied");
+    assert_eq!(unsigned().await, 401);
+    assert!(eventually(Duration::from_secs(5), logged("refused")).await, "the refusal is logged at debug now");
+    let (text, warnings) = crate::process::json_log_lines_with(&log, "take effect only on restart");
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert_eq!(warnings[0]["keys"], "server.max_connections", "the level is not among them: {text}");
+    assert_eq!(pending().await, Some(1.0));
+
+    // A file that does not load changes nothing: the debug level stays.
+    std::fs::write(&config, edited.replace("level = 'debug'", "level = ''")).expect("broken config");
+    gateway.signal("HUP");
+    assert!(eventually(Duration::from_secs(10), logged("configuration file not reloaded")).await);
+    // Back to the file the gateway started with: nothing waits for a restart any more.
+    std::fs::write(&config, &original).expect("original config");
+    gateway.signal("HUP");
+    assert!(eventually(Duration::from_secs(10), || async { pending().await == Some(0.0) }).await);
+    let (text, changes) = crate::process::json_log_lines_with(&log, "log level changed");
+    assert_eq!(changes.len(), 2, "debug, then warn again: {text}");
+    assert_eq!((&changes[1]["level"], &changes[1]["before"]), (&"warn".into(), &"debug".into()), "{text}");
+    drop(gateway);
+    let _ = std::fs::remove_file(log);
+}
