@@ -235,6 +235,13 @@ impl AttackArgs {
             if !matches!(t.scheme_str(), Some("http" | "https")) || t.host().is_none() {
                 bail!("--target {t}: only http:// or https://host[:port]/path targets are supported");
             }
+            // A PROXY header names addresses of one family (a target named by host is checked on connect).
+            let target_ip = t.host().and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+            if let (Some(client), Some(target)) = (self.proxy_client, target_ip) {
+                if client.is_ipv4() != target.is_ipv4() {
+                    bail!("--proxy-client {client} and --target {t} are of different IP families");
+                }
+            }
         }
         Ok(())
     }

@@ -73,4 +73,8 @@ fn attack_targets_must_be_http_or_https_and_an_unreadable_cacert_or_proxy_client
     let (status, stderr) = attack(&bad_address);
     assert_eq!(status, Some(2));
     assert!(stderr.contains("--proxy-client"), "{stderr}");
+    let mixed = ["--target", "http://127.0.0.1:1/x", "--proxy-protocol", "v1", "--proxy-client", "2001:db8::1"];
+    let (status, stderr) = attack(&mixed);
+    assert_eq!(status, Some(2));
+    assert!(stderr.contains("are of different IP families"), "{stderr}");
 }
