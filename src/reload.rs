@@ -7,7 +7,7 @@
 //! few minutes, without the restart that would end the behaviour being looked at), and any other changed
 //! key is named in a warning as taking effect on restart, so an edit is never silently ignored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Source, SourceConfig};
+use crate::config::{Config, Source};
 use crate::http::tls::TlsTermination;
 use crate::http::webhook::SourceRoute;
 
@@ -30,12 +30,11 @@ pub fn install_log_level_setter(setter: LogLevelSetter) {
     let _ = LOG_LEVEL_SETTER.set(setter);
 }
 
-/// Everything that reloads: the routes' secrets and addresses, read from `configs`, the certificate, and
-/// the configuration file `config` was loaded from.
+/// Everything that reloads: the routes' secrets and addresses (read from the files `config.sources`
+/// names), the certificate, and the configuration file `config` was loaded from.
 #[derive(Debug)]
 pub struct Reloader {
     pub routes: Arc<HashMap<String, SourceRoute>>,
-    pub configs: BTreeMap<String, SourceConfig>,
     pub tls: Option<TlsTermination>,
     /// The configuration in use (with the log level last applied).
     pub config: Config,
@@ -115,7 +114,7 @@ impl Reloader {
     /// judged apart: a broken address file (a refresh job's half-written download) must not hold back a
     /// secret rotation, whose new secret the sender may already sign with, nor the other way round.
     fn reload_sources(&self) {
-        for (name, config) in &self.configs {
+        for (name, config) in &self.config.sources {
             let Some(route) = self.routes.get(name) else { continue };
             let current = route.source.load();
             let mut next: Option<Source> = None;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -14,11 +14,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::process::{config_file, hookgate, GatewayProcess};
-use crate::proxy_protocol::{http1_on, post_signed_on, v1_header};
+use crate::proxy_protocol::v1_header;
 use crate::support::*;
 use crate::tls::TestCertificates;
-
-type Sender = hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>;
 
 /// A TLS client that trusts only `ca_file` and offers `alpn`.
 fn tls_connector(ca_file: &str, alpn: &[u8]) -> tokio_rustls::TlsConnector {
@@ -59,21 +57,8 @@ fn stripe_request(prefix: &str) -> (String, http::Request<Full<bytes::Bytes>>) {
 }
 
 /// An HTTP/1.1 connection over TLS, trusting `ca_file`, kept open for several requests.
-async fn http1_over_tls(addr: SocketAddr, ca_file: &str) -> Result<Sender, String> {
-    let stream = connect(addr, ca_file, b"http/1.1").await?;
-    let (sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
-/// Posts one signed event on `sender`; returns its id and the status.
-async fn post_signed(sender: &mut Sender, prefix: &str) -> (String, u16) {
-    let (id, request) = stripe_request(prefix);
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let _ = response.into_body().collect().await;
-    (id, status)
+async fn http1_over_tls(addr: SocketAddr, ca_file: &str) -> Result<Http1Sender, String> {
+    Ok(http1_on(connect(addr, ca_file, b"http/1.1").await?).await)
 }
 
 fn tls_config(certificates: &TestCertificates) -> hookgate::config::TlsConfig {
@@ -95,8 +80,8 @@ async fn signed_events_over_https_are_stored_with_http1_and_h2_and_plain_or_untr
     let ca = certificates.file("ca.crt");
 
     let mut http1 = http1_over_tls(gateway.addr, &ca).await.expect("HTTP/1.1 over TLS");
-    let (id, status) = post_signed(&mut http1, "evt_https1").await;
-    assert_eq!(status, 202);
+    let (id, answer) = post_signed_on(&mut http1, "stripe", &[]).await;
+    assert_eq!(answer.status, 202);
     assert!(db.body_of("stripe", &id).await.is_some(), "the event sent over HTTP/1.1 and TLS is stored");
 
     let stream = connect(gateway.addr, &ca, b"h2").await.expect("h2 over TLS");
@@ -189,7 +174,7 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     assert_eq!(failures, Some(1.0), "only the client that sent something counts as a failed handshake");
 
     let mut kept_open = http1_over_tls(addr, &old.file("ca.crt")).await.expect("a client of the old certificate");
-    assert_eq!(post_signed(&mut kept_open, "evt_before").await.1, 202);
+    assert_eq!(post_signed_on(&mut kept_open, "stripe", &[]).await.1.status, 202);
     let scraped = &metrics_url;
     let reloads = |result: &'static str| async move {
         let series = format!("hookgate_tls_certificate_reloads_total{{result=\"{result}\"}}");
@@ -201,7 +186,7 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
     gateway.signal("HUP");
     assert!(eventually(Duration::from_secs(10), || async { reloads("failed").await >= 1.0 }).await, "failure counted");
     let mut fresh = http1_over_tls(addr, &old.file("ca.crt")).await.expect("the old certificate is still served");
-    assert_eq!(post_signed(&mut fresh, "evt_half").await.1, 202);
+    assert_eq!(post_signed_on(&mut fresh, "stripe", &[]).await.1.status, 202);
 
     // The whole renewal: now served to new connections, while the connection opened before goes on.
     std::fs::copy(renewed.dir.join("server.crt"), live.dir.join("server.crt")).expect("new certificate");
@@ -213,13 +198,13 @@ async fn a_renewed_certificate_is_served_after_sighup_without_dropping_connectio
         "the renewed expiry is exported"
     );
     let mut renewed_client = http1_over_tls(addr, &renewed.file("ca.crt")).await.expect("the renewed certificate");
-    let (id, status) = post_signed(&mut renewed_client, "evt_renewed").await;
-    assert_eq!(status, 202);
+    let (id, answer) = post_signed_on(&mut renewed_client, "stripe", &[]).await;
+    assert_eq!(answer.status, 202);
     assert!(db.body_of("stripe", &id).await.is_some());
     let stale = http1_over_tls(addr, &old.file("ca.crt")).await.map(|_| ());
     assert!(stale.expect_err("the old certificate is no longer served").contains("UnknownIssuer"));
-    let (id, status) = post_signed(&mut kept_open, "evt_kept_open").await;
-    assert_eq!(status, 202, "a connection opened before the renewal is served on");
+    let (id, answer) = post_signed_on(&mut kept_open, "stripe", &[]).await;
+    assert_eq!(answer.status, 202, "a connection opened before the renewal is served on");
     assert!(db.body_of("stripe", &id).await.is_some());
     assert_eq!(db.count().await, 4);
     drop(gateway);

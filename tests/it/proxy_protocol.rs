@@ -5,16 +5,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use ppp::v2;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::process::{json_log_lines_with, start_logging_json};
 use crate::support::*;
-
-pub type Sender = hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>;
 
 pub fn v1_header(client: &str) -> Vec<u8> {
     let client: SocketAddr = client.parse().expect("client address");
@@ -34,39 +31,11 @@ pub fn v2_header(command: v2::Command, client: &str) -> Vec<u8> {
         .expect("v2 header")
 }
 
-/// Opens an HTTP/1.1 connection on `stream` (after whatever it has already sent).
-pub async fn http1_on<S>(stream: S) -> Sender
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(connection);
-    sender
-}
-
 /// Connects to `addr`, sends `header`, and opens an HTTP/1.1 connection after it.
-async fn through_balancer(addr: SocketAddr, header: &[u8]) -> Sender {
+async fn through_balancer(addr: SocketAddr, header: &[u8]) -> Http1Sender {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(header).await.expect("PROXY header");
     http1_on(stream).await
-}
-
-/// Posts a signed Stripe event to `source` on `sender`; returns its id, the status and the JSON answer.
-pub async fn post_signed_on(sender: &mut Sender, source: &str, headers: &[(&str, &str)]) -> (String, Answer) {
-    let id = unique("evt");
-    let body = stripe_event(&id);
-    let mut request = http::Request::post(format!("/webhooks/{source}")).header("host", "hookgate.example");
-    for (name, value) in stripe_headers(body.as_bytes()) {
-        request = request.header(name, value);
-    }
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(body.into())).expect("request");
-    let (parts, body) = sender.send_request(request).await.expect("response").into_parts();
-    let bytes = body.collect().await.expect("body").to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or_default();
-    (id, Answer { status: parts.status.as_u16(), headers: parts.headers, json, version: parts.version })
 }
 
 #[tokio::test]

@@ -10,9 +10,10 @@ use hookgate::config::Config;
 use hookgate::signature::{Scheme, Verifier};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -268,6 +269,37 @@ pub fn add_listed_source(config: &mut Config, name: &str, allowed: &[&str]) {
     let mut source = config.sources["stripe"].clone();
     source.allowed_ips = allowed.iter().map(|a| a.parse().expect("range")).collect();
     config.sources.insert(name.to_owned(), source);
+}
+
+/// An HTTP/1.1 connection of the test's own (over plain TCP, TLS, or after a PROXY header).
+pub type Http1Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Opens an HTTP/1.1 connection on `stream` (after whatever it has already sent).
+pub async fn http1_on<S>(stream: S) -> Http1Sender
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// Posts a signed Stripe event to `source` on `sender`; returns its id, the status and the JSON answer.
+pub async fn post_signed_on(sender: &mut Http1Sender, source: &str, headers: &[(&str, &str)]) -> (String, Answer) {
+    let id = unique("evt");
+    let body = stripe_event(&id);
+    let mut request = http::Request::post(format!("/webhooks/{source}")).header("host", "hookgate.example");
+    for (name, value) in stripe_headers(body.as_bytes()) {
+        request = request.header(name, value);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body.into())).expect("request");
+    let (parts, body) = sender.send_request(request).await.expect("response").into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or_default();
+    (id, Answer { status: parts.status.as_u16(), headers: parts.headers, json, version: parts.version })
 }
 
 pub fn now() -> i64 {
