@@ -232,17 +232,29 @@ async fn the_grafana_dashboard_is_well_formed_and_names_only_exported_metrics() 
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("evt")).await.status, 202);
     let _ = post(&client, &gateway.url("stripe"), &[], b"{}").await;
-    let (_, text) = get_text(&client, &format!("http://{}/metrics", gateway.admin)).await;
-    let exported: HashSet<String> = text
-        .lines()
-        .filter(|l| l.starts_with("# TYPE "))
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .flat_map(|name| [name.to_owned(), format!("{name}_bucket"), format!("{name}_sum"), format!("{name}_count")])
-        .collect();
+    // The connection-level series are exported by a gateway serving HTTPS behind a PROXY protocol balancer.
+    let certificates = crate::tls::TestCertificates::generate();
+    let mut config = test_config(&db.url);
+    config.server.tls = Some(hookgate::config::TlsConfig {
+        cert_file: certificates.dir.join("server.crt"),
+        key_file: certificates.dir.join("server.key"),
+    });
+    config.server.proxy_protocol = true;
+    let balanced = Gateway::start(config).await;
+    let mut exported = HashSet::new();
+    for admin in [gateway.admin, balanced.admin] {
+        let (_, text) = get_text(&client, &format!("http://{admin}/metrics")).await;
+        exported.extend(
+            text.lines().filter(|l| l.starts_with("# TYPE ")).filter_map(|l| l.split_whitespace().nth(2)).flat_map(
+                |name| [name.to_owned(), format!("{name}_bucket"), format!("{name}_sum"), format!("{name}_count")],
+            ),
+        );
+    }
     let missing: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(used.len() >= 8, "{used:?}");
     assert!(missing.is_empty(), "the dashboard names metrics the gateway does not export: {missing:?}");
     gateway.stop().await;
+    balanced.stop().await;
 }
 
 /// Extracts metric names (identifiers directly followed by `{` or `[`) from a PromQL expression.
