@@ -82,6 +82,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<AddressRange>,
     /// Every connection starts with a PROXY protocol header naming the client (see `crate::http::proxy_protocol`).
     pub proxy_protocol: bool,
+    /// The balancers whose connections may start with that header; empty: any peer. Others are closed unread.
+    pub proxy_protocol_from: Vec<AddressRange>,
     /// HTTPS on the webhook port; absent: plain HTTP (TLS terminated in front, or a private network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -396,6 +398,13 @@ impl Config {
         }
         if self.server.listen == self.admin.listen {
             return Err(invalid("admin.listen", "must differ from server.listen"));
+        }
+        if !self.server.proxy_protocol && !self.server.proxy_protocol_from.is_empty() {
+            return Err(invalid(
+                "server.proxy_protocol_from",
+                "lists the balancers that send a PROXY protocol header, but server.proxy_protocol is off: set it to \
+                 true, or empty the list",
+            ));
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
@@ -772,11 +781,16 @@ mod tests {
         assert_eq!(again.sources["s"].allowed_ips, c.sources["s"].allowed_ips);
         for (toml, key) in [
             ("[server]\ntrusted_proxies = ['10.0.0.0/40']", "trusted_proxies"),
+            ("[server]\nproxy_protocol = true\nproxy_protocol_from = ['nlb']", "proxy_protocol_from"),
             ("[sources.s]\nscheme = 'stripe'\nsecret_env = 'X'\nallowed_ips = ['stripe.com']", "allowed_ips"),
         ] {
             let err = Config::from_toml(toml).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("not an IP address or a CIDR range"), "{err}");
         }
+        let c = Config::from_toml("[server]\nproxy_protocol = true\nproxy_protocol_from = ['10.0.0.0/16']").unwrap();
+        assert_eq!(shown(&c.server.proxy_protocol_from), ["10.0.0.0/16"]);
+        let err = Config::from_toml("[server]\nproxy_protocol_from = ['10.0.0.0/16']").unwrap_err().to_string();
+        assert!(err.contains("server.proxy_protocol_from") && err.contains("server.proxy_protocol is off"), "{err}");
         figment::Jail::expect_with(|jail| {
             jail.set_env("HOOKGATE__SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\",\"192.168.0.0/16\"]");
             let c = Config::load(None).map_err(|e| e.to_string())?;

@@ -132,7 +132,7 @@ fn describe() {
     describe_counter!(
         PROXY_HEADER_FAILURES,
         "Connections to the webhook port closed without a valid PROXY protocol header, by reason (invalid, \
-         timed_out); only with server.proxy_protocol."
+         timed_out, untrusted_peer: not from server.proxy_protocol_from); only with server.proxy_protocol."
     );
     describe_counter!(RETENTION_DELETED, "Stored events deleted by retention (older than retention.keep_days).");
     describe_counter!(
@@ -208,7 +208,7 @@ pub fn init_tls_series() {
 
 /// The PROXY protocol series, at zero from the start (only when the webhook port expects the header).
 pub fn init_proxy_header_series() {
-    for reason in ["invalid", "timed_out"] {
+    for reason in ["invalid", "timed_out", "untrusted_peer"] {
         counter!(PROXY_HEADER_FAILURES, "reason" => reason).increment(0);
     }
 }

@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::address::{any_contains, AddressRange};
 use crate::config::ServerConfig;
 use crate::WarnThrottle;
 pub use webhook::WebhookState;
@@ -66,7 +67,9 @@ pub async fn serve_webhooks(
         // bound as one that never finishes its headers.
         handshake_timeout: config.header_read_timeout(),
         proxy_protocol: config.proxy_protocol,
+        proxy_protocol_from: config.proxy_protocol_from.clone(),
         proxy_header_warning: WarnThrottle::new(Duration::from_secs(60)),
+        untrusted_balancer_warning: WarnThrottle::new(Duration::from_secs(60)),
     });
     if config.proxy_protocol {
         crate::metrics::init_proxy_header_series();
@@ -122,9 +125,13 @@ struct ConnectionSettings {
     tls: Option<tokio_rustls::TlsAcceptor>,
     handshake_timeout: Duration,
     proxy_protocol: bool,
+    /// The peers whose PROXY header is believed (`server.proxy_protocol_from`); empty: any.
+    proxy_protocol_from: Vec<AddressRange>,
     /// Connections without a valid PROXY header: warned about once a minute, since a balancer that does not
     /// send one has every connection refused.
     proxy_header_warning: WarnThrottle,
+    /// Connections from outside `proxy_protocol_from`: apart, so that one kind cannot hide the other.
+    untrusted_balancer_warning: WarnThrottle,
 }
 
 impl ConnectionSettings {
@@ -133,6 +140,23 @@ impl ConnectionSettings {
         // One bound from the connection's start for all that comes before its first request.
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         if self.proxy_protocol {
+            // Judged before a byte is read: a header from around the balancer could name any client, and
+            // `allowed_ips` would believe it.
+            if !self.proxy_protocol_from.is_empty()
+                && !any_contains(&self.proxy_protocol_from, peer.ip().to_canonical())
+            {
+                crate::metrics::record_proxy_header_failure("untrusted_peer");
+                if self.untrusted_balancer_warning.due() {
+                    warn!(
+                        %peer,
+                        "connection closed: it does not come from a balancer listed in server.proxy_protocol_from \
+                         (only those may name a client; is a new balancer address missing from the list?)"
+                    );
+                } else {
+                    debug!(%peer, "connection closed: not from a balancer in server.proxy_protocol_from");
+                }
+                return;
+            }
             match proxy_protocol::read_header(&mut stream, deadline).await {
                 proxy_protocol::Outcome::Read(Some(client)) => {
                     debug!(balancer = %peer, %client, "PROXY protocol header read");

@@ -6,7 +6,8 @@
 //! this header hookgate sees only the balancer, and a source's `allowed_ips` cannot judge the sender. With
 //! `server.proxy_protocol` on, every connection must start with one, within the bound that the TLS handshake
 //! and the request headers share; the address it names is the connection's peer from then on. As in nginx and
-//! HAProxy, a header is believed from whoever connects, so the port must be reachable from the balancer only.
+//! HAProxy, a header is believed from whoever connects, unless `server.proxy_protocol_from` lists the balancers
+//! (then a connection from anywhere else is closed before it is read, in `crate::http`).
 //!
 //! The header is peeked, then exactly its bytes are read, so what follows (the TLS handshake, the first
 //! request) stays in the socket for the next reader and the connection keeps its plain `TcpStream` type.

@@ -1,6 +1,7 @@
 //! `server.proxy_protocol`: the client named by the PROXY header a layer-4 balancer sends first is what a
 //! source's `allowed_ips` judges, for every request of the connection; a connection without one is closed,
-//! counted and warned about, while a balancer's silent health checks are not.
+//! counted and warned about, while a balancer's silent health checks are not; with
+//! `server.proxy_protocol_from`, so is one from outside the listed balancers, whatever header it sends.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -102,7 +103,14 @@ async fn the_client_a_proxy_header_names_is_judged_for_every_request_of_its_conn
 /// Writes `bytes` on a new connection and waits for the gateway to close it; true when it did so without
 /// answering a byte.
 async fn closed_without_answer(addr: SocketAddr, bytes: &[u8]) -> bool {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    closed_without_answer_from(std::net::Ipv4Addr::LOCALHOST, addr, bytes).await
+}
+
+/// As [`closed_without_answer`], from a client bound to `client` (any address of the loopback range).
+async fn closed_without_answer_from(client: std::net::Ipv4Addr, addr: SocketAddr, bytes: &[u8]) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::from((client, 0))).expect("bind the client's address");
+    let mut stream = socket.connect(addr).await.expect("connect");
     stream.write_all(bytes).await.expect("write");
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
@@ -110,14 +118,20 @@ async fn closed_without_answer(addr: SocketAddr, bytes: &[u8]) -> bool {
 }
 
 #[tokio::test]
-async fn connections_without_a_proxy_header_are_closed_counted_and_warned_about_once() {
+async fn connections_without_a_proxy_header_or_from_outside_the_balancers_are_closed_counted_and_warned_about() {
     let db = TestDb::create().await;
-    let env = [("HOOKGATE__SERVER__PROXY_PROTOCOL", "true"), ("HOOKGATE__SERVER__HEADER_READ_TIMEOUT_MS", "500")];
+    let env = [
+        ("HOOKGATE__SERVER__PROXY_PROTOCOL", "true"),
+        ("HOOKGATE__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
+        // The balancer is 127.0.0.1; the rest of the loopback range reaches the port around it.
+        ("HOOKGATE__SERVER__PROXY_PROTOCOL_FROM", r#"["127.0.0.1"]"#),
+    ];
     let (gateway, log) = start_logging_json(&db.url, "proxy", &env).await;
     let addr: SocketAddr = format!("127.0.0.1:{}", gateway.port).parse().expect("addr");
     let metrics_url = gateway.metrics_url();
     let failures = |reason: &str| format!(r#"hookgate_proxy_header_failures_total{{reason="{reason}"}}"#);
     assert_eq!(scrape_metric(&metrics_url, &failures("invalid")).await, Some(0.0), "exported before the first");
+    assert_eq!(scrape_metric(&metrics_url, &failures("untrusted_peer")).await, Some(0.0), "exported before the first");
 
     // A sender (or a balancer not set to send the header) reaching the port directly: closed, unanswered.
     let body = stripe_event(&unique("evt"));
@@ -138,10 +152,19 @@ async fn connections_without_a_proxy_header_are_closed_counted_and_warned_about_
     // A header started and never finished: closed at the bound.
     assert!(closed_without_answer(addr, b"PROXY TCP4 192.0.2.7").await, "a half header is closed at the bound");
 
+    // A well-formed header naming a listed client, from around the balancer: closed before it is read.
+    let mut spoofed = v1_header("192.0.2.7:51234");
+    spoofed.extend_from_slice(&plain);
+    for _ in 0..2 {
+        let around = std::net::Ipv4Addr::new(127, 0, 0, 2);
+        assert!(closed_without_answer_from(around, addr, &spoofed).await, "a header from outside is not believed");
+    }
+
     let all_closed = || async { scrape_metric(&metrics_url, "hookgate_http_connections_open").await == Some(0.0) };
     assert!(eventually(Duration::from_secs(5), all_closed).await, "every connection is done");
     assert_eq!(scrape_metric(&metrics_url, &failures("invalid")).await, Some(4.0));
     assert_eq!(scrape_metric(&metrics_url, &failures("timed_out")).await, Some(1.0));
+    assert_eq!(scrape_metric(&metrics_url, &failures("untrusted_peer")).await, Some(2.0));
 
     // The port still serves clients that come through the balancer.
     let mut sender = through_balancer(addr, &v1_header("192.0.2.7:51234")).await;
@@ -156,6 +179,10 @@ async fn connections_without_a_proxy_header_are_closed_counted_and_warned_about_
     let reason = warnings[0]["reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("plain HTTP and no PROXY protocol header"), "{text}");
     assert!(warnings[0]["peer"].as_str().unwrap_or_default().starts_with("127.0.0.1:"), "{text}");
+    let (text, warnings) = json_log_lines_with(&log, "server.proxy_protocol_from");
+    let warnings: Vec<_> = warnings.into_iter().filter(|line| line["level"] == "WARN").collect();
+    assert_eq!(warnings.len(), 1, "two connections from outside the balancers: one warning\n{text}");
+    assert!(warnings[0]["peer"].as_str().unwrap_or_default().starts_with("127.0.0.2:"), "{text}");
     assert_eq!(db.stored_ids().await, [id].into(), "only the event that came through the balancer is stored");
     let _ = std::fs::remove_file(log);
 }
