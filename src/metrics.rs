@@ -117,7 +117,8 @@ fn describe() {
     );
     describe_gauge!(
         CONFIG_RESTART_PENDING,
-        "1 when the configuration file, read again on SIGHUP, changes keys that take effect only on restart."
+        "1 when the configuration file, read again on SIGHUP, changes keys that take effect only on restart, or a \
+         source's settings that do not load."
     );
     describe_gauge!(
         TLS_NOT_AFTER,

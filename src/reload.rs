@@ -4,10 +4,12 @@
 //! requests; what fails to load is logged and counted, and what was in use stays.
 //!
 //! SIGHUP also reads the configuration file again: a new `log.level` is applied at once (debug logs for a
-//! few minutes, without the restart that would end the behaviour being looked at), and any other changed
-//! key is named in a warning as taking effect on restart, so an edit is never silently ignored.
+//! few minutes, without the restart that would end the behaviour being looked at), and so are an existing
+//! source's settings (`allowed_ips`, `tolerance_s`, `max_body_bytes`, where its secrets are read from).
+//! Any other changed key is named in a warning as taking effect on restart, so an edit is never silently
+//! ignored.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Source};
+use crate::config::{Config, ConfigError, Source, SourceConfig};
 use crate::http::tls::TlsTermination;
 use crate::http::webhook::SourceRoute;
 
@@ -73,9 +75,9 @@ impl Reloader {
         }
     }
 
-    /// Reads the configuration file again (on SIGHUP): applies a new `log.level`, and names every other
-    /// changed key as waiting for a restart (`hookgate_config_restart_pending`). A file that does not load
-    /// changes nothing.
+    /// Reads the configuration file again (on SIGHUP): applies a new `log.level` and each existing source's
+    /// changed settings, and names every other changed key as waiting for a restart
+    /// (`hookgate_config_restart_pending`). A file that does not load changes nothing.
     fn reload_config(&mut self) {
         let Some(path) = self.config.file.clone() else { return };
         let file = path.display().to_string();
@@ -90,9 +92,19 @@ impl Reloader {
                 return;
             }
         };
-        let (live, restart): (Vec<String>, Vec<String>) =
-            self.config.changed_keys(&new).into_iter().partition(|key| key == "log.level");
-        if !live.is_empty() {
+        let mut restart = Vec::new();
+        let mut level_changed = false;
+        let mut changed_sources: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for key in self.config.changed_keys(&new) {
+            if key == "log.level" {
+                level_changed = true;
+            } else if let Some(name) = source_setting(&key) {
+                changed_sources.entry(name.to_owned()).or_default().push(key);
+            } else {
+                restart.push(key);
+            }
+        }
+        if level_changed {
             match LOG_LEVEL_SETTER.get().map(|set| set(&new.log.level)) {
                 Some(Ok(())) => {
                     // At warn, so that the line shows both when the level rises and when it falls back.
@@ -103,11 +115,48 @@ impl Reloader {
                 None => {}
             }
         }
-        crate::metrics::record_config_restart_pending(!restart.is_empty());
+        let mut not_applied = false;
+        for (name, keys) in changed_sources {
+            let Some(settings) = new.sources.get(&name) else { continue };
+            let keys = keys.join(", ");
+            match self.apply_source_settings(&name, settings) {
+                Ok(()) => info!(source = %name, keys, "source settings applied"),
+                Err(e) => {
+                    let error = crate::error_chain(&e);
+                    error!(source = %name, keys, error, "source settings not applied: they do not load; the settings in use stay");
+                    not_applied = true;
+                }
+            }
+        }
+        crate::metrics::record_config_restart_pending(!restart.is_empty() || not_applied);
         if !restart.is_empty() {
             let keys = restart.join(", ");
             warn!(file, keys, "the configuration file changed keys that take effect only on restart");
         }
+    }
+
+    /// Swaps in a source's new settings (its scheme, secrets, tolerance, body limit, addresses), loaded whole
+    /// first, so that a setting that does not load (a secret file not there yet) leaves all of them as they
+    /// were; the periodic reload reads the new files from then on.
+    fn apply_source_settings(&mut self, name: &str, settings: &SourceConfig) -> Result<(), ConfigError> {
+        let Some(route) = self.routes.get(name) else { return Ok(()) };
+        let source = Source::load(name, settings)?;
+        let current = route.source.load();
+        let secrets_replaced = source.secrets_digest != current.secrets_digest;
+        let addresses_replaced = source.allowed_ips != current.allowed_ips;
+        let listed: &[&str] = if source.allowed_ips.is_empty() { &[] } else { &[name] };
+        let with_file: &[&str] = if settings.allowed_ips_file.is_some() { &[name] } else { &[] };
+        crate::metrics::init_address_series(listed, with_file);
+        // Swapped before it is counted, as in a reload of the files.
+        route.source.store(Arc::new(source));
+        if secrets_replaced {
+            crate::metrics::record_secret_reload(name, "replaced");
+        }
+        if addresses_replaced {
+            crate::metrics::record_address_reload(name, "replaced");
+        }
+        self.config.sources.insert(name.to_owned(), settings.clone());
+        Ok(())
     }
 
     /// Reads each source's secrets and address file again and swaps in what changed and loads. The two are
@@ -161,6 +210,13 @@ impl Reloader {
             }
         }
     }
+}
+
+/// The source a changed key is a setting of (`sources.stripe.allowed_ips`), or `None` for any other key. A
+/// source added or removed is named whole (`sources.stripe`) and waits for a restart: its route, its streams
+/// and its series are set up at start.
+fn source_setting(key: &str) -> Option<&str> {
+    key.strip_prefix("sources.")?.split_once('.').map(|(name, _)| name)
 }
 
 #[cfg(unix)]

@@ -229,3 +229,60 @@ async fn sighup_applies_a_new_log_level_at_once_and_names_the_keys_that_wait_for
     drop(gateway);
     let _ = std::fs::remove_file(log);
 }
+
+#[tokio::test]
+async fn sighup_applies_a_sources_changed_settings_and_a_setting_that_does_not_load_changes_none_of_them() {
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-sources")));
+    let env = [("HOOKGATE__LOG__FORMAT", "json"), ("HOOKGATE__RELOAD__INTERVAL_S", "3600")];
+    let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, Some(&log)).await;
+    let mut accepted = std::collections::HashSet::new();
+    let mut post_one = || {
+        let id = unique("evt_settings");
+        accepted.insert(id.clone());
+        let url = gateway.url("stripe");
+        async move { post_stripe_with(&client(), &url, &id).await.status }
+    };
+    let pending = || async { scrape_metric(&gateway.metrics_url(), "hookgate_config_restart_pending").await };
+    assert_eq!(post_one().await, 202);
+    let original = std::fs::read_to_string(&config).expect("config");
+
+    // The source takes only its sender's addresses now (the test posts from 127.0.0.1), and a server key
+    // changes beside it, which waits for a restart.
+    let listed = original
+        .replace("[sources.stripe]\n", "[sources.stripe]\nallowed_ips = ['192.0.2.0/24']\ntolerance_s = 60\n")
+        .replace("[server]\n", "[server]\nmax_connections = 100\n");
+    std::fs::write(&config, &listed).expect("edited config");
+    gateway.signal("HUP");
+    let refused = || async {
+        let id = unique("evt_refused");
+        post_stripe_with(&client(), &gateway.url("stripe"), &id).await.status == 403
+    };
+    assert!(eventually(Duration::from_secs(10), refused).await, "the new allowed_ips applies without a restart");
+    let refusals = r#"hookgate_address_refusals_total{source="stripe",signature="valid"}"#;
+    assert!(scrape_metric(&gateway.metrics_url(), refusals).await >= Some(1.0), "counted as for a list from start");
+    let (text, warnings) = crate::process::json_log_lines_with(&log, "take effect only on restart");
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert_eq!(warnings[0]["keys"], "server.max_connections", "the source's settings are not among them: {text}");
+    assert_eq!(pending().await, Some(1.0));
+
+    // The list removed, but the secret now read from a file that is not there: none of it applies.
+    let broken = listed.replace("allowed_ips = ['192.0.2.0/24']\n", "").replace("/stripe'\n", "/not-there-yet'\n");
+    assert_ne!(broken, listed.replace("allowed_ips = ['192.0.2.0/24']\n", ""), "the secret file's path is edited");
+    std::fs::write(&config, &broken).expect("broken source config");
+    gateway.signal("HUP");
+    let logged = || async { !crate::process::json_log_lines_with(&log, "source settings not applied").1.is_empty() };
+    assert!(eventually(Duration::from_secs(10), logged).await, "the failure is logged");
+    assert!(refused().await, "the list in use stays: the change is applied whole or not at all");
+
+    // The file the gateway started with: the source is open again and nothing waits.
+    std::fs::write(&config, &original).expect("original config");
+    gateway.signal("HUP");
+    assert!(eventually(Duration::from_secs(10), || async { pending().await == Some(0.0) }).await);
+    assert_eq!(post_one().await, 202, "the list is gone again");
+    drop(gateway);
+    assert_eq!(db.stored_ids().await, accepted, "every accepted event, and no refused one, is stored");
+    let _ = std::fs::remove_file(log);
+}
