@@ -32,7 +32,6 @@ pub mod shutdown;
 pub mod signature;
 pub mod store;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +42,7 @@ use tracing::info;
 
 use crate::config::{Config, ConfigError};
 use crate::http::admin::{serve_admin, AdminState};
-use crate::http::webhook::SourceRoute;
+use crate::http::webhook::{self, Routes};
 use crate::http::{serve_webhooks, WebhookState};
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
@@ -210,8 +209,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     );
     // Only the workers hold senders now: the publisher ends once they have all exited.
     drop(notify_tx);
-    let routes: Arc<HashMap<String, SourceRoute>> =
-        Arc::new(sources.into_iter().map(|s| (s.name.clone(), SourceRoute::new(s))).collect());
+    let routes = Arc::new(Routes::from_pointee(webhook::routes(sources)));
     let state = Arc::new(WebhookState {
         sources: routes.clone(),
         pipeline: pipeline.clone(),

@@ -4,8 +4,9 @@
 //! requests; what fails to load is logged and counted, and what was in use stays.
 //!
 //! SIGHUP also reads the configuration file again: a new `log.level` is applied at once (debug logs for a
-//! few minutes, without the restart that would end the behaviour being looked at), and so are an existing
-//! source's settings (`allowed_ips`, `tolerance_s`, `max_body_bytes`, where its secrets are read from).
+//! few minutes, without the restart that would end the behaviour being looked at), and so are the sources:
+//! one added is received from then on, one removed refused, and one whose settings changed (`allowed_ips`,
+//! `tolerance_s`, `max_body_bytes`, where its secrets are read from) is swapped under running requests.
 //! Any other changed key is named in a warning as taking effect on restart, so an edit is never silently
 //! ignored.
 
@@ -19,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, Source, SourceConfig};
 use crate::http::tls::TlsTermination;
-use crate::http::webhook::SourceRoute;
+use crate::http::webhook::{Routes, SourceRoute};
 
 /// Changes the running process's log filter to a `log.level` directive, or says why it cannot.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -36,7 +37,7 @@ pub fn install_log_level_setter(setter: LogLevelSetter) {
 /// names), the certificate, and the configuration file `config` was loaded from.
 #[derive(Debug)]
 pub struct Reloader {
-    pub routes: Arc<HashMap<String, SourceRoute>>,
+    pub routes: Arc<Routes>,
     pub tls: Option<TlsTermination>,
     /// The configuration in use (with the log level last applied).
     pub config: Config,
@@ -75,8 +76,8 @@ impl Reloader {
         }
     }
 
-    /// Reads the configuration file again (on SIGHUP): applies a new `log.level` and each existing source's
-    /// changed settings, and names every other changed key as waiting for a restart
+    /// Reads the configuration file again (on SIGHUP): applies a new `log.level`, the sources added, removed
+    /// or changed, and names every other changed key as waiting for a restart
     /// (`hookgate_config_restart_pending`). A file that does not load changes nothing.
     fn reload_config(&mut self) {
         let Some(path) = self.config.file.clone() else { return };
@@ -98,7 +99,7 @@ impl Reloader {
         for key in self.config.changed_keys(&new) {
             if key == "log.level" {
                 level_changed = true;
-            } else if let Some(name) = source_setting(&key) {
+            } else if let Some(name) = source_of(&key) {
                 changed_sources.entry(name.to_owned()).or_default().push(key);
             } else {
                 restart.push(key);
@@ -117,7 +118,10 @@ impl Reloader {
         }
         let mut not_applied = false;
         for (name, keys) in changed_sources {
-            let Some(settings) = new.sources.get(&name) else { continue };
+            let Some(settings) = new.sources.get(&name) else {
+                self.remove_source(&name);
+                continue;
+            };
             let keys = keys.join(", ");
             match self.apply_source_settings(&name, settings) {
                 Ok(()) => info!(source = %name, keys, "source settings applied"),
@@ -135,36 +139,60 @@ impl Reloader {
         }
     }
 
-    /// Swaps in a source's new settings (its scheme, secrets, tolerance, body limit, addresses), loaded whole
-    /// first, so that a setting that does not load (a secret file not there yet) leaves all of them as they
-    /// were; the periodic reload reads the new files from then on.
+    /// Swaps in a source's new settings (its scheme, secrets, tolerance, body limit, addresses), or adds a new
+    /// source, loaded whole first: a setting that does not load (a secret file not there yet) leaves all of
+    /// them as they were. The periodic reload reads the new files from then on.
     fn apply_source_settings(&mut self, name: &str, settings: &SourceConfig) -> Result<(), ConfigError> {
-        let Some(route) = self.routes.get(name) else { return Ok(()) };
         let source = Source::load(name, settings)?;
-        let current = route.source.load();
-        let secrets_replaced = source.secrets_digest != current.secrets_digest;
-        let addresses_replaced = source.allowed_ips != current.allowed_ips;
         let listed: &[&str] = if source.allowed_ips.is_empty() { &[] } else { &[name] };
         let with_file: &[&str] = if settings.allowed_ips_file.is_some() { &[name] } else { &[] };
         crate::metrics::init_address_series(listed, with_file);
-        // Swapped before it is counted, as in a reload of the files.
-        route.source.store(Arc::new(source));
-        if secrets_replaced {
-            crate::metrics::record_secret_reload(name, "replaced");
-        }
-        if addresses_replaced {
-            crate::metrics::record_address_reload(name, "replaced");
+        let routes = self.routes.load();
+        if let Some(route) = routes.get(name) {
+            let current = route.source.load();
+            let secrets_replaced = source.secrets_digest != current.secrets_digest;
+            let addresses_replaced = source.allowed_ips != current.allowed_ips;
+            // Swapped before it is counted, as in a reload of the files.
+            route.source.store(Arc::new(source));
+            if secrets_replaced {
+                crate::metrics::record_secret_reload(name, "replaced");
+            }
+            if addresses_replaced {
+                crate::metrics::record_address_reload(name, "replaced");
+            }
+        } else {
+            // Its series first, at zero, so that its first refusal is seen by `rate()` and the alerts.
+            crate::metrics::init_series(&[name]);
+            if self.config.retention.enabled() {
+                crate::metrics::init_retention_series(&[name]);
+            }
+            let mut next = HashMap::clone(&routes);
+            next.insert(name.to_owned(), Arc::new(SourceRoute::new(source)));
+            self.routes.store(Arc::new(next));
+            info!(source = %name, scheme = ?settings.scheme, "source added: its webhooks are received from now on");
         }
         self.config.sources.insert(name.to_owned(), settings.clone());
         Ok(())
+    }
+
+    /// Takes a source out of the route table: its webhooks are answered 404 `unknown_source` from the next
+    /// request on (requests already in flight finish). Its stored events, outbox and streams stay.
+    fn remove_source(&mut self, name: &str) {
+        let mut next = HashMap::clone(&self.routes.load());
+        if next.remove(name).is_some() {
+            self.routes.store(Arc::new(next));
+            warn!(source = %name, "source removed: its webhooks are refused as unknown from now on");
+        }
+        self.config.sources.remove(name);
     }
 
     /// Reads each source's secrets and address file again and swaps in what changed and loads. The two are
     /// judged apart: a broken address file (a refresh job's half-written download) must not hold back a
     /// secret rotation, whose new secret the sender may already sign with, nor the other way round.
     fn reload_sources(&self) {
+        let routes = self.routes.load();
         for (name, config) in &self.config.sources {
-            let Some(route) = self.routes.get(name) else { continue };
+            let Some(route) = routes.get(name) else { continue };
             let current = route.source.load();
             let mut next: Option<Source> = None;
             let mut secrets_replaced = false;
@@ -212,11 +240,11 @@ impl Reloader {
     }
 }
 
-/// The source a changed key is a setting of (`sources.stripe.allowed_ips`), or `None` for any other key. A
-/// source added or removed is named whole (`sources.stripe`) and waits for a restart: its route, its streams
-/// and its series are set up at start.
-fn source_setting(key: &str) -> Option<&str> {
-    key.strip_prefix("sources.")?.split_once('.').map(|(name, _)| name)
+/// The source a changed key belongs to: a setting of it (`sources.stripe.allowed_ips`) or, for a source added
+/// or removed, the source whole (`sources.stripe`); `None` for any other key.
+fn source_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("sources.")?;
+    Some(rest.split_once('.').map_or(rest, |(name, _)| name))
 }
 
 #[cfg(unix)]

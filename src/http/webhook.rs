@@ -54,10 +54,18 @@ impl SourceRoute {
     }
 }
 
+/// The configured sources by name: swapped whole when a SIGHUP adds or removes one (`crate::reload`).
+pub type Routes = ArcSwap<HashMap<String, Arc<SourceRoute>>>;
+
+/// Builds the route table of `sources`.
+pub fn routes(sources: Vec<Source>) -> HashMap<String, Arc<SourceRoute>> {
+    sources.into_iter().map(|source| (source.name.clone(), Arc::new(SourceRoute::new(source)))).collect()
+}
+
 /// What every webhook request needs, shared by all connections.
 #[derive(Debug)]
 pub struct WebhookState {
-    pub sources: Arc<HashMap<String, SourceRoute>>,
+    pub sources: Arc<Routes>,
     pub pipeline: Pipeline,
     pub ack_mode: AckMode,
     pub request_timeout: Duration,
@@ -77,10 +85,11 @@ pub async fn handle(state: Arc<WebhookState>, request: Request<Incoming>, peer: 
     let started = Instant::now();
     let method = request.method().clone();
     let client = state.trusted_proxies.client(peer.ip(), request.headers());
-    // The source is looked up while the path is still borrowed from the request: no allocation.
-    let route = request.uri().path().strip_prefix(WEBHOOK_PREFIX).map(|name| state.sources.get(name));
+    // The source is looked up while the path is still borrowed from the request: no allocation. The route is
+    // held by its own `Arc` (one count up and down), so a table swapped meanwhile does not wait for this request.
+    let route = request.uri().path().strip_prefix(WEBHOOK_PREFIX).map(|name| state.sources.load().get(name).cloned());
     let (route, result) = match route {
-        Some(Some(source)) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, source, request, client, started).await),
+        Some(Some(source)) => (crate::metrics::WEBHOOK_ROUTE, receive(&state, &source, request, client, started).await),
         Some(None) => (crate::metrics::WEBHOOK_ROUTE, Err(ApiError::UnknownSource)),
         None => ("other", Err(ApiError::NotFound)),
     };

@@ -231,17 +231,17 @@ async fn sighup_applies_a_new_log_level_at_once_and_names_the_keys_that_wait_for
 }
 
 #[tokio::test]
-async fn sighup_applies_a_sources_changed_settings_and_a_setting_that_does_not_load_changes_none_of_them() {
+async fn sighup_applies_changed_added_and_removed_sources_and_a_setting_that_does_not_load_changes_none_of_a_source() {
     let db = TestDb::create().await;
     let (port, admin_port) = (free_port(), free_port());
     let config = config_file(&db.url, port, admin_port);
     let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-sources")));
     let env = [("HOOKGATE__LOG__FORMAT", "json"), ("HOOKGATE__RELOAD__INTERVAL_S", "3600")];
     let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, Some(&log)).await;
-    let mut accepted = std::collections::HashSet::new();
-    let mut post_one = || {
+    let accepted = std::cell::RefCell::new(std::collections::HashSet::new());
+    let post_one = || {
         let id = unique("evt_settings");
-        accepted.insert(id.clone());
+        accepted.borrow_mut().insert(id.clone());
         let url = gateway.url("stripe");
         async move { post_stripe_with(&client(), &url, &id).await.status }
     };
@@ -282,7 +282,39 @@ async fn sighup_applies_a_sources_changed_settings_and_a_setting_that_does_not_l
     gateway.signal("HUP");
     assert!(eventually(Duration::from_secs(10), || async { pending().await == Some(0.0) }).await);
     assert_eq!(post_one().await, 202, "the list is gone again");
+
+    // A new sender (signing as Stripe does, with the stripe source's secret file) and one taken out.
+    let start = original.find("[sources.stripe]\n").expect("stripe section");
+    let end = original[start..].find("[sources.standard]").expect("next section") + start;
+    let partner = original[start..end].replace("[sources.stripe]", "[sources.partner]");
+    let github_start = original.find("[sources.github]\n").expect("github section");
+    let github_end = original[github_start..].find("\n[").map_or(original.len(), |n| github_start + n + 1);
+    let replaced = format!("{}{}{partner}", &original[..github_start], &original[github_end..]);
+    std::fs::write(&config, &replaced).expect("sources added and removed");
+    gateway.signal("HUP");
+    let added = || async {
+        let id = unique("evt_partner");
+        let answer = post_stripe_with(&client(), &gateway.url("partner"), &id).await;
+        (answer.status == 202).then_some(id)
+    };
+    let mut first = None;
+    for _ in 0..100 {
+        first = added().await;
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let partner_id = first.expect("the added source is received without a restart");
+    assert!(db.body_of("partner", &partner_id).await.is_some(), "stored under the new source's name");
+    accepted.borrow_mut().insert(partner_id);
+    let series = r#"hookgate_signature_failures_total{source="partner",reason="bad_signature"}"#;
+    assert_eq!(scrape_metric(&gateway.metrics_url(), series).await, Some(0.0), "its series are exported at once");
+    let github = post(&client(), &gateway.url("github"), &[], b"{}").await;
+    assert_eq!((github.status, github.kind()), (404, "unknown_source"), "{github:?}");
+    assert_eq!(post_one().await, 202, "the other sources are untouched");
+    assert_eq!(pending().await, Some(0.0), "nothing of it waits for a restart");
     drop(gateway);
-    assert_eq!(db.stored_ids().await, accepted, "every accepted event, and no refused one, is stored");
+    assert_eq!(db.stored_ids().await, accepted.into_inner(), "every accepted event, and no refused one, is stored");
     let _ = std::fs::remove_file(log);
 }
