@@ -219,6 +219,8 @@ pub struct LogConfig {
 pub struct ReloadConfig {
     /// Seconds between reloads; SIGHUP reloads at once.
     pub interval_s: u64,
+    /// Each reload also reads the configuration file when its content changed, as SIGHUP does.
+    pub watch_config: bool,
 }
 
 /// How long stored events are kept, and how the old ones are deleted (`retention.rs`).
@@ -865,5 +867,27 @@ mod tests {
         assert!(!c.redacted_toml().contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(c.redacted_toml().contains("[queue]"));
+    }
+
+    #[test]
+    fn the_shipped_configuration_files_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let read = |path: &str| std::fs::read_to_string(root.join(path)).expect("shipped file");
+        // The ConfigMap's file is its `hookgate.toml: |` block, indented four spaces.
+        let configmap = read("kubernetes/configmap.yaml");
+        let embedded: Vec<&str> = configmap
+            .lines()
+            .skip_while(|line| line.trim() != "hookgate.toml: |")
+            .skip(1)
+            .map(|line| line.strip_prefix("    ").unwrap_or(line))
+            .collect();
+        assert!(embedded.len() > 10, "the ConfigMap holds hookgate.toml");
+        let kubernetes = Config::from_toml(&embedded.join("\n")).expect("the ConfigMap's configuration loads");
+        assert!(kubernetes.reload.watch_config, "the kubelet swaps the file whole: edits are followed");
+        let systemd = Config::from_toml(&read("systemd/hookgate.toml")).expect("the systemd configuration loads");
+        for config in [kubernetes, systemd] {
+            assert_eq!(config.sources["stripe"].scheme, Scheme::Stripe);
+            assert_eq!(config.log.format, LogFormat::Json);
+        }
     }
 }

@@ -224,7 +224,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         metrics::init_tls_series();
         metrics::record_tls_not_after(tls.not_after_unix());
     }
-    let reloader = reload::Reloader { routes, tls: tls.clone(), config: config.clone() };
+    let reloader = reload::Reloader::new(routes, tls.clone(), config.clone());
     tokio::spawn(reloader.watch(Duration::from_secs(config.reload.interval_s), admin_stop.clone()));
     if config.retention.enabled() {
         // Stops with the listener: no new deletes start while the queue drains.

@@ -8,7 +8,8 @@
 //! one added is received from then on, one removed refused, and one whose settings changed (`allowed_ips`,
 //! `tolerance_s`, `max_body_bytes`, where its secrets are read from) is swapped under running requests.
 //! Any other changed key is named in a warning as taking effect on restart, so an edit is never silently
-//! ignored.
+//! ignored. With `reload.watch_config`, each interval does the same when the file's content changed (a
+//! Kubernetes ConfigMap, which the kubelet swaps in whole).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -37,13 +38,21 @@ pub fn install_log_level_setter(setter: LogLevelSetter) {
 /// names), the certificate, and the configuration file `config` was loaded from.
 #[derive(Debug)]
 pub struct Reloader {
-    pub routes: Arc<Routes>,
-    pub tls: Option<TlsTermination>,
-    /// The configuration in use (with the log level last applied).
-    pub config: Config,
+    routes: Arc<Routes>,
+    tls: Option<TlsTermination>,
+    /// The configuration in use (with the log level and the sources last applied).
+    config: Config,
+    /// SHA-256 of the configuration file as last read, so that `reload.watch_config` reads it only when it
+    /// changed (and a broken file is reported once, not every interval).
+    config_file_digest: Option<[u8; 32]>,
 }
 
 impl Reloader {
+    pub fn new(routes: Arc<Routes>, tls: Option<TlsTermination>, config: Config) -> Self {
+        let config_file_digest = config.file.as_deref().and_then(file_digest);
+        Self { routes, tls, config, config_file_digest }
+    }
+
     /// One reload of everything, now. The files are small (a few secrets, a certificate chain): read on the
     /// runtime's thread, they take microseconds, once an interval.
     pub fn reload(&self) {
@@ -64,7 +73,11 @@ impl Reloader {
             tick.tick().await;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    _ = tick.tick() => {
+                        if self.config.reload.watch_config {
+                            self.reload_config_if_changed();
+                        }
+                    }
                     () = next_hangup(&mut hangup) => {
                         info!("SIGHUP: reloading the configuration file, secrets, address files and the TLS certificate");
                         self.reload_config();
@@ -76,12 +89,23 @@ impl Reloader {
         }
     }
 
+    /// Reads the configuration file again when its content is not what was last read (`reload.watch_config`).
+    fn reload_config_if_changed(&mut self) {
+        let Some(path) = &self.config.file else { return };
+        if file_digest(path) != self.config_file_digest {
+            info!(file = %path.display(), "the configuration file changed: reading it again");
+            self.reload_config();
+        }
+    }
+
     /// Reads the configuration file again (on SIGHUP): applies a new `log.level`, the sources added, removed
     /// or changed, and names every other changed key as waiting for a restart
     /// (`hookgate_config_restart_pending`). A file that does not load changes nothing.
     fn reload_config(&mut self) {
         let Some(path) = self.config.file.clone() else { return };
         let file = path.display().to_string();
+        // Before the load: a file that does not load is then read again only once it changes.
+        self.config_file_digest = file_digest(&path);
         let new = match Config::load(Some(&path)) {
             Ok(new) => new,
             Err(e) => {
@@ -238,6 +262,11 @@ impl Reloader {
             }
         }
     }
+}
+
+/// SHA-256 of a file's bytes; `None` when it cannot be read.
+fn file_digest(path: &std::path::Path) -> Option<[u8; 32]> {
+    std::fs::read(path).ok().map(|bytes| crate::digest_of([bytes.as_slice()]))
 }
 
 /// The source a changed key belongs to: a setting of it (`sources.stripe.allowed_ips`) or, for a source added

@@ -318,3 +318,45 @@ async fn sighup_applies_changed_added_and_removed_sources_and_a_setting_that_doe
     assert_eq!(db.stored_ids().await, accepted.into_inner(), "every accepted event, and no refused one, is stored");
     let _ = std::fs::remove_file(log);
 }
+
+#[tokio::test]
+async fn with_watch_config_an_edit_applies_on_the_interval_and_a_restart_key_is_warned_about_once() {
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let original = std::fs::read_to_string(&config).expect("config");
+    let watched = original
+        .replace("[log]\n", "[reload]\ninterval_s = 1\nwatch_config = true\n[log]\n")
+        .replace("level = 'warn'", "level = 'info'");
+    std::fs::write(&config, &watched).expect("watching config");
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-watch")));
+    let gateway =
+        GatewayProcess::start_with(&config, port, admin_port, &[("HOOKGATE__LOG__FORMAT", "json")], Some(&log)).await;
+    let status = || async { post_stripe_with(&client(), &gateway.url("stripe"), &unique("evt_watch")).await.status };
+    assert_eq!(status().await, 202);
+
+    // Replaced whole, as the kubelet swaps a ConfigMap: no signal.
+    let listed = watched
+        .replace("[sources.stripe]\n", "[sources.stripe]\nallowed_ips = ['192.0.2.0/24']\n")
+        .replace("[server]\n", "[server]\nmax_connections = 100\n");
+    let next = config.with_extension("next");
+    std::fs::write(&next, &listed).expect("next config");
+    std::fs::rename(&next, &config).expect("swapped in");
+    assert!(eventually(Duration::from_secs(10), || async { status().await == 403 }).await, "applied on the interval");
+    let pending = || async { scrape_metric(&gateway.metrics_url(), "hookgate_config_restart_pending").await };
+    assert_eq!(pending().await, Some(1.0));
+    // Three more intervals with the file unchanged: it is not read again, so the warning is not repeated.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let (text, warnings) = crate::process::json_log_lines_with(&log, "take effect only on restart");
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert_eq!(warnings[0]["keys"], "server.max_connections", "{text}");
+    let (text, reads) = crate::process::json_log_lines_with(&log, "changed: reading it again");
+    assert_eq!(reads.len(), 1, "read once per change: {text}");
+
+    std::fs::write(&next, &watched).expect("next config");
+    std::fs::rename(&next, &config).expect("swapped back");
+    assert!(eventually(Duration::from_secs(10), || async { status().await == 202 }).await, "the list is gone again");
+    assert!(eventually(Duration::from_secs(5), || async { pending().await == Some(0.0) }).await);
+    drop(gateway);
+    let _ = std::fs::remove_file(log);
+}
