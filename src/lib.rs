@@ -42,7 +42,7 @@ use tracing::info;
 
 use crate::config::{Config, ConfigError};
 use crate::http::admin::{serve_admin, AdminState};
-use crate::http::webhook::{self, Routes};
+use crate::http::webhook::{self, ProxyLists, Routes};
 use crate::http::{serve_webhooks, WebhookState};
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
@@ -216,7 +216,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         ack_mode: config.queue.ack_mode,
         request_timeout: config.server.request_timeout(),
         retry_after_s: config.queue.retry_after_s,
-        trusted_proxies: address::TrustedProxies::new(config.server.trusted_proxies.clone()),
+        proxies: Arc::new(ProxyLists::new(&config.server)),
     });
 
     let admin_stop = CancellationToken::new();
@@ -224,7 +224,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         metrics::init_tls_series();
         metrics::record_tls_not_after(tls.not_after_unix());
     }
-    let reloader = reload::Reloader::new(routes, tls.clone(), config.clone());
+    let reloader = reload::Reloader::new(routes, state.proxies.clone(), tls.clone(), config.clone());
     tokio::spawn(reloader.watch(Duration::from_secs(config.reload.interval_s), admin_stop.clone()));
     if config.retention.enabled() {
         // Stops with the listener: no new deletes start while the queue drains.

@@ -6,8 +6,9 @@
 //! SIGHUP also reads the configuration file again: a new `log.level` is applied at once (debug logs for a
 //! few minutes, without the restart that would end the behaviour being looked at), and so are the sources:
 //! one added is received from then on, one removed refused, and one whose settings changed (`allowed_ips`,
-//! `tolerance_s`, `max_body_bytes`, where its secrets are read from) is swapped under running requests.
-//! Any other changed key is named in a warning as taking effect on restart, so an edit is never silently
+//! `tolerance_s`, `max_body_bytes`, where its secrets are read from) is swapped under running requests;
+//! so are the proxies and balancers that may name the client (`server.trusted_proxies`,
+//! `server.proxy_protocol_from`), for the next request and the next connection. Any other changed key is named in a warning as taking effect on restart, so an edit is never silently
 //! ignored. With `reload.watch_config`, each interval does the same when the file's content changed (a
 //! Kubernetes ConfigMap, which the kubelet swaps in whole).
 
@@ -19,9 +20,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::address::TrustedProxies;
 use crate::config::{Config, ConfigError, Source, SourceConfig};
 use crate::http::tls::TlsTermination;
-use crate::http::webhook::{Routes, SourceRoute};
+use crate::http::webhook::{ProxyLists, Routes, SourceRoute};
 
 /// Changes the running process's log filter to a `log.level` directive, or says why it cannot.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -39,6 +41,7 @@ pub fn install_log_level_setter(setter: LogLevelSetter) {
 #[derive(Debug)]
 pub struct Reloader {
     routes: Arc<Routes>,
+    proxies: Arc<ProxyLists>,
     tls: Option<TlsTermination>,
     /// The configuration in use (with the log level and the sources last applied).
     config: Config,
@@ -48,9 +51,9 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(routes: Arc<Routes>, tls: Option<TlsTermination>, config: Config) -> Self {
+    pub fn new(routes: Arc<Routes>, proxies: Arc<ProxyLists>, tls: Option<TlsTermination>, config: Config) -> Self {
         let config_file_digest = config.file.as_deref().and_then(file_digest);
-        Self { routes, tls, config, config_file_digest }
+        Self { routes, proxies, tls, config, config_file_digest }
     }
 
     /// One reload of everything, now. The files are small (a few secrets, a certificate chain): read on the
@@ -123,6 +126,16 @@ impl Reloader {
         for key in self.config.changed_keys(&new) {
             if key == "log.level" {
                 level_changed = true;
+            } else if key == "server.trusted_proxies" {
+                let list = new.server.trusted_proxies.clone();
+                self.proxies.trusted_proxies.store(Arc::new(TrustedProxies::new(list.clone())));
+                info!(proxies = list.len(), "server.trusted_proxies applied");
+                self.config.server.trusted_proxies = list;
+            } else if key == "server.proxy_protocol_from" {
+                let list = new.server.proxy_protocol_from.clone();
+                self.proxies.proxy_protocol_from.store(Arc::new(list.clone()));
+                info!(balancers = list.len(), "server.proxy_protocol_from applied to new connections");
+                self.config.server.proxy_protocol_from = list;
             } else if let Some(name) = source_of(&key) {
                 changed_sources.entry(name.to_owned()).or_default().push(key);
             } else {

@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::address::{any_contains, AddressRange};
+use crate::address::any_contains;
 use crate::config::ServerConfig;
 use crate::WarnThrottle;
 pub use webhook::WebhookState;
@@ -67,7 +67,6 @@ pub async fn serve_webhooks(
         // bound as one that never finishes its headers.
         handshake_timeout: config.header_read_timeout(),
         proxy_protocol: config.proxy_protocol,
-        proxy_protocol_from: config.proxy_protocol_from.clone(),
         proxy_header_warning: WarnThrottle::new(Duration::from_secs(60)),
         untrusted_balancer_warning: WarnThrottle::new(Duration::from_secs(60)),
     });
@@ -125,8 +124,6 @@ struct ConnectionSettings {
     tls: Option<tokio_rustls::TlsAcceptor>,
     handshake_timeout: Duration,
     proxy_protocol: bool,
-    /// The peers whose PROXY header is believed (`server.proxy_protocol_from`); empty: any.
-    proxy_protocol_from: Vec<AddressRange>,
     /// Connections without a valid PROXY header: warned about once a minute, since a balancer that does not
     /// send one has every connection refused.
     proxy_header_warning: WarnThrottle,
@@ -142,9 +139,9 @@ impl ConnectionSettings {
         if self.proxy_protocol {
             // Judged before a byte is read: a header from around the balancer could name any client, and
             // `allowed_ips` would believe it.
-            if !self.proxy_protocol_from.is_empty()
-                && !any_contains(&self.proxy_protocol_from, peer.ip().to_canonical())
-            {
+            // `server.proxy_protocol_from`, which a SIGHUP can change.
+            let balancers = self.state.proxies.proxy_protocol_from.load();
+            if !balancers.is_empty() && !any_contains(&balancers, peer.ip().to_canonical()) {
                 crate::metrics::record_proxy_header_failure("untrusted_peer");
                 if self.untrusted_balancer_warning.due() {
                     warn!(

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
 use super::error::ApiError;
-use crate::address::{self, TrustedProxies};
-use crate::config::{AckMode, Source};
+use crate::address::{self, AddressRange, TrustedProxies};
+use crate::config::{AckMode, ServerConfig, Source};
 use crate::event;
 use crate::pipeline::{BodyMemory, Outcome, Pipeline, StoreFailed, SubmitError};
 use crate::store::NewEvent;
@@ -70,7 +70,26 @@ pub struct WebhookState {
     pub ack_mode: AckMode,
     pub request_timeout: Duration,
     pub retry_after_s: u32,
-    pub trusted_proxies: TrustedProxies,
+    pub proxies: Arc<ProxyLists>,
+}
+
+/// Who may name the client instead of the TCP peer: swapped whole when a SIGHUP changes them
+/// (`crate::reload`), read once per request (`X-Forwarded-For`) or per connection (the PROXY header).
+#[derive(Debug)]
+pub struct ProxyLists {
+    /// `server.trusted_proxies`.
+    pub trusted_proxies: ArcSwap<TrustedProxies>,
+    /// `server.proxy_protocol_from`; empty: any peer.
+    pub proxy_protocol_from: ArcSwap<Vec<AddressRange>>,
+}
+
+impl ProxyLists {
+    pub fn new(server: &ServerConfig) -> Self {
+        Self {
+            trusted_proxies: ArcSwap::from_pointee(TrustedProxies::new(server.trusted_proxies.clone())),
+            proxy_protocol_from: ArcSwap::from_pointee(server.proxy_protocol_from.clone()),
+        }
+    }
 }
 
 /// The 202 body.
@@ -84,7 +103,7 @@ struct Acknowledged<'a> {
 pub async fn handle(state: Arc<WebhookState>, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let method = request.method().clone();
-    let client = state.trusted_proxies.client(peer.ip(), request.headers());
+    let client = state.proxies.trusted_proxies.load().client(peer.ip(), request.headers());
     // The source is looked up while the path is still borrowed from the request: no allocation. The route is
     // held by its own `Arc` (one count up and down), so a table swapped meanwhile does not wait for this request.
     let route = request.uri().path().strip_prefix(WEBHOOK_PREFIX).map(|name| state.sources.load().get(name).cloned());

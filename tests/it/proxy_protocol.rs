@@ -33,7 +33,7 @@ pub fn v2_header(command: v2::Command, client: &str) -> Vec<u8> {
 }
 
 /// Connects to `addr`, sends `header`, and opens an HTTP/1.1 connection after it.
-async fn through_balancer(addr: SocketAddr, header: &[u8]) -> Http1Sender {
+pub async fn through_balancer(addr: SocketAddr, header: &[u8]) -> Http1Sender {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(header).await.expect("PROXY header");
     http1_on(stream).await
@@ -102,7 +102,7 @@ async fn the_client_a_proxy_header_names_is_judged_for_every_request_of_its_conn
 
 /// Writes `bytes` on a new connection and waits for the gateway to close it; true when it did so without
 /// answering a byte.
-async fn closed_without_answer(addr: SocketAddr, bytes: &[u8]) -> bool {
+pub async fn closed_without_answer(addr: SocketAddr, bytes: &[u8]) -> bool {
     closed_without_answer_from(std::net::Ipv4Addr::LOCALHOST, addr, bytes).await
 }
 

@@ -360,3 +360,43 @@ async fn with_watch_config_an_edit_applies_on_the_interval_and_a_restart_key_is_
     drop(gateway);
     let _ = std::fs::remove_file(log);
 }
+
+#[tokio::test]
+async fn sighup_applies_new_balancers_and_trusted_proxies_without_a_restart() {
+    use crate::proxy_protocol::{closed_without_answer, through_balancer, v1_header};
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let original = std::fs::read_to_string(&config).expect("config");
+    // The balancer is about to move to 127.0.0.1; the sender's proxy tier at 192.0.2.0/24 is not trusted yet.
+    let before = original
+        .replace("[server]\n", "[server]\nproxy_protocol = true\nproxy_protocol_from = ['127.0.0.2']\n")
+        .replace("[sources.stripe]\n", "[sources.stripe]\nallowed_ips = ['198.51.100.0/24']\n");
+    std::fs::write(&config, &before).expect("config");
+    let gateway = GatewayProcess::start(&config, port, admin_port).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let header = v1_header("192.0.2.7:40000");
+    assert!(closed_without_answer(addr, &header).await, "127.0.0.1 is not a listed balancer yet");
+
+    let after = before.replace(
+        "proxy_protocol_from = ['127.0.0.2']",
+        "proxy_protocol_from = ['127.0.0.1']\ntrusted_proxies = ['192.0.2.0/24']",
+    );
+    std::fs::write(&config, &after).expect("edited config");
+    gateway.signal("HUP");
+    // Answered at all (an unsigned request after the header: 401) once 127.0.0.1 is a listed balancer.
+    let mut unsigned = header.clone();
+    unsigned.extend_from_slice(
+        b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    let answered = || async { !closed_without_answer(addr, &unsigned).await };
+    assert!(eventually(Duration::from_secs(10), answered).await, "the new balancer applies without a restart");
+    // The balancer names the proxy tier, whose X-Forwarded-For names the sender: both lists are needed.
+    let mut sender = through_balancer(addr, &header).await;
+    let (id, answer) = post_signed_on(&mut sender, "stripe", &[("x-forwarded-for", "198.51.100.9")]).await;
+    assert_eq!(answer.status, 202, "the new trusted proxies apply too: {answer:?}");
+    let pending = scrape_metric(&gateway.metrics_url(), "hookgate_config_restart_pending").await;
+    assert_eq!(pending, Some(0.0), "nothing waits for a restart");
+    drop(gateway);
+    assert_eq!(db.stored_ids().await, [id].into());
+}
