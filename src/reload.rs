@@ -120,6 +120,12 @@ impl Reloader {
                 return;
             }
         };
+        if new.sources.is_empty() {
+            // As at start-up: a file that lost its sources (a template rendered without them) would otherwise
+            // turn every sender away.
+            error!(file, "configuration file not reloaded: it configures no source; the configuration in use stays");
+            return;
+        }
         let mut restart = Vec::new();
         let mut level_changed = false;
         let mut changed_sources: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -314,6 +314,15 @@ async fn sighup_applies_changed_added_and_removed_sources_and_a_setting_that_doe
     assert_eq!((github.status, github.kind()), (404, "unknown_source"), "{github:?}");
     assert_eq!(post_one().await, 202, "the other sources are untouched");
     assert_eq!(pending().await, Some(0.0), "nothing of it waits for a restart");
+
+    // A file that lost every source is not applied: the senders are not all turned away.
+    let server = original.find("[server]\n").expect("server section");
+    assert!(!original[server..].contains("[sources."), "the sources come first");
+    std::fs::write(&config, &original[server..]).expect("no sources");
+    gateway.signal("HUP");
+    let logged = || async { !crate::process::json_log_lines_with(&log, "configures no source").1.is_empty() };
+    assert!(eventually(Duration::from_secs(10), logged).await, "the refusal is logged");
+    assert_eq!(post_one().await, 202, "the sources in use stay");
     drop(gateway);
     assert_eq!(db.stored_ids().await, accepted.into_inner(), "every accepted event, and no refused one, is stored");
     let _ = std::fs::remove_file(log);
