@@ -47,6 +47,11 @@ const LATENCY_BUCKETS: &[f64] =
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// The process's own CPU, memory, file descriptors and threads (`process_*`, the names every Prometheus client
+/// library exports), read from `/proc` at each scrape: RSS, and open descriptors against `server.max_connections`
+/// and the limit, without a node exporter's view of the whole host.
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+pub const BUILD_INFO: &str = "hookgate_build_info";
 
 /// Installs the process-wide recorder (once; later calls return the same handle) and describes every metric.
 pub fn install() -> PrometheusHandle {
@@ -60,12 +65,22 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (an embedding application): then we only render ours.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            PROCESS.get_or_init(metrics_process::Collector::default).describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
 }
 
+/// Reads the process's own figures into their gauges (before a scrape renders them).
+pub fn collect_process() {
+    if let Some(collector) = PROCESS.get() {
+        collector.collect();
+    }
+}
+
 fn describe() {
+    describe_gauge!(BUILD_INFO, "1, labelled with the running hookgate's version.");
     describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "Duration of HTTP requests on the webhook port.");
     describe_counter!(SIGNATURE_FAILURES, "Requests refused because their signature did not verify, by reason.");
     describe_counter!(

@@ -75,6 +75,7 @@ async fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full
         "/metrics" => {
             crate::metrics::record_queue_depth(state.pipeline.depth());
             crate::metrics::record_body_memory(state.pipeline.body_memory().used());
+            crate::metrics::collect_process();
             let text = state.prometheus.render();
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
