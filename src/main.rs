@@ -130,6 +130,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_tracing(&config.log);
+    raise_open_file_limit(&config);
     let listeners = Listeners::bind(&config)
         .await
         .with_context(|| format!("binding {} and {}", config.server.listen, config.admin.listen))?;
@@ -145,6 +146,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     hookgate::run(config, listeners, shutdown).await?;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one, as the Go runtime does and as systemd expects of
+/// servers (its soft default stays 1024 for programs that use `select()`): each connection is a descriptor,
+/// and past the limit `accept()` fails. Warns when even the hard limit is short of what the configuration
+/// can open at once.
+fn raise_open_file_limit(config: &Config) {
+    let max_connections = config.server.max_connections as u64;
+    // The pools' connections, the listeners, the runtime's epoll and wake-up descriptors, logs: a margin.
+    let needed = max_connections + u64::from(config.store.pool_max) + config.notify.pool_max as u64 + 64;
+    let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).ok();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            if before.is_some_and(|soft| soft < limit) {
+                info!(before, limit, "open file limit raised to its hard limit");
+            }
+            if limit < needed {
+                warn!(
+                    limit,
+                    needed,
+                    max_connections,
+                    "the open file limit is below what server.max_connections and the pools can open: past it, new \
+                     connections are not accepted; raise it (LimitNOFILE= in the systemd unit, the container's \
+                     nofile ulimit) or lower server.max_connections"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read or raise the open file limit"),
+    }
 }
 
 async fn replay(config: &Config, filter: &hookgate::store::ReplayFilter, dry_run: bool) -> anyhow::Result<()> {

@@ -87,7 +87,34 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         log: Option<&std::path::Path>,
     ) -> Self {
-        let mut command = hookgate();
+        Self::start_command(hookgate(), config, port, admin_port, env, log).await
+    }
+
+    /// As `start_with`, the gateway run by `wrapper` (a program and its arguments, such as `prlimit
+    /// --nofile=256:256`, that runs the command line after them).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        config: &std::path::Path,
+        port: u16,
+        admin_port: u16,
+        log: &std::path::Path,
+    ) -> Self {
+        let mut command = Command::new(wrapper[0]);
+        command.args(&wrapper[1..]).arg(BIN);
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(hookgate::config::ENV_PREFIX)) {
+            command.env_remove(key);
+        }
+        Self::start_command(command, config, port, admin_port, &[("HOOKGATE__LOG__FORMAT", "json")], Some(log)).await
+    }
+
+    async fn start_command(
+        mut command: Command,
+        config: &std::path::Path,
+        port: u16,
+        admin_port: u16,
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         command.args(["--config", config.to_str().expect("utf-8 path"), "serve"]).stdout(Stdio::null());
         for (key, value) in env {
             command.env(key, value);
@@ -381,4 +408,40 @@ async fn migrating_a_per_event_outbox_keeps_its_backlog() {
     store.migrate().await.expect("migrate to 0005");
     assert_eq!(store.count_unpublished(Duration::from_secs(5)).await.expect("count"), 30, "every queued event kept");
     start_and_expect_backlog_published(config, &db, &ids, "migrated backlog").await.stop().await;
+}
+
+#[tokio::test]
+async fn serve_raises_the_open_file_limit_to_its_hard_limit_and_warns_when_that_is_short() {
+    let db = TestDb::create().await;
+    let limits = |(soft, hard): (u32, u32)| format!("--nofile={soft}:{hard}");
+    let limit_of = |gateway: &GatewayProcess| {
+        let url = gateway.metrics_url();
+        async move { scrape_metric(&url, "process_max_fds").await }
+    };
+    let warned = |log: &std::path::Path| {
+        let (text, lines) = json_log_lines_with(log, "the open file limit is below");
+        (lines.iter().filter(|line| line["level"] == "WARN").count(), text)
+    };
+
+    // A shell's soft limit under a generous hard one (systemd's 1024 against 524288): raised.
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin);
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-nofile")));
+    let gateway = GatewayProcess::start_wrapped(&["prlimit", &limits((256, 8192))], &config, port, admin, &log).await;
+    assert_eq!(limit_of(&gateway).await, Some(8192.0), "the soft limit is raised to the hard one");
+    let (warnings, text) = warned(&log);
+    assert_eq!(warnings, 0, "8192 covers 4096 connections and the pools: {text}");
+    assert_eq!(post_stripe_with(&client(), &gateway.url("stripe"), &unique("evt_nofile")).await.status, 202);
+    drop(gateway);
+
+    // A hard limit short of server.max_connections: served, and said so.
+    let (port, admin) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin);
+    let gateway = GatewayProcess::start_wrapped(&["prlimit", &limits((256, 512))], &config, port, admin, &log).await;
+    assert_eq!(limit_of(&gateway).await, Some(512.0));
+    let (warnings, text) = warned(&log);
+    assert_eq!(warnings, 1, "{text}");
+    assert_eq!(post_stripe_with(&client(), &gateway.url("stripe"), &unique("evt_nofile")).await.status, 202);
+    drop(gateway);
+    let _ = std::fs::remove_file(log);
 }
