@@ -9,6 +9,7 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub const BUILD_INFO: &str = "hookgate_build_info";
 pub const HTTP_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
 pub const SIGNATURE_FAILURES: &str = "hookgate_signature_failures_total";
 pub const ADDRESS_REFUSALS: &str = "hookgate_address_refusals_total";
@@ -51,7 +52,6 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// library exports), read from `/proc` at each scrape: RSS, and open descriptors against `server.max_connections`
 /// and the limit, without a node exporter's view of the whole host.
 static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
-pub const BUILD_INFO: &str = "hookgate_build_info";
 
 /// Installs the process-wide recorder (once; later calls return the same handle) and describes every metric.
 pub fn install() -> PrometheusHandle {

@@ -8,9 +8,10 @@
 //! one added is received from then on, one removed refused, and one whose settings changed (`allowed_ips`,
 //! `tolerance_s`, `max_body_bytes`, where its secrets are read from) is swapped under running requests;
 //! so are the proxies and balancers that may name the client (`server.trusted_proxies`,
-//! `server.proxy_protocol_from`), for the next request and the next connection. Any other changed key is named in a warning as taking effect on restart, so an edit is never silently
-//! ignored. With `reload.watch_config`, each interval does the same when the file's content changed (a
-//! Kubernetes ConfigMap, which the kubelet swaps in whole).
+//! `server.proxy_protocol_from`), for the next request and the next connection. Any other changed key is
+//! named in a warning as taking effect on restart, so an edit is never silently ignored. With
+//! `reload.watch_config`, each interval does the same when the file's content changed (a Kubernetes
+//! ConfigMap, which the kubelet swaps in whole).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -170,7 +171,12 @@ impl Reloader {
                 Ok(()) => info!(source = %name, keys, "source settings applied"),
                 Err(e) => {
                     let error = crate::error_chain(&e);
-                    error!(source = %name, keys, error, "source settings not applied: they do not load; the settings in use stay");
+                    error!(
+                        source = %name,
+                        keys,
+                        error,
+                        "source settings not applied: they do not load; the settings in use stay"
+                    );
                     not_applied = true;
                 }
             }

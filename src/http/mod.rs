@@ -138,8 +138,7 @@ impl ConnectionSettings {
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         if self.proxy_protocol {
             // Judged before a byte is read: a header from around the balancer could name any client, and
-            // `allowed_ips` would believe it.
-            // `server.proxy_protocol_from`, which a SIGHUP can change.
+            // `allowed_ips` would believe it. The list is loaded per connection, since a SIGHUP can change it.
             let balancers = self.state.proxies.proxy_protocol_from.load();
             if !balancers.is_empty() && !any_contains(&balancers, peer.ip().to_canonical()) {
                 crate::metrics::record_proxy_header_failure("untrusted_peer");
