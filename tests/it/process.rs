@@ -11,7 +11,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_hookgate");
 
 /// The binary, without any `HOOKGATE__` override the test runner's environment may carry.
 pub fn hookgate() -> Command {
-    let mut command = Command::new(BIN);
+    without_overrides(Command::new(BIN))
+}
+
+/// `command` without the `HOOKGATE__` overrides of the test runner's environment.
+fn without_overrides(mut command: Command) -> Command {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(hookgate::config::ENV_PREFIX)) {
         command.env_remove(key);
     }
@@ -99,11 +103,8 @@ impl GatewayProcess {
         admin_port: u16,
         log: &std::path::Path,
     ) -> Self {
-        let mut command = Command::new(wrapper[0]);
+        let mut command = without_overrides(Command::new(wrapper[0]));
         command.args(&wrapper[1..]).arg(BIN);
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(hookgate::config::ENV_PREFIX)) {
-            command.env_remove(key);
-        }
         Self::start_command(command, config, port, admin_port, &[("HOOKGATE__LOG__FORMAT", "json")], Some(log)).await
     }
 
