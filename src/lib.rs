@@ -174,14 +174,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     store.warm_up(config.workers.count + 1).await;
     let prometheus = metrics::install();
-    let source_names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
-    metrics::init_series(&source_names);
-    let listed: Vec<&str> = sources.iter().filter(|s| !s.allowed_ips.is_empty()).map(|s| s.name.as_str()).collect();
-    let with_file: Vec<&str> =
-        config.sources.iter().filter(|(_, s)| s.allowed_ips_file.is_some()).map(|(name, _)| name.as_str()).collect();
-    metrics::init_address_series(&listed, &with_file);
+    metrics::init_series();
     if config.retention.enabled() {
-        metrics::init_retention_series(&source_names);
+        metrics::init_retention_series();
+    }
+    for source in &sources {
+        let with_file = config.sources.get(&source.name).is_some_and(|s| s.allowed_ips_file.is_some());
+        let listed = !source.allowed_ips.is_empty();
+        metrics::init_source_series(&source.name, listed, with_file, config.retention.enabled());
     }
 
     // The notifier's tasks start before the workers, so the catch-up publishes what a crash left behind.

@@ -162,28 +162,10 @@ fn describe() {
     );
 }
 
-/// Exports every labelled series at zero from the start: `rate()` and alerts over a series that does not
-/// exist yet see nothing, so a first failure would otherwise go unnoticed.
-pub fn init_series(sources: &[&str]) {
-    for source in sources {
-        for reason in
-            ["missing_header", "malformed_header", "no_signatures", "bad_signature", "timestamp_outside_tolerance"]
-        {
-            counter!(SIGNATURE_FAILURES, "source" => source.to_string(), "reason" => reason).increment(0);
-        }
-        for reason in crate::event::EventError::KINDS {
-            counter!(INVALID_EVENTS, "source" => source.to_string(), "reason" => reason).increment(0);
-        }
-        for outcome in ["inserted", "duplicate"] {
-            counter!(EVENTS, "source" => source.to_string(), "outcome" => outcome).increment(0);
-        }
-        for path in ["normal", "catchup", "replay"] {
-            counter!(NOTIFY_PUBLISHED, "source" => source.to_string(), "path" => path).increment(0);
-        }
-        for result in ["replaced", "failed"] {
-            counter!(SECRET_RELOADS, "source" => source.to_string(), "result" => result).increment(0);
-        }
-    }
+/// Exports every labelled series of the gateway as a whole at zero from the start: `rate()` and alerts over a
+/// series that does not exist yet see nothing, so a first failure would otherwise go unnoticed. Each source's
+/// own come from [`init_source_series`].
+pub fn init_series() {
     for reason in ["queue_full", "body_memory_full", "shutting_down"] {
         counter!(QUEUE_REJECTIONS, "reason" => reason).increment(0);
     }
@@ -199,18 +181,40 @@ pub fn init_series(sources: &[&str]) {
     gauge!(BODY_MEMORY).set(0.0);
 }
 
-/// Address refusals' series, at zero from the start (only for sources with an `allowed_ips` list), and
-/// address file reloads' (only for sources with an `allowed_ips_file`).
-pub fn init_address_series(listed: &[&str], with_file: &[&str]) {
-    for source in listed {
+/// One source's series at zero, at start-up or when a reload adds it: its refusals, events, notifications
+/// and secret reloads; its address refusals when it has an `allowed_ips` list (`listed`) and its address
+/// file reloads when it has an `allowed_ips_file` (`with_file`); its retention deletes when retention is on.
+pub fn init_source_series(source: &str, listed: bool, with_file: bool, retention: bool) {
+    let source = source.to_owned();
+    for reason in
+        ["missing_header", "malformed_header", "no_signatures", "bad_signature", "timestamp_outside_tolerance"]
+    {
+        counter!(SIGNATURE_FAILURES, "source" => source.clone(), "reason" => reason).increment(0);
+    }
+    for reason in crate::event::EventError::KINDS {
+        counter!(INVALID_EVENTS, "source" => source.clone(), "reason" => reason).increment(0);
+    }
+    for outcome in ["inserted", "duplicate"] {
+        counter!(EVENTS, "source" => source.clone(), "outcome" => outcome).increment(0);
+    }
+    for path in ["normal", "catchup", "replay"] {
+        counter!(NOTIFY_PUBLISHED, "source" => source.clone(), "path" => path).increment(0);
+    }
+    for result in ["replaced", "failed"] {
+        counter!(SECRET_RELOADS, "source" => source.clone(), "result" => result).increment(0);
+    }
+    if listed {
         for signature in ["valid", "invalid", "unread"] {
-            counter!(ADDRESS_REFUSALS, "source" => source.to_string(), "signature" => signature).increment(0);
+            counter!(ADDRESS_REFUSALS, "source" => source.clone(), "signature" => signature).increment(0);
         }
     }
-    for source in with_file {
+    if with_file {
         for result in ["replaced", "failed"] {
-            counter!(ADDRESS_RELOADS, "source" => source.to_string(), "result" => result).increment(0);
+            counter!(ADDRESS_RELOADS, "source" => source.clone(), "result" => result).increment(0);
         }
+    }
+    if retention {
+        counter!(RETENTION_DELETED, "source" => source).increment(0);
     }
 }
 
@@ -229,13 +233,10 @@ pub fn init_proxy_header_series() {
     }
 }
 
-/// The retention series, at zero from the start (only when retention is on).
-pub fn init_retention_series(sources: &[&str]) {
+/// The retention runs' series, at zero from the start (only when retention is on).
+pub fn init_retention_series() {
     for result in ["completed", "skipped", "interrupted", "failed"] {
         counter!(RETENTION_RUNS, "result" => result).increment(0);
-    }
-    for source in sources {
-        counter!(RETENTION_DELETED, "source" => source.to_string()).increment(0);
     }
 }
 

@@ -193,9 +193,10 @@ impl Reloader {
     /// them as they were. The periodic reload reads the new files from then on.
     fn apply_source_settings(&mut self, name: &str, settings: &SourceConfig) -> Result<(), ConfigError> {
         let source = Source::load(name, settings)?;
-        let listed: &[&str] = if source.allowed_ips.is_empty() { &[] } else { &[name] };
-        let with_file: &[&str] = if settings.allowed_ips_file.is_some() { &[name] } else { &[] };
-        crate::metrics::init_address_series(listed, with_file);
+        // At zero before the source is served (a source added) or gains a list: a first refusal is then seen by
+        // `rate()` and the alerts. The series it has already are left as they are.
+        let (listed, with_file) = (!source.allowed_ips.is_empty(), settings.allowed_ips_file.is_some());
+        crate::metrics::init_source_series(name, listed, with_file, self.config.retention.enabled());
         let routes = self.routes.load();
         if let Some(route) = routes.get(name) {
             let current = route.source.load();
@@ -210,11 +211,6 @@ impl Reloader {
                 crate::metrics::record_address_reload(name, "replaced");
             }
         } else {
-            // Its series first, at zero, so that its first refusal is seen by `rate()` and the alerts.
-            crate::metrics::init_series(&[name]);
-            if self.config.retention.enabled() {
-                crate::metrics::init_retention_series(&[name]);
-            }
             let mut next = HashMap::clone(&routes);
             next.insert(name.to_owned(), Arc::new(SourceRoute::new(source)));
             self.routes.store(Arc::new(next));
