@@ -284,6 +284,10 @@ pub struct SourceConfig {
     pub tolerance_s: u64,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Most of this source's events queued or being written at once; past it, 503 for this source alone, so a
+    /// flood from one sender leaves the queue's other slots to the others. 0: only `queue.capacity` bounds it.
+    #[serde(default)]
+    pub max_queued: usize,
     /// The client addresses this source accepts (addresses or CIDR ranges); empty, with no file: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_ips: Vec<AddressRange>,
@@ -307,6 +311,8 @@ pub struct Source {
     pub name: String,
     pub verifier: Verifier,
     pub max_body_bytes: usize,
+    /// `max_queued`: 0 for no limit of its own.
+    pub max_queued: usize,
     /// The client addresses it accepts (`allowed_ips` and the file's); empty: any.
     pub allowed_ips: Vec<AddressRange>,
     /// SHA-256 of the secrets as loaded, so a reload can tell whether they changed without keeping them.
@@ -433,6 +439,15 @@ impl Config {
                     ),
                 ));
             }
+            if source.max_queued > self.queue.capacity {
+                return Err(invalid(
+                    format!("sources.{name}.max_queued"),
+                    format!(
+                        "must be at most queue.capacity ({}), a share of the queue's events (0: no limit of its own)",
+                        self.queue.capacity
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -483,7 +498,14 @@ impl Source {
     pub fn load(name: &str, cfg: &SourceConfig) -> Result<Self, ConfigError> {
         let (verifier, secrets_digest) = Self::load_secrets(name, cfg)?;
         let allowed_ips = Self::load_addresses(name, cfg)?;
-        Ok(Source { name: name.to_owned(), verifier, max_body_bytes: cfg.max_body_bytes, allowed_ips, secrets_digest })
+        Ok(Source {
+            name: name.to_owned(),
+            verifier,
+            max_body_bytes: cfg.max_body_bytes,
+            max_queued: cfg.max_queued,
+            allowed_ips,
+            secrets_digest,
+        })
     }
 
     /// Reads the source's secrets (its environment variable and/or file) and builds its verifier; returns it
@@ -700,6 +722,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sources.s.max_body_bytes") && err.contains("body_memory_mb"), "{err}");
+        let share = |max_queued: usize| {
+            Config::from_toml(&format!(
+                "[queue]\ncapacity = 100\n[sources.s]\nscheme='stripe'\nsecret_env='X'\nmax_queued = {max_queued}"
+            ))
+        };
+        let err = share(101).unwrap_err().to_string();
+        assert!(err.contains("sources.s.max_queued") && err.contains("queue.capacity (100)"), "{err}");
+        assert_eq!(share(100).unwrap().sources["s"].max_queued, 100);
+        assert_eq!(share(0).unwrap().sources["s"].max_queued, 0);
     }
 
     #[test]

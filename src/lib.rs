@@ -224,7 +224,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         metrics::init_tls_series();
         metrics::record_tls_not_after(tls.not_after_unix());
     }
-    let reloader = reload::Reloader::new(routes, state.proxies.clone(), tls.clone(), config.clone());
+    let reloader = reload::Reloader::new(routes.clone(), state.proxies.clone(), tls.clone(), config.clone());
     tokio::spawn(reloader.watch(Duration::from_secs(config.reload.interval_s), admin_stop.clone()));
     if config.retention.enabled() {
         // Stops with the listener: no new deletes start while the queue drains.
@@ -234,6 +234,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         prometheus: prometheus.clone(),
         store: store.clone(),
         pipeline: pipeline.clone(),
+        sources: routes,
         shutting_down: shutdown.clone(),
     };
     let admin = tokio::spawn(serve_admin(listeners.admin, admin_state, admin_stop.clone()));

@@ -20,6 +20,8 @@ pub const QUEUE_CAPACITY: &str = "hookgate_queue_capacity";
 pub const BODY_MEMORY: &str = "hookgate_body_memory_bytes";
 pub const BODY_MEMORY_LIMIT: &str = "hookgate_body_memory_limit_bytes";
 pub const QUEUE_REJECTIONS: &str = "hookgate_queue_rejections_total";
+pub const SOURCE_QUEUED: &str = "hookgate_source_queued_events";
+pub const SOURCE_SHARE_REJECTIONS: &str = "hookgate_source_share_rejections_total";
 pub const BATCH_SIZE: &str = "hookgate_batch_size";
 pub const STORE_COMMIT_DURATION: &str = "hookgate_store_commit_duration_seconds";
 pub const STORE_ERRORS: &str = "hookgate_store_errors_total";
@@ -103,6 +105,11 @@ fn describe() {
     );
     describe_gauge!(BODY_MEMORY_LIMIT, Unit::Bytes, "Most request body bytes held at once (queue.body_memory_mb).");
     describe_counter!(QUEUE_REJECTIONS, "Requests answered 503 before queueing, by reason.");
+    describe_gauge!(SOURCE_QUEUED, "A source's events queued or being written, against its max_queued.");
+    describe_counter!(
+        SOURCE_SHARE_REJECTIONS,
+        "Verified events answered 503 because their source held its max_queued events (its sender retries)."
+    );
     describe_histogram!(BATCH_SIZE, "Events per batch written by a worker.");
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Duration of one batch insert and commit.");
     describe_counter!(STORE_ERRORS, "Failed batch writes, by kind (transient errors are retried).");
@@ -166,7 +173,7 @@ fn describe() {
 /// series that does not exist yet see nothing, so a first failure would otherwise go unnoticed. Each source's
 /// own come from [`init_source_series`].
 pub fn init_series() {
-    for reason in ["queue_full", "body_memory_full", "shutting_down"] {
+    for reason in ["queue_full", "source_share_full", "body_memory_full", "shutting_down"] {
         counter!(QUEUE_REJECTIONS, "reason" => reason).increment(0);
     }
     for kind in ["transient", "rejected", "aborted"] {
@@ -181,8 +188,8 @@ pub fn init_series() {
     gauge!(BODY_MEMORY).set(0.0);
 }
 
-/// One source's series at zero, at start-up or when a reload adds it: its refusals, events, notifications
-/// and secret reloads; its address refusals when it has an `allowed_ips` list (`listed`) and its address
+/// One source's series at zero, at start-up or when a reload adds it: its refusals, events, events held in
+/// the queue, notifications and secret reloads; its address refusals when it has an `allowed_ips` list (`listed`) and its address
 /// file reloads when it has an `allowed_ips_file` (`with_file`); its retention deletes when retention is on.
 pub fn init_source_series(source: &str, listed: bool, with_file: bool, retention: bool) {
     let source = source.to_owned();
@@ -203,6 +210,8 @@ pub fn init_source_series(source: &str, listed: bool, with_file: bool, retention
     for result in ["replaced", "failed"] {
         counter!(SECRET_RELOADS, "source" => source.clone(), "result" => result).increment(0);
     }
+    counter!(SOURCE_SHARE_REJECTIONS, "source" => source.clone()).increment(0);
+    gauge!(SOURCE_QUEUED, "source" => source.clone()).set(0.0);
     if listed {
         for signature in ["valid", "invalid", "unread"] {
             counter!(ADDRESS_REFUSALS, "source" => source.clone(), "signature" => signature).increment(0);
@@ -295,6 +304,14 @@ pub fn record_queue_capacity(capacity: usize) {
 
 pub fn record_queue_rejection(reason: &'static str) {
     counter!(QUEUE_REJECTIONS, "reason" => reason).increment(1);
+}
+
+pub fn record_source_share_rejection(source: &str) {
+    counter!(SOURCE_SHARE_REJECTIONS, "source" => source.to_owned()).increment(1);
+}
+
+pub fn record_source_queued(source: &str, held: usize) {
+    gauge!(SOURCE_QUEUED, "source" => source.to_owned()).set(held as f64);
 }
 
 pub fn record_batch(size: usize, commit: Duration) {

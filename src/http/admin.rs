@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::error::json_response;
+use super::webhook::Routes;
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 
@@ -26,6 +27,8 @@ pub struct AdminState {
     pub prometheus: PrometheusHandle,
     pub store: Store,
     pub pipeline: Pipeline,
+    /// The sources, for their events held in the queue.
+    pub sources: Arc<Routes>,
     /// Cancelled when shutdown begins: from then on the gateway is not ready.
     pub shutting_down: CancellationToken,
 }
@@ -75,6 +78,9 @@ async fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full
         "/metrics" => {
             crate::metrics::record_queue_depth(state.pipeline.depth());
             crate::metrics::record_body_memory(state.pipeline.body_memory().used());
+            for route in state.sources.load().values() {
+                crate::metrics::record_source_queued(&route.label, route.queued.held());
+            }
             crate::metrics::collect_process();
             let text = state.prometheus.render();
             Response::builder()

@@ -30,6 +30,8 @@ pub enum ApiError {
     Event(#[from] EventError),
     #[error("the queue is full; retry later")]
     QueueFull,
+    #[error("this source's share of the queue is full; retry later")]
+    SourceShareFull,
     #[error("the gateway holds its limit of request bodies in memory; retry later")]
     BodyMemoryFull,
     #[error("the gateway is shutting down; retry later")]
@@ -51,6 +53,7 @@ impl ApiError {
             ApiError::BodyRead(_) | ApiError::Event(_) => StatusCode::BAD_REQUEST,
             ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
             ApiError::QueueFull
+            | ApiError::SourceShareFull
             | ApiError::BodyMemoryFull
             | ApiError::ShuttingDown
             | ApiError::StoreTimeout
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::Signature(e) => e.kind(),
             ApiError::Event(_) => "invalid_event",
             ApiError::QueueFull => "queue_full",
+            ApiError::SourceShareFull => "source_share_full",
             ApiError::BodyMemoryFull => "body_memory_full",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::StoreTimeout => "store_timeout",

@@ -18,7 +18,7 @@ use super::error::ApiError;
 use crate::address::{self, AddressRange, TrustedProxies};
 use crate::config::{AckMode, ServerConfig, Source};
 use crate::event;
-use crate::pipeline::{BodyMemory, Outcome, Pipeline, StoreFailed, SubmitError};
+use crate::pipeline::{BodyMemory, Outcome, Pipeline, SourceQueue, StoreFailed, SubmitError};
 use crate::store::NewEvent;
 use crate::WarnThrottle;
 
@@ -31,16 +31,21 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// The longest refusal reason a warning quotes (it can hold a value from the body).
 const WARNING_REASON_MAX: usize = 200;
 
-/// A configured source as the request path sees it: its label (shared by every event's `source`), and its
-/// verifier and limits, which a reload swaps (`crate::reload`) under running requests.
+/// A configured source as the request path sees it: its label (shared by every event's `source`), its
+/// verifier and limits, which a reload swaps (`crate::reload`) under running requests, and its events held in
+/// the queue, which a reload keeps.
 #[derive(Debug)]
 pub struct SourceRoute {
     pub label: Arc<str>,
     pub source: ArcSwap<Source>,
+    /// Its events queued or being written, against `max_queued`.
+    pub queued: Arc<SourceQueue>,
     /// Correctly signed requests from an address outside `allowed_ips`.
     address_warning: WarnThrottle,
     /// Correctly signed requests whose body is not an event.
     invalid_event_warning: WarnThrottle,
+    /// Events refused because the source holds `max_queued`.
+    queue_share_warning: WarnThrottle,
 }
 
 impl SourceRoute {
@@ -48,8 +53,10 @@ impl SourceRoute {
         Self {
             label: Arc::from(source.name.as_str()),
             source: ArcSwap::from_pointee(source),
+            queued: Arc::default(),
             address_warning: WarnThrottle::new(WARNING_INTERVAL),
             invalid_event_warning: WarnThrottle::new(WARNING_INTERVAL),
+            queue_share_warning: WarnThrottle::new(WARNING_INTERVAL),
         }
     }
 }
@@ -183,7 +190,10 @@ async fn receive(
     };
     let durable = state.ack_mode == AckMode::Durable;
     async move {
-        let ack = state.pipeline.submit(new_event, durable).map_err(|e| match e {
+        // Taken only for a verified event: an unsigned client that sends slow bodies must not be able to hold a
+        // source's share and have its sender's real events refused.
+        let slot = route.queued.take(source.max_queued).map_err(|_| refuse_over_share(route, source.max_queued))?;
+        let ack = state.pipeline.submit(new_event, slot, durable).map_err(|e| match e {
             SubmitError::Full => {
                 crate::metrics::record_queue_rejection("queue_full");
                 ApiError::QueueFull
@@ -253,6 +263,23 @@ fn refuse_invalid_event(route: &SourceRoute, error: &event::EventError) {
              have changed; its events are refused and retried until this is fixed"
         );
     }
+}
+
+/// Counts an event refused because its source holds `max_queued` events: the store is behind and this
+/// source sends the most, or it floods. It retries on the 503; the other sources are still taken. Warned about
+/// once a minute per source.
+fn refuse_over_share(route: &SourceRoute, max_queued: usize) -> ApiError {
+    crate::metrics::record_queue_rejection("source_share_full");
+    crate::metrics::record_source_share_rejection(&route.label);
+    if route.queue_share_warning.due() {
+        warn!(
+            source = %route.label,
+            max_queued,
+            "refused an event: the source holds its max_queued events, waiting to be written; its events are \
+             answered 503 and retried until they are written, the other sources' events are still taken"
+        );
+    }
+    ApiError::SourceShareFull
 }
 
 /// Reads the body up to `limit` bytes by `deadline`, within the `memory` budget. A declared or streamed length
@@ -337,6 +364,7 @@ mod tests {
             name: "s".into(),
             verifier: verifier.expect("verifier"),
             max_body_bytes: 1,
+            max_queued: 0,
             allowed_ips: Vec::new(),
             secrets_digest: [0; 32],
         };

@@ -2,12 +2,13 @@
 //!
 //! A handler `submit`s a job without waiting (a full queue is refused at once: 503, never an unbounded
 //! buffer). In durable mode the job carries a oneshot sender that a worker resolves after the batch holding
-//! the event has committed.
+//! the event has committed. Each job holds a slot of its source's share of the queue (`SourceQueue`) until its
+//! batch is written, so one source's flood cannot take every slot from the others.
 
 pub mod memory;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -51,6 +52,52 @@ pub type Ack = Result<Outcome, StoreFailed>;
 pub struct Job {
     pub event: NewEvent,
     pub ack: Option<oneshot::Sender<Ack>>,
+    /// Given back to the source's share when the job is dropped, after its batch is written.
+    _slot: QueueSlot,
+}
+
+/// How many of one source's events are in the queue or being written now, against the source's
+/// `max_queued`: a slot is taken before a job is queued and given back when its batch is written.
+#[derive(Debug, Default)]
+pub struct SourceQueue {
+    held: AtomicUsize,
+}
+
+/// The source holds `max_queued` events already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the source holds its share of the queue")]
+pub struct SourceQueueFull;
+
+impl SourceQueue {
+    /// Events of the source held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Takes a slot, or refuses when `limit` (non-zero) are held; 0: no limit of the source's own (the
+    /// queue's capacity still bounds it), the slot only counted.
+    pub fn take(self: &Arc<Self>, limit: usize) -> Result<QueueSlot, SourceQueueFull> {
+        if limit == 0 {
+            self.held.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.held
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held < limit).then_some(held + 1))
+                .map_err(|_| SourceQueueFull)?;
+        }
+        Ok(QueueSlot { queue: self.clone() })
+    }
+}
+
+/// One event's place in its source's share; given back when dropped.
+#[derive(Debug)]
+pub struct QueueSlot {
+    queue: Arc<SourceQueue>,
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.queue.held.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -108,8 +155,14 @@ impl Pipeline {
         (Self { tx, capacity, high_water, memory_high_water, closed, body_memory }, control)
     }
 
-    /// Queues an event without waiting. With `want_ack`, returns the receiver of its outcome.
-    pub fn submit(&self, event: NewEvent, want_ack: bool) -> Result<Option<oneshot::Receiver<Ack>>, SubmitError> {
+    /// Queues an event, holding its source's `slot` until it is written, without waiting. With `want_ack`,
+    /// returns the receiver of its outcome.
+    pub fn submit(
+        &self,
+        event: NewEvent,
+        slot: QueueSlot,
+        want_ack: bool,
+    ) -> Result<Option<oneshot::Receiver<Ack>>, SubmitError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(SubmitError::Closed);
         }
@@ -119,7 +172,7 @@ impl Pipeline {
         } else {
             (None, None)
         };
-        match self.tx.try_send(Job { event, ack }) {
+        match self.tx.try_send(Job { event, ack, _slot: slot }) {
             Ok(()) => Ok(receiver),
             Err(mpsc::error::TrySendError::Full(_)) => Err(SubmitError::Full),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SubmitError::Closed),
@@ -169,5 +222,48 @@ impl Saturation {
             .into_iter()
             .filter_map(|(past, name)| past.then_some(name))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_holds_at_most_its_limit_and_a_slot_comes_back_when_dropped() {
+        let queue = Arc::new(SourceQueue::default());
+        let first = queue.take(2).unwrap();
+        let second = queue.take(2).unwrap();
+        assert_eq!(queue.take(2).unwrap_err(), SourceQueueFull);
+        assert_eq!(queue.held(), 2, "a refusal takes nothing");
+        drop(first);
+        let third = queue.take(2).unwrap();
+        assert_eq!(queue.held(), 2);
+        // No limit of its own: every slot is counted, none refused.
+        let unlimited: Vec<QueueSlot> = (0..5).map(|_| queue.take(0).unwrap()).collect();
+        assert_eq!(queue.held(), 7);
+        drop((second, third, unlimited));
+        assert_eq!(queue.held(), 0);
+    }
+
+    #[test]
+    fn concurrent_takers_never_hold_more_than_the_limit() {
+        let queue = Arc::new(SourceQueue::default());
+        let held: std::sync::Mutex<Vec<QueueSlot>> = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        if let Ok(slot) = queue.take(50) {
+                            held.lock().unwrap().push(slot);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(held.lock().unwrap().len(), 50);
+        assert_eq!(queue.held(), 50);
+        drop(held);
+        assert_eq!(queue.held(), 0);
     }
 }

@@ -1,4 +1,5 @@
-//! A paused store behind a tiny queue or body memory budget: 503 + Retry-After, and every 202 is stored.
+//! A paused store behind a tiny queue, body memory budget or source share: 503 + Retry-After, and every 202 is
+//! stored.
 
 use std::time::Duration;
 
@@ -20,13 +21,7 @@ async fn full_queue_answers_503_and_every_202_is_stored_once_the_store_resumes()
 
     let pause = pause_store(&db).await;
 
-    let set = deliver_at_once(
-        &gateway,
-        (0..40).map(|_| unique("evt")).map(|id| {
-            let body = stripe_event(&id);
-            (id, body)
-        }),
-    );
+    let set = deliver_at_once(&gateway.url("stripe"), stripe_events(40));
     // Give every request time to reach the queue (or be refused), then resume the store.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, saturated_by) = readiness(&format!("http://{}/readyz", gateway.admin)).await;
@@ -80,7 +75,7 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     // 60 KB bodies (each read into a buffer of exactly its length): 17 fit in the 1 MiB budget.
     let padding = "x".repeat(60_000);
     let set = deliver_at_once(
-        &gateway,
+        &gateway.url("stripe"),
         (0..40).map(|_| unique("evt_big")).map(|id| {
             let body = format!(r#"{{"id":"{id}","object":"event","type":"invoice.paid","pad":"{padding}"}}"#);
             (id, body)
@@ -112,6 +107,52 @@ async fn bodies_past_the_memory_budget_answer_503_and_every_202_is_stored_once_t
     gateway.stop().await;
 }
 
+#[tokio::test]
+async fn a_source_past_its_max_queued_answers_503_and_the_other_sources_are_still_taken() {
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.server.request_timeout_ms = 20_000;
+    config.queue.retry_after_s = 3;
+    // Two Stripe-signed sources of this test's own names: the test binary's gateways share one metrics recorder.
+    let (flood, steady) = (unique("flood"), unique("steady"));
+    add_listed_source(&mut config, &flood, &[]);
+    add_listed_source(&mut config, &steady, &[]);
+    config.sources.get_mut(&flood).expect("flood source").max_queued = 5;
+    let gateway = Gateway::start(config).await;
+    assert_eq!(post_stripe_with(&client(), &gateway.url(&flood), &unique("warm")).await.status, 202);
+
+    let pause = pause_store(&db).await;
+    let flooded = deliver_at_once(&gateway.url(&flood), stripe_events(30));
+    let steadied = deliver_at_once(&gateway.url(&steady), stripe_events(10));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let while_paused = get_text(&client(), &metrics_url).await.1;
+    pause.rollback().await.expect("unlock");
+
+    let (flood_acknowledged, flood_refused) = sort_answers(flooded, "source_share_full", "3").await;
+    let (steady_acknowledged, steady_refused) = sort_answers(steadied, "source_share_full", "3").await;
+    assert_eq!((flood_acknowledged.len(), flood_refused), (5, 25), "the flooding source holds 5 events at most");
+    assert_eq!((steady_acknowledged.len(), steady_refused), (10, 0), "the other source is not refused");
+    let series = |name: &str, source: &str| {
+        Some(metric_value(&while_paused, &format!("{name}{{source=\"{source}\"}}"))).filter(|v| !v.is_nan())
+    };
+    let held = |source: &str| series("hookgate_source_queued_events", source);
+    let refused = |source: &str| series("hookgate_source_share_rejections_total", source);
+    assert_eq!((held(&flood), held(&steady)), (Some(5.0), Some(10.0)), "events held while the store was paused");
+    assert_eq!((refused(&flood), refused(&steady)), (Some(25.0), Some(0.0)));
+    assert_all_stored(&db, &flood_acknowledged).await;
+    assert_all_stored(&db, &steady_acknowledged).await;
+
+    // Written, the events give their slots back: the source holds none, and 5 at once are taken again.
+    let flood_queued = format!("hookgate_source_queued_events{{source=\"{flood}\"}}");
+    let emptied =
+        eventually(Duration::from_secs(5), || async { scrape_metric(&metrics_url, &flood_queued).await == Some(0.0) });
+    assert!(emptied.await, "the source's slots are not given back once its events are written");
+    let (again, refused_again) = sort_answers(deliver_at_once(&gateway.url(&flood), stripe_events(5)), "-", "3").await;
+    assert_eq!((again.len(), refused_again), (5, 0));
+    gateway.stop().await;
+}
+
 /// The body memory a gateway holds, and the limits it reports as saturating it, from its /readyz.
 async fn readiness(ready_url: &str) -> (u64, Vec<String>) {
     let (_, text) = get_text(&client(), ready_url).await;
@@ -125,15 +166,23 @@ async fn readiness(ready_url: &str) -> (u64, Vec<String>) {
     (json["body_memory_bytes"].as_u64().unwrap_or(u64::MAX), saturated_by)
 }
 
-/// Posts every (id, body) to the gateway's Stripe route at once, each signed as it is sent; the answers
-/// are for `sort_answers`.
+/// `n` Stripe events of fresh ids, as (id, body).
+fn stripe_events(n: usize) -> impl Iterator<Item = (String, String)> {
+    (0..n).map(|_| unique("evt")).map(|id| {
+        let body = stripe_event(&id);
+        (id, body)
+    })
+}
+
+/// Posts every (id, body) at once to `url`, a route of a Stripe-signed source, each signed as it is sent;
+/// the answers are for `sort_answers`.
 fn deliver_at_once(
-    gateway: &Gateway,
+    url: &str,
     events: impl Iterator<Item = (String, String)>,
 ) -> tokio::task::JoinSet<(String, Answer)> {
     let mut set = tokio::task::JoinSet::new();
     for (id, body) in events {
-        let url = gateway.url("stripe");
+        let url = url.to_owned();
         set.spawn(async move {
             let answer = post(&client(), &url, &stripe_headers(body.as_bytes()), body.as_bytes()).await;
             (id, answer)
