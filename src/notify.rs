@@ -6,7 +6,7 @@
 //! the ack path); the catch-up claims unpublished rows (`FOR UPDATE SKIP LOCKED`, so replicas share a
 //! backlog without publishing it twice), at start-up and whenever Redis is back. Knows nothing about HTTP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -136,7 +136,9 @@ impl RedisPersistence {
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     #[error("invalid notify.redis_url")]
-    Config(#[source] deadpool_redis::CreatePoolError),
+    Url(#[source] redis::RedisError),
+    #[error("the Redis pool could not be built")]
+    Build(#[source] deadpool_redis::BuildError),
     #[error("no Redis connection")]
     Pool(#[from] deadpool_redis::PoolError),
     #[error("Redis refused the publish")]
@@ -152,15 +154,66 @@ pub enum NotifyError {
 pub struct NotifyQueue {
     tx: mpsc::Sender<OutboxBatch>,
     backlog_suspected: Arc<AtomicBool>,
+    deferred: Arc<Deferred>,
 }
 
 impl NotifyQueue {
     /// Offers a batch; when the publisher is behind, the batch stays in the outbox for the catch-up.
     pub fn offer(&self, batch: OutboxBatch) {
-        if self.tx.try_send(batch).is_err() {
+        if let Err(refused) = self.tx.try_send(batch) {
             crate::metrics::record_notify_deferred();
+            self.deferred.note(&refused.into_inner());
             self.backlog_suspected.store(true, Ordering::Release);
         }
+    }
+}
+
+/// The outbox rows of the batches this gateway left to the catch-up (its publisher was behind), kept while the
+/// catch-up's grace may still hold them back. On shutdown they are published at once (`run_catchup`), so a
+/// graceful stop leaves none of its events waiting for another replica's safety scan or the next start; the
+/// catch-up publishes them by itself once they are past the grace, and they are forgotten after that.
+#[derive(Debug)]
+struct Deferred {
+    /// How long a row is kept: the grace and one catch-up interval.
+    keep: Duration,
+    /// (when, outbox id, events, bytes of bodies), oldest first.
+    rows: Mutex<VecDeque<(Instant, i64, i64, i64)>>,
+}
+
+impl Deferred {
+    fn note(&self, batch: &OutboxBatch) {
+        self.note_at(batch, Instant::now());
+    }
+
+    fn note_at(&self, batch: &OutboxBatch, now: Instant) {
+        let bytes = batch.events.iter().map(|e| e.body.len()).sum::<usize>();
+        let events = i64::try_from(batch.events.len()).unwrap_or(i64::MAX);
+        if let Ok(mut rows) = self.rows.lock() {
+            while rows.front().is_some_and(|(at, ..)| now.duration_since(*at) > self.keep) {
+                rows.pop_front();
+            }
+            rows.push_back((now, batch.id, events, i64::try_from(bytes).unwrap_or(i64::MAX)));
+        }
+    }
+
+    /// Takes the rows kept, in pages of at most `limit` (at least one row each).
+    fn take_pages(&self, limit: PageLimit) -> Vec<Vec<i64>> {
+        let rows = self.rows.lock().map(|mut rows| std::mem::take(&mut *rows)).unwrap_or_default();
+        let mut pages: Vec<Vec<i64>> = Vec::new();
+        let (mut events, mut bytes) = (0, 0);
+        for (_, id, row_events, row_bytes) in rows {
+            let fits = events + row_events <= limit.events && bytes + row_bytes <= limit.body_bytes;
+            match pages.last_mut() {
+                Some(page) if fits => page.push(id),
+                _ => {
+                    pages.push(vec![id]);
+                    (events, bytes) = (0, 0);
+                }
+            }
+            events += row_events;
+            bytes += row_bytes;
+        }
+        pages
     }
 }
 
@@ -174,6 +227,8 @@ pub struct Notifier {
     /// Set whenever an event may have been left in the outbox (a failed publish or mark, a deferred
     /// batch): the next catch-up tick then scans it.
     backlog_suspected: Arc<AtomicBool>,
+    /// The batches it left to the catch-up lately, published at shutdown.
+    deferred: Arc<Deferred>,
     /// The "cannot publish" warning, at most once per `warn_interval_s`.
     failure_warning: Arc<WarnThrottle>,
     /// How Redis persists, as last read (None until Redis has answered).
@@ -192,9 +247,18 @@ impl Notifier {
         let timeout = Some(Duration::from_millis(config.command_timeout_ms));
         let mut pool_config = deadpool_redis::PoolConfig::new(config.pool_max);
         pool_config.timeouts = deadpool_redis::Timeouts { wait: timeout, create: timeout, recycle: timeout };
-        let mut redis_config = deadpool_redis::Config::from_url(config.redis_url.clone());
-        redis_config.pool = Some(pool_config);
-        let pool = redis_config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(NotifyError::Config)?;
+        // redis-rs gives up on an answer after 500 ms of its own, and on a connection after 1 s: the
+        // configured timeout is the one that counts (a round trip cut at 500 ms by a slow fsync was counted
+        // as failed and its events published twice, once by Redis when it caught up and once by the catch-up).
+        let connection =
+            redis::AsyncConnectionConfig::new().set_response_timeout(timeout).set_connection_timeout(timeout);
+        let manager = deadpool_redis::Manager::new_with_config(config.redis_url.as_str(), connection)
+            .map_err(NotifyError::Url)?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .config(pool_config)
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .map_err(NotifyError::Build)?;
         Ok(Self {
             pool,
             config: Arc::new(config.clone()),
@@ -202,6 +266,10 @@ impl Notifier {
             redis_up: Arc::new(AtomicBool::new(true)),
             // At start-up the outbox may hold what a crash left behind.
             backlog_suspected: Arc::new(AtomicBool::new(true)),
+            deferred: Arc::new(Deferred {
+                keep: Duration::from_millis(config.catchup_grace_ms + config.catchup_interval_ms),
+                rows: Mutex::new(VecDeque::new()),
+            }),
             failure_warning: Arc::new(WarnThrottle::new(Duration::from_secs(config.warn_interval_s))),
             persistence: Arc::new(Mutex::new(None)),
         })
@@ -437,7 +505,7 @@ impl Notifier {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => break,
             }
             if !self.redis_up.load(Ordering::Acquire) {
                 // While Redis is down the backlog grows: count it every tick (the pending gauge).
@@ -483,12 +551,43 @@ impl Notifier {
                 Err(e) => self.note_failure(&e),
             }
         }
+        // The workers have drained: publish what this gateway left to the catch-up, old or young.
+        match self.publish_deferred().await {
+            Ok(0) => {}
+            Ok(n) => info!(published = n, "published the events left to the catch-up before stopping"),
+            Err(e) => warn!(
+                error = %error_chain(&e),
+                "events left to the catch-up were not published before stopping: they stay in the outbox for \
+                 another replica or the next start"
+            ),
+        }
+    }
+
+    /// Publishes the outbox rows this gateway deferred lately (`Deferred`) that are still there. Returns how
+    /// many events. With Redis down they stay, as the rest of the backlog does.
+    async fn publish_deferred(&self) -> Result<u64, NotifyError> {
+        if !self.redis_up.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        let mut published = 0;
+        for page in self.deferred.take_pages(self.page_limit()) {
+            let claimed = self.store.claim_rows(&page).await?;
+            if claimed.last_id().is_none() {
+                continue;
+            }
+            let n = claimed.events.len() as u64;
+            self.publish(&claimed.events, "catchup").await?;
+            claimed.mark_published().await?;
+            crate::metrics::record_notify_catchup_batch();
+            published += n;
+        }
+        Ok(published)
     }
 
     /// The workers' end of the publisher's queue (bounded to `capacity` batches), and the publisher's end.
     pub fn queue(&self, capacity: usize) -> (NotifyQueue, mpsc::Receiver<OutboxBatch>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (NotifyQueue { tx, backlog_suspected: self.backlog_suspected.clone() }, rx)
+        (NotifyQueue { tx, backlog_suspected: self.backlog_suspected.clone(), deferred: self.deferred.clone() }, rx)
     }
 
     /// Counts the backlog for the pending gauge; returns it (0 when the database did not answer).
@@ -551,6 +650,24 @@ mod tests {
             })
             .collect();
         OutboxBatch { id: first_seq, events }
+    }
+
+    #[test]
+    fn deferred_rows_are_kept_for_the_grace_and_taken_in_pages_of_whole_rows() {
+        let deferred = Deferred { keep: Duration::from_secs(6), rows: Mutex::new(VecDeque::new()) };
+        let start = Instant::now();
+        deferred.note_at(&batch(1, 3), start);
+        deferred.note_at(&batch(10, 2), start + Duration::from_secs(1));
+        // A row older than the keep is the catch-up's by then: by the last note the first two are forgotten.
+        deferred.note_at(&batch(20, 4), start + Duration::from_secs(7));
+        deferred.note_at(&batch(30, 1), start + Duration::from_secs(7));
+        deferred.note_at(&batch(40, 5), start + Duration::from_secs(8));
+        // Each body is 2 bytes: pages of at most 5 events or 12 bytes, a row never split.
+        let pages = deferred.take_pages(PageLimit { events: 5, body_bytes: 12 });
+        assert_eq!(pages, vec![vec![20, 30], vec![40]]);
+        assert!(deferred.take_pages(PageLimit { events: 5, body_bytes: 12 }).is_empty(), "taken once");
+        deferred.note_at(&batch(50, 9), start + Duration::from_secs(9));
+        assert_eq!(deferred.take_pages(PageLimit { events: 5, body_bytes: 12 }), vec![vec![50]], "a row over the page");
     }
 
     /// Sends a batch `first_after` the start and another `second_after` it, and forms one round trip as

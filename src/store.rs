@@ -192,6 +192,44 @@ impl Claimed {
     }
 }
 
+/// Locks the outbox rows of ids `$1` queued more than `$2` seconds ago (`SKIP LOCKED`) and reads their events,
+/// row by row in order. A LEFT JOIN keeps, as one row of NULLs, an event that is no longer stored: its outbox
+/// row is claimed (and deleted) all the same.
+fn lock_and_read_rows() -> String {
+    format!(
+        "WITH claimed AS ( \
+             SELECT id, sources, event_ids FROM events_outbox \
+             WHERE id = ANY($1) AND queued_at < now() - make_interval(secs => $2) \
+             FOR UPDATE SKIP LOCKED \
+         ) \
+         SELECT {NOTIFY_COLUMNS}, c.id FROM claimed c \
+         CROSS JOIN LATERAL unnest(c.sources, c.event_ids) WITH ORDINALITY AS k(source, event_id, n) \
+         LEFT JOIN events e ON (e.source, e.event_id) = (k.source, k.event_id) \
+         ORDER BY c.id, k.n"
+    )
+}
+
+/// Adds the rows of `lock_and_read_rows` to a claim's events and outbox ids; returns the bytes of bodies read.
+fn read_claimed_rows(
+    rows: &[sqlx::postgres::PgRow],
+    events: &mut Vec<StoredEvent>,
+    outbox_ids: &mut Vec<i64>,
+) -> Result<i64, StoreError> {
+    let mut bytes = 0;
+    for row in rows {
+        let id: i64 = row.try_get(8)?;
+        if outbox_ids.last() != Some(&id) {
+            outbox_ids.push(id);
+        }
+        if row.try_get::<Option<i64>, _>(0)?.is_some() {
+            let event = StoredEvent::from_row(row)?;
+            bytes += i64::try_from(event.body.len()).unwrap_or(i64::MAX);
+            events.push(event);
+        }
+    }
+    Ok(bytes)
+}
+
 /// How much one catch-up or replay page may hold: events, and bytes of their bodies (what the page keeps in
 /// memory, twice over while the next page is claimed during a publish). A page takes at least one outbox
 /// row, or in a replay one event, so it passes a limit by at most that one: a row holds one batch, whose
@@ -402,19 +440,7 @@ impl Store {
                       WHERE id > $1 AND queued_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) AS oldest \
                 WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING) \
             ) AS counted WHERE before < $3 AND bytes_before < $4 ORDER BY id";
-        // A LEFT JOIN keeps, as one row of NULLs, an event that is no longer stored: its outbox row is
-        // claimed (and deleted) all the same.
-        let lock_and_read = format!(
-            "WITH claimed AS ( \
-                 SELECT id, sources, event_ids FROM events_outbox \
-                 WHERE id = ANY($1) AND queued_at < now() - make_interval(secs => $2) \
-                 FOR UPDATE SKIP LOCKED \
-             ) \
-             SELECT {NOTIFY_COLUMNS}, c.id FROM claimed c \
-             CROSS JOIN LATERAL unnest(c.sources, c.event_ids) WITH ORDINALITY AS k(source, event_id, n) \
-             LEFT JOIN events e ON (e.source, e.event_id) = (k.source, k.event_id) \
-             ORDER BY c.id, k.n"
-        );
+        let lock_and_read = lock_and_read_rows();
         let grace = grace.as_secs_f64();
         let mut tx = self.pool.begin().await?;
         let mut events = Vec::new();
@@ -434,20 +460,21 @@ impl Store {
             let Some(&last) = candidates.last() else { break false };
             cursor = last;
             let rows = sqlx::query(&lock_and_read).bind(&candidates).bind(grace).fetch_all(&mut *tx).await?;
-            for row in &rows {
-                let id: i64 = row.try_get(8)?;
-                if outbox_ids.last() != Some(&id) {
-                    outbox_ids.push(id);
-                }
-                if row.try_get::<Option<i64>, _>(0)?.is_some() {
-                    let event = StoredEvent::from_row(row)?;
-                    bytes += i64::try_from(event.body.len()).unwrap_or(i64::MAX);
-                    events.push(event);
-                }
-            }
+            bytes += read_claimed_rows(&rows, &mut events, &mut outbox_ids)?;
             counted += i64::try_from(rows.len()).unwrap_or(i64::MAX);
         };
         Ok(Claimed { tx, events, outbox_ids, full })
+    }
+
+    /// Claims the outbox rows `ids`, whatever their age, except those gone (published) or held by another
+    /// replica's catch-up, and reads their events back: the batches this gateway left to the catch-up,
+    /// published when it shuts down (`Notifier::run_catchup`).
+    pub async fn claim_rows(&self, ids: &[i64]) -> Result<Claimed, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(&lock_and_read_rows()).bind(ids).bind(0.0_f64).fetch_all(&mut *tx).await?;
+        let (mut events, mut outbox_ids) = (Vec::new(), Vec::new());
+        read_claimed_rows(&rows, &mut events, &mut outbox_ids)?;
+        Ok(Claimed { tx, events, outbox_ids, full: false })
     }
 
     /// Events that have waited longer than `grace` to be published (all sources): the catch-up's backlog.

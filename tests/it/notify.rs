@@ -130,6 +130,94 @@ async fn events_stored_but_never_published_are_published_after_the_next_start() 
     start_and_expect_backlog_published(config, &db, &ids, "backlog").await.stop().await;
 }
 
+#[tokio::test]
+async fn a_redis_stall_shorter_than_the_command_timeout_is_waited_out_and_each_event_published_once() {
+    let db = TestDb::create().await;
+    let redis_server = RedisServer::start();
+    let mut config = test_config(&db.url);
+    config.notify.redis_url = redis_server.url();
+    config.notify.command_timeout_ms = 5_000;
+    // Longer than the stall, so the catch-up leaves the stalled round trip's rows alone unless it failed (then
+    // it republishes them 2 s after their commit, though Redis has added them once its pause ended).
+    config.notify.catchup_interval_ms = 100;
+    config.notify.catchup_grace_ms = 2_000;
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    assert_eq!(post_stripe(&client, &gateway, &unique("warm")).await.status, 202);
+
+    // Writes held for 1 s, twice the 500 ms after which the Redis client gives up by default.
+    pause_redis_writes(&redis_server, 1000).await;
+    let mut acknowledged = Vec::new();
+    for _ in 0..5 {
+        let id = unique("evt_stall");
+        assert_eq!(post_stripe(&client, &gateway, &id).await.status, 202);
+        acknowledged.push(id);
+    }
+    let redis = redis_server.url();
+    let published = eventually(Duration::from_secs(10), || async {
+        let on_stream = stream_ids(&redis, &key).await;
+        acknowledged.iter().all(|id| on_stream.contains_key(id))
+    });
+    assert!(published.await, "the events did not reach the stream after the stall");
+    // Long enough for a catch-up to have republished anything counted as failed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let on_stream = stream_ids(&redis, &key).await;
+    for id in &acknowledged {
+        assert_eq!(on_stream.get(id), Some(&1), "{id} is not on the stream exactly once");
+    }
+    gateway.stop().await;
+}
+
+/// Holds every write command of `server` for `ms` milliseconds (reads and `PING` still answer).
+async fn pause_redis_writes(server: &RedisServer, ms: u64) {
+    use deadpool_redis::redis;
+    let mut redis = redis::Client::open(server.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(ms).arg("WRITE").query_async(&mut redis).await.expect("pause");
+}
+
+#[tokio::test]
+async fn a_graceful_stop_publishes_the_batches_its_publisher_left_to_the_catch_up() {
+    let db = TestDb::create().await;
+    let redis_server = RedisServer::start();
+    let mut config = test_config(&db.url);
+    config.notify.redis_url = redis_server.url();
+    // Each event its own batch, a publisher queue of one batch, and a grace this test never reaches: a batch
+    // left to the catch-up reaches its stream before the stop ends only if the stop publishes it.
+    config.workers.batch_max = 1;
+    config.notify.queue_batches = 1;
+    config.notify.publish_linger_ms = 0;
+    config.notify.catchup_grace_ms = 600_000;
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    assert_eq!(post_stripe(&client, &gateway, &unique("warm")).await.status, 202);
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let deferred_before = scrape_metric(&metrics_url, "hookgate_notify_deferred_total").await.unwrap_or(0.0);
+
+    // Redis holds every write for 2 s: the publisher's round trip waits, its queue fills, the rest is deferred.
+    pause_redis_writes(&redis_server, 2000).await;
+    let mut acknowledged = Vec::new();
+    for _ in 0..20 {
+        let id = unique("evt_deferred");
+        assert_eq!(post_stripe(&client, &gateway, &id).await.status, 202);
+        acknowledged.push(id);
+    }
+    let deferred = scrape_metric(&metrics_url, "hookgate_notify_deferred_total").await.unwrap_or(0.0) - deferred_before;
+    assert!(deferred >= 10.0, "only {deferred} of 20 batches were left to the catch-up");
+    gateway.stop().await;
+
+    let on_stream = stream_ids(&redis_server.url(), &key).await;
+    for id in &acknowledged {
+        assert_eq!(on_stream.get(id), Some(&1), "{id} is not on the stream once after the stop");
+    }
+    assert_eq!(outbox_rows(&db).await, 0, "the stop left batches in the outbox");
+}
+
 /// The start-up check reads how Redis persists: the test's Redis (`appendfsync always`, as the gateway
 /// requires) is durable, `everysec` or no append-only file is named as weaker, and a Redis that does not
 /// answer is unknown.
