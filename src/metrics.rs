@@ -189,8 +189,9 @@ pub fn init_series() {
 }
 
 /// One source's series at zero, at start-up or when a reload adds it: its refusals, events, events held in
-/// the queue, notifications and secret reloads; its address refusals when it has an `allowed_ips` list (`listed`) and its address
-/// file reloads when it has an `allowed_ips_file` (`with_file`); its retention deletes when retention is on.
+/// the queue, notifications and secret reloads; its address refusals when it has an `allowed_ips` list
+/// (`listed`) and its address file reloads when it has an `allowed_ips_file` (`with_file`); its retention
+/// deletes when retention is on.
 pub fn init_source_series(source: &str, listed: bool, with_file: bool, retention: bool) {
     let source = source.to_owned();
     for reason in
