@@ -12,6 +12,9 @@ use sqlx::Row as _;
 use crate::payload::{body_hash, Kind};
 use crate::results;
 
+/// How long one read of a stream page may take.
+const REDIS_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
     pub files: Vec<PathBuf>,
@@ -122,7 +125,11 @@ pub async fn run(config: &VerifyConfig) -> anyhow::Result<VerifyReport> {
     if let Some(url) = &config.redis_url {
         report.redis_checked = true;
         let client = redis::Client::open(url.as_str()).context("invalid Redis URL")?;
-        let mut conn = client.get_multiplexed_async_connection().await.context("connecting to Redis")?;
+        // A page of 10,000 entries with their bodies is ~12 MB: more than the Redis client's default 500 ms
+        // answer on a busy host.
+        let patient = redis::AsyncConnectionConfig::new().set_response_timeout(Some(REDIS_ANSWER_TIMEOUT));
+        let mut conn =
+            client.get_multiplexed_async_connection_with_config(&patient).await.context("connecting to Redis")?;
         for (source, ids) in &by_source {
             let key = config.stream_key.replace("{source}", source);
             let counts = stream_id_counts(&mut conn, &key).await?;

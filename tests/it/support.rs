@@ -206,7 +206,10 @@ pub type Entry = std::collections::HashMap<String, Vec<u8>>;
 pub async fn read_stream(redis_url: &str, key: &str) -> Vec<Entry> {
     use deadpool_redis::redis;
     let client = redis::Client::open(redis_url).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    // A stream of thousands of 1 KiB entries in one reply can take longer than the client's default 500 ms on a
+    // busy CI host.
+    let patient = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+    let mut conn = client.get_multiplexed_async_connection_with_config(&patient).await.expect("connect to redis");
     let reply: redis::streams::StreamRangeReply =
         redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(&mut conn).await.expect("XRANGE");
     reply
