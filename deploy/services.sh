@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Throwaway local Postgres and Redis on loopback, for development, tests and benchmarks. Idempotent.
 #
-#   deploy/services.sh start            start both (installing them, and Prometheus for the tests, from apt
-#                                       when missing); print the env
+#   deploy/services.sh start            start both (installing them, and Prometheus and PgBouncer for the
+#                                       tests, from apt when missing); print the env
 #   deploy/services.sh stop             stop both
 #   deploy/services.sh status           say what runs
 #   deploy/services.sh env              print the environment variables (eval-able)
@@ -54,6 +54,12 @@ ensure_postgres_installed() {
 
 ensure_prometheus_installed() {
   command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
+}
+
+# The pooler tests run pgbouncer themselves (tests/it/pooler.rs); only the binary is needed. Debian's package
+# also enables a system pgbouncer on port 6432, which nothing here uses.
+ensure_pgbouncer_installed() {
+  command -v pgbouncer >/dev/null || apt_install pgbouncer
 }
 
 ensure_redis_installed() {
@@ -215,7 +221,7 @@ drop_test_databases() {
 }
 
 case "${1:-start}" in
-  start) start_postgres; start_redis; ensure_prometheus_installed; print_env ;;
+  start) start_postgres; start_redis; ensure_prometheus_installed; ensure_pgbouncer_installed; print_env ;;
   stop) stop_postgres; stop_redis ;;
   status)
     if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT ($(pg_data_dir))"; else echo "postgres: stopped"; fi

@@ -23,6 +23,14 @@ pub enum StoreError {
     Unavailable(#[source] sqlx::Error),
     #[error("the database refused the batch")]
     Rejected(#[source] sqlx::Error),
+    /// One server connection saw another client's prepared statements, or lost its own: a pooler in transaction
+    /// mode hands each statement to whichever server connection is free.
+    #[error(
+        "a connection pooler in transaction mode sits between hookgate and Postgres (PgBouncer's pool_mode = \
+         transaction, a managed database's transaction pool): hookgate's prepared statements need session \
+         pooling or a direct connection"
+    )]
+    PoolerInTransactionMode(#[source] sqlx::Error),
     #[error("migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -37,10 +45,23 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if is_transient(&e) {
             StoreError::Unavailable(e)
+        } else if let sqlx::Error::Database(db) = &e {
+            if pooler_in_transaction_mode(db.code().as_deref(), db.message()) {
+                StoreError::PoolerInTransactionMode(e)
+            } else {
+                StoreError::Rejected(e)
+            }
         } else {
             StoreError::Rejected(e)
         }
     }
+}
+
+/// What Postgres answers when sqlx's named prepared statements (`sqlx_s_<n>`, one set per client connection)
+/// meet server connections shared between clients: 42P05 "prepared statement ... already exists" (another
+/// client prepared the same name there) or 26000 "... does not exist" (its own went to another server).
+fn pooler_in_transaction_mode(code: Option<&str>, message: &str) -> bool {
+    matches!(code, Some("42P05" | "26000")) && message.contains("\"sqlx_s_")
 }
 
 /// Connection loss, timeouts, and the SQLSTATE classes that mean "try again": 08 connection exception,
@@ -646,6 +667,16 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prepared_statements_lost_or_shared_between_clients_name_a_pooler_in_transaction_mode() {
+        assert!(pooler_in_transaction_mode(Some("42P05"), r#"prepared statement "sqlx_s_3" already exists"#));
+        assert!(pooler_in_transaction_mode(Some("26000"), r#"prepared statement "sqlx_s_8" does not exist"#));
+        // The same codes for statements that are not sqlx's, and other refusals, are not the pooler's.
+        assert!(!pooler_in_transaction_mode(Some("26000"), r#"prepared statement "mine" does not exist"#));
+        assert!(!pooler_in_transaction_mode(Some("23505"), r#"duplicate key value "sqlx_s_1""#));
+        assert!(!pooler_in_transaction_mode(None, r#"prepared statement "sqlx_s_1" already exists"#));
+    }
 
     #[test]
     fn a_remote_postgres_without_sslmode_is_flagged_and_local_or_named_modes_are_not() {

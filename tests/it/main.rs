@@ -8,6 +8,7 @@ mod https;
 mod notify;
 mod observability;
 mod overload;
+mod pooler;
 mod process;
 mod proxy_protocol;
 mod refusals;
