@@ -162,14 +162,15 @@ impl NotifyQueue {
     pub fn offer(&self, batch: OutboxBatch) {
         if let Err(refused) = self.tx.try_send(batch) {
             crate::metrics::record_notify_deferred();
-            self.deferred.note(&refused.into_inner());
+            let batch = refused.into_inner();
+            self.deferred.note(&[batch.id], &batch.events);
             self.backlog_suspected.store(true, Ordering::Release);
         }
     }
 }
 
-/// The outbox rows of the batches this gateway left to the catch-up (its publisher was behind), kept while the
-/// catch-up's grace may still hold them back. On shutdown they are published at once (`run_catchup`), so a
+/// The outbox rows of the batches this gateway left to the catch-up (its publisher was behind, or Redis failed
+/// or was down when they came), kept while the catch-up's grace may still hold them back. On shutdown they are published at once (`run_catchup`), so a
 /// graceful stop leaves none of its events waiting for another replica's safety scan or the next start; the
 /// catch-up publishes them by itself once they are past the grace, and they are forgotten after that.
 #[derive(Debug)]
@@ -181,18 +182,22 @@ struct Deferred {
 }
 
 impl Deferred {
-    fn note(&self, batch: &OutboxBatch) {
-        self.note_at(batch, Instant::now());
+    /// Keeps the outbox rows `ids`, which together queue `events`.
+    fn note(&self, ids: &[i64], events: &[StoredEvent]) {
+        self.note_at(ids, events, Instant::now());
     }
 
-    fn note_at(&self, batch: &OutboxBatch, now: Instant) {
-        let bytes = batch.events.iter().map(|e| e.body.len()).sum::<usize>();
-        let events = i64::try_from(batch.events.len()).unwrap_or(i64::MAX);
+    /// As `note`, at `now`. A round trip's rows are kept with an even share of its events and bytes each:
+    /// only the pages of the final publish are sized by them.
+    fn note_at(&self, ids: &[i64], events: &[StoredEvent], now: Instant) {
+        let rows_n = ids.len().max(1);
+        let share = |total: usize| i64::try_from(total.div_ceil(rows_n)).unwrap_or(i64::MAX);
+        let (events_each, bytes_each) = (share(events.len()), share(events.iter().map(|e| e.body.len()).sum()));
         if let Ok(mut rows) = self.rows.lock() {
             while rows.front().is_some_and(|(at, ..)| now.duration_since(*at) > self.keep) {
                 rows.pop_front();
             }
-            rows.push_back((now, batch.id, events, i64::try_from(bytes).unwrap_or(i64::MAX)));
+            rows.extend(ids.iter().map(|id| (now, *id, events_each, bytes_each)));
         }
     }
 
@@ -395,16 +400,21 @@ impl Notifier {
         }
     }
 
-    /// Publishes the events of whole batches from the workers; on success their outbox ids join `to_mark`.
+    /// Publishes the events of whole batches from the workers; on success their outbox ids join `to_mark`, and
+    /// otherwise they are kept for the publish at shutdown (`Deferred`).
     async fn publish_new(&self, events: &[StoredEvent], outbox_ids: &[i64], to_mark: &mut Vec<i64>) {
         if !self.redis_up.load(Ordering::Acquire) {
             // Redis is down: the catch-up publishes these once it is back.
             self.backlog_suspected.store(true, Ordering::Release);
+            self.deferred.note(outbox_ids, events);
             return;
         }
         match self.publish(events, "normal").await {
             Ok(()) => to_mark.extend_from_slice(outbox_ids),
-            Err(e) => self.note_failure(&e),
+            Err(e) => {
+                self.note_failure(&e);
+                self.deferred.note(outbox_ids, events);
+            }
         }
     }
 
@@ -656,18 +666,23 @@ mod tests {
     fn deferred_rows_are_kept_for_the_grace_and_taken_in_pages_of_whole_rows() {
         let deferred = Deferred { keep: Duration::from_secs(6), rows: Mutex::new(VecDeque::new()) };
         let start = Instant::now();
-        deferred.note_at(&batch(1, 3), start);
-        deferred.note_at(&batch(10, 2), start + Duration::from_secs(1));
+        let note_at = |batch: OutboxBatch, at: Instant| deferred.note_at(&[batch.id], &batch.events, at);
+        note_at(batch(1, 3), start);
+        note_at(batch(10, 2), start + Duration::from_secs(1));
         // A row older than the keep is the catch-up's by then: by the last note the first two are forgotten.
-        deferred.note_at(&batch(20, 4), start + Duration::from_secs(7));
-        deferred.note_at(&batch(30, 1), start + Duration::from_secs(7));
-        deferred.note_at(&batch(40, 5), start + Duration::from_secs(8));
+        note_at(batch(20, 4), start + Duration::from_secs(7));
+        note_at(batch(30, 1), start + Duration::from_secs(7));
+        note_at(batch(40, 5), start + Duration::from_secs(8));
         // Each body is 2 bytes: pages of at most 5 events or 12 bytes, a row never split.
         let pages = deferred.take_pages(PageLimit { events: 5, body_bytes: 12 });
         assert_eq!(pages, vec![vec![20, 30], vec![40]]);
         assert!(deferred.take_pages(PageLimit { events: 5, body_bytes: 12 }).is_empty(), "taken once");
-        deferred.note_at(&batch(50, 9), start + Duration::from_secs(9));
+        note_at(batch(50, 9), start + Duration::from_secs(9));
         assert_eq!(deferred.take_pages(PageLimit { events: 5, body_bytes: 12 }), vec![vec![50]], "a row over the page");
+        // A round trip of three rows and six events that failed: each row kept with two events.
+        let trip = batch(60, 6);
+        deferred.note_at(&[60, 61, 62], &trip.events, start + Duration::from_secs(10));
+        assert_eq!(deferred.take_pages(PageLimit { events: 4, body_bytes: 100 }), vec![vec![60, 61], vec![62]]);
     }
 
     /// Sends a batch `first_after` the start and another `second_after` it, and forms one round trip as

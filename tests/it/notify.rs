@@ -218,6 +218,41 @@ async fn a_graceful_stop_publishes_the_batches_its_publisher_left_to_the_catch_u
     assert_eq!(outbox_rows(&db).await, 0, "the stop left batches in the outbox");
 }
 
+#[tokio::test]
+async fn a_graceful_stop_after_a_redis_outage_publishes_what_failed_during_it() {
+    let db = TestDb::create().await;
+    let mut redis_server = RedisServer::start();
+    let mut config = test_config(&db.url);
+    config.notify.redis_url = redis_server.url();
+    config.notify.command_timeout_ms = 1_000;
+    // Redis is probed every 100 ms, and nothing is old enough for the catch-up before the stop.
+    config.notify.catchup_interval_ms = 100;
+    config.notify.catchup_grace_ms = 600_000;
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    assert_eq!(post_stripe(&client, &gateway, &unique("warm")).await.status, 202);
+
+    redis_server.stop();
+    let mut acknowledged = Vec::new();
+    for _ in 0..5 {
+        let id = unique("evt_outage");
+        assert_eq!(post_stripe(&client, &gateway, &id).await.status, 202, "Redis is not on the ack path");
+        acknowledged.push(id);
+    }
+    redis_server.restart();
+    // Time for the catch-up's probe to find Redis back (its append-only file kept the stream).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(outbox_rows(&db).await > 0, "the failed batches wait in the outbox before the stop");
+    gateway.stop().await;
+
+    let on_stream = stream_ids(&redis_server.url(), &key).await;
+    for id in &acknowledged {
+        assert_eq!(on_stream.get(id), Some(&1), "{id} is not on the stream once after the stop");
+    }
+    assert_eq!(outbox_rows(&db).await, 0, "the stop left failed batches in the outbox");
+}
+
 /// The start-up check reads how Redis persists: the test's Redis (`appendfsync always`, as the gateway
 /// requires) is durable, `everysec` or no append-only file is named as weaker, and a Redis that does not
 /// answer is unknown.
