@@ -170,9 +170,10 @@ impl NotifyQueue {
 }
 
 /// The outbox rows of the batches this gateway left to the catch-up (its publisher was behind, or Redis failed
-/// or was down when they came), kept while the catch-up's grace may still hold them back. On shutdown they are published at once (`run_catchup`), so a
-/// graceful stop leaves none of its events waiting for another replica's safety scan or the next start; the
-/// catch-up publishes them by itself once they are past the grace, and they are forgotten after that.
+/// or was down when they came), kept while the catch-up's grace may still hold them back. On shutdown they are
+/// published at once (`run_catchup`), so a graceful stop leaves none of its events waiting for another
+/// replica's safety scan or the next start; the catch-up publishes them by itself once they are past the grace,
+/// and they are forgotten after that.
 #[derive(Debug)]
 struct Deferred {
     /// How long a row is kept: the grace and one catch-up interval.
