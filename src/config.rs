@@ -148,6 +148,11 @@ pub struct StoreConfig {
     pub pool_max: u32,
     pub connect_timeout_ms: u64,
     pub migrate_on_start: bool,
+    /// `store.url` is a pooler in transaction mode (PgBouncer's `pool_mode = transaction`, a managed database's
+    /// transaction pool): statements are prepared unnamed, each in a transaction of its own.
+    pub transaction_pooler: bool,
+    /// Where migrations run when not on `store.url` (a direct connection, past a transaction pooler).
+    pub migrate_url: Option<String>,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -157,6 +162,8 @@ impl fmt::Debug for StoreConfig {
             .field("pool_max", &self.pool_max)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("transaction_pooler", &self.transaction_pooler)
+            .field("migrate_url", &self.migrate_url.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -397,8 +404,20 @@ impl Config {
                 format!("must exceed workers.count ({}): each worker holds one connection", self.workers.count),
             ));
         }
-        if !self.store.url.starts_with("postgres://") && !self.store.url.starts_with("postgresql://") {
+        let postgres_url = |url: &str| url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !postgres_url(&self.store.url) {
             return Err(invalid("store.url", "must be a postgres:// URL"));
+        }
+        if self.store.migrate_url.as_deref().is_some_and(|url| !postgres_url(url)) {
+            return Err(invalid("store.migrate_url", "must be a postgres:// URL"));
+        }
+        if self.store.transaction_pooler && self.store.migrate_on_start && self.store.migrate_url.is_none() {
+            return Err(invalid(
+                "store.migrate_url",
+                "must name Postgres itself (a direct connection) when store.transaction_pooler and \
+                 store.migrate_on_start are both on: the migrations hold a session-level lock, which a transaction \
+                 pooler does not keep",
+            ));
         }
         validate_redis_url(&self.notify.redis_url)?;
         if !self.notify.stream_key.contains("{source}") {
@@ -487,6 +506,7 @@ impl Config {
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = redact_url(&self.store.url);
+        shown.store.migrate_url = self.store.migrate_url.as_deref().map(redact_url);
         shown.notify.redis_url = redact_url(&self.notify.redis_url);
         // Plain structs of strings, numbers and maps always serialise.
         toml::to_string(&shown).unwrap_or_default()
@@ -734,6 +754,21 @@ mod tests {
     }
 
     #[test]
+    fn a_transaction_pooler_needs_migrations_on_a_direct_url_when_they_run_at_start_up() {
+        let store = |text: &str| Config::from_toml(&format!("[store]\n{text}"));
+        let err = store("transaction_pooler = true").unwrap_err().to_string();
+        assert!(err.contains("store.migrate_url") && err.contains("session-level lock"), "{err}");
+        let config = store("transaction_pooler = true\nmigrate_url = 'postgres://hookgate@db:5432/hookgate'").unwrap();
+        assert_eq!(config.store.migrate_url.as_deref(), Some("postgres://hookgate@db:5432/hookgate"));
+        // Migrations run elsewhere (`hookgate migrate` with a direct store.url, or a job of the deployment's own).
+        assert!(store("transaction_pooler = true\nmigrate_on_start = false").unwrap().store.migrate_url.is_none());
+        let err = store("migrate_url = 'mysql://db/hookgate'").unwrap_err().to_string();
+        assert!(err.contains("store.migrate_url"), "{err}");
+        let defaults = Config::from_toml("").unwrap().store;
+        assert!(!defaults.transaction_pooler && defaults.migrate_url.is_none());
+    }
+
+    #[test]
     fn retention_is_off_by_default_and_refuses_a_keep_shorter_than_a_senders_retries() {
         let retention = Config::from_toml("").unwrap().retention;
         assert!(!retention.enabled());
@@ -895,8 +930,12 @@ mod tests {
         assert_eq!(redact_url("rediss://:p4ss@h:6380/0"), "rediss://:****@h:6380/0");
         let mut c = Config::from_toml("").unwrap();
         c.store.url = "postgres://u:hunter2@h/db".into();
-        assert!(!c.redacted_toml().contains("hunter2"));
-        assert!(!format!("{c:?}").contains("hunter2"));
+        c.store.migrate_url = Some("postgres://u:swordfish@h/db".into());
+        for secret in ["hunter2", "swordfish"] {
+            assert!(!c.redacted_toml().contains(secret));
+            assert!(!format!("{c:?}").contains(secret));
+        }
+        assert!(c.redacted_toml().contains("migrate_url = \"postgres://u:****@h/db\""), "{}", c.redacted_toml());
         assert!(c.redacted_toml().contains("[queue]"));
     }
 

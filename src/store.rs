@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::StoreConfig;
 
@@ -27,12 +28,19 @@ pub enum StoreError {
     /// mode hands each statement to whichever server connection is free.
     #[error(
         "a connection pooler in transaction mode sits between hookgate and Postgres (PgBouncer's pool_mode = \
-         transaction, a managed database's transaction pool): hookgate's prepared statements need session \
-         pooling or a direct connection"
+         transaction, a managed database's transaction pool): set store.transaction_pooler = true (and \
+         store.migrate_url to Postgres itself), or use session pooling or a direct connection"
     )]
     PoolerInTransactionMode(#[source] sqlx::Error),
     #[error("migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Migrations hold a session-level advisory lock and prepare named statements: not through a transaction
+    /// pooler.
+    #[error(
+        "migrations need a direct connection to Postgres, and store.url goes through a transaction pooler \
+         (store.transaction_pooler): set store.migrate_url to Postgres itself"
+    )]
+    MigrateNeedsDirectConnection,
 }
 
 impl StoreError {
@@ -43,14 +51,14 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        // First: one of the pooler's answers is a protocol violation (class 08), which would read as transient.
+        if let sqlx::Error::Database(db) = &e {
+            if pooler_in_transaction_mode(db.code().as_deref(), db.message()) {
+                return StoreError::PoolerInTransactionMode(e);
+            }
+        }
         if is_transient(&e) {
             StoreError::Unavailable(e)
-        } else if let sqlx::Error::Database(db) = &e {
-            if pooler_in_transaction_mode(db.code().as_deref(), db.message()) {
-                StoreError::PoolerInTransactionMode(e)
-            } else {
-                StoreError::Rejected(e)
-            }
         } else {
             StoreError::Rejected(e)
         }
@@ -59,9 +67,11 @@ impl From<sqlx::Error> for StoreError {
 
 /// What Postgres answers when sqlx's named prepared statements (`sqlx_s_<n>`, one set per client connection)
 /// meet server connections shared between clients: 42P05 "prepared statement ... already exists" (another
-/// client prepared the same name there) or 26000 "... does not exist" (its own went to another server).
+/// client prepared the same name there), 26000 "... does not exist" (its own went to another server), or
+/// 08P01 "bind message supplies 1 parameters, but prepared statement ... requires 9" (the name there is another
+/// client's statement).
 fn pooler_in_transaction_mode(code: Option<&str>, message: &str) -> bool {
-    matches!(code, Some("42P05" | "26000")) && message.contains("\"sqlx_s_")
+    matches!(code, Some("42P05" | "26000" | "08P01")) && message.contains("prepared statement \"sqlx_s_")
 }
 
 /// Connection loss, timeouts, and the SQLSTATE classes that mean "try again": 08 connection exception,
@@ -94,6 +104,37 @@ pub struct Store {
     pool: PgPool,
     /// Queue new events in the outbox (only when notifications are on; otherwise it would only grow).
     outbox: bool,
+    /// `store.transaction_pooler`: a pooler in transaction mode hands each transaction to whichever server
+    /// connection is free, so statements are prepared unnamed, each time, inside a transaction (see `Session`).
+    transaction_pooler: bool,
+    /// `store.migrate_url`: where migrations run, when not through the pool.
+    migrate_options: Option<PgConnectOptions>,
+}
+
+/// The connection a statement runs on. Directly (or through a session pooler), a pooled connection whose
+/// prepared statements stay on it. Behind a transaction pooler, a transaction of its own: sqlx prepares an
+/// unnamed statement in one round trip and runs it in the next, and only inside a transaction does the
+/// pooler keep the two on one server connection.
+enum Session {
+    Pooled(PoolConnection<Postgres>),
+    Transaction(Transaction<'static, Postgres>),
+}
+
+impl Session {
+    fn connection(&mut self) -> &mut PgConnection {
+        match self {
+            Session::Pooled(connection) => connection,
+            Session::Transaction(tx) => tx,
+        }
+    }
+
+    /// Commits the statement's own transaction, if it has one (for a write, it is durable only then).
+    async fn finish(self) -> Result<(), sqlx::Error> {
+        match self {
+            Session::Pooled(_) => Ok(()),
+            Session::Transaction(tx) => tx.commit().await,
+        }
+    }
 }
 
 /// One statement per batch: insert what is new, and (with `$9`) queue it in the outbox in the same commit,
@@ -188,7 +229,9 @@ pub struct OutboxBatch {
 /// Outbox rows claimed for publishing: locked (`FOR UPDATE SKIP LOCKED`) in an open transaction, so
 /// another replica's catch-up skips them. Marking commits; dropping rolls back and releases them.
 pub struct Claimed {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    tx: Transaction<'static, Postgres>,
+    /// Named prepared statements (not behind a transaction pooler).
+    named: bool,
     /// The claimed rows' events, oldest first.
     pub events: Vec<StoredEvent>,
     /// The claimed rows, oldest first; a row whose events are no longer stored is here too, to be deleted.
@@ -205,6 +248,7 @@ impl Claimed {
 
     pub async fn mark_published(mut self) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)")
+            .persistent(self.named)
             .bind(&self.outbox_ids)
             .execute(&mut *self.tx)
             .await?;
@@ -345,6 +389,14 @@ impl Store {
         let options: PgConnectOptions = config.url.parse().map_err(StoreError::Url)?;
         warn_if_tls_unchecked(&config.url, &options);
         let options = options.application_name("hookgate");
+        let migrate_options = match &config.migrate_url {
+            Some(url) => {
+                let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+                warn_if_tls_unchecked(url, &options);
+                Some(options.application_name("hookgate migrate"))
+            }
+            None => None,
+        };
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_max)
             .min_connections(0)
@@ -352,16 +404,43 @@ impl Store {
             // A connection that failed mid-query must not be handed out again.
             .test_before_acquire(false)
             .connect_lazy_with(options);
-        Ok(Self { pool, outbox })
+        Ok(Self { pool, outbox, transaction_pooler: config.transaction_pooler, migrate_options })
     }
 
+    /// Applies the migrations not yet applied, on `store.migrate_url` when set (one connection of its own),
+    /// else on the pool.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        match &self.migrate_options {
+            Some(options) => {
+                let mut connection = PgConnection::connect_with(options).await?;
+                MIGRATOR.run_direct(&mut connection).await?;
+                // The migrations are committed; a failed goodbye changes nothing.
+                let _ = connection.close().await;
+            }
+            None if self.transaction_pooler => return Err(StoreError::MigrateNeedsDirectConnection),
+            None => MIGRATOR.run(&self.pool).await?,
+        }
         Ok(())
     }
 
-    /// Opens `n` connections and prepares the batch insert on each (an empty batch), so the first
-    /// requests after a start do not wait for connection set-up and statement planning.
+    /// Whether statements are prepared once per connection under a name and kept (not behind a transaction
+    /// pooler, where another client's statements may be on the server connection, or its own may not).
+    fn named(&self) -> bool {
+        !self.transaction_pooler
+    }
+
+    /// A connection for one statement (see `Session`); `finish` it after the statement.
+    async fn session(&self) -> Result<Session, sqlx::Error> {
+        Ok(if self.transaction_pooler {
+            Session::Transaction(self.pool.begin().await?)
+        } else {
+            Session::Pooled(self.pool.acquire().await?)
+        })
+    }
+
+    /// Opens `n` connections and prepares the batch insert on each (an empty batch; behind a transaction
+    /// pooler, which keeps no statement, only opens them), so the first requests after a start do not wait
+    /// for connection set-up and statement planning.
     pub async fn warm_up(&self, n: usize) {
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
@@ -370,15 +449,17 @@ impl Store {
                 Err(_) => break, // the database is not there yet: the pool connects on demand later
             }
         }
-        for connection in &mut held {
-            // Harmless when it fails (for example before migrations): the first batch prepares it then.
-            let _ = self.insert_with(&mut **connection, &[]).await;
+        if self.named() {
+            for connection in &mut held {
+                // Harmless when it fails (for example before migrations): the first batch prepares it then.
+                let _ = self.insert_on(connection, &[]).await;
+            }
         }
     }
 
-    /// Is the database reachable? One `SELECT 1`.
+    /// Is the database reachable? One `SELECT 1`, as a simple query (nothing prepared, through any pooler).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::raw_sql("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -386,13 +467,13 @@ impl Store {
     /// event in order, where it was inserted, or `None` when it was already stored, and which outbox row
     /// queues the new ones. The batch must not hold the same (source, id) twice.
     pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Written, StoreError> {
-        self.insert_with(&self.pool, events).await
+        let mut session = self.session().await?;
+        let written = self.insert_on(session.connection(), events).await?;
+        session.finish().await?;
+        Ok(written)
     }
 
-    async fn insert_with<'e, E>(&self, executor: E, events: &[&NewEvent]) -> Result<Written, StoreError>
-    where
-        E: sqlx::Executor<'e, Database = sqlx::Postgres>,
-    {
+    async fn insert_on(&self, connection: &mut PgConnection, events: &[&NewEvent]) -> Result<Written, StoreError> {
         let sources: Vec<&str> = events.iter().map(|e| &*e.source).collect();
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
@@ -402,6 +483,7 @@ impl Store {
         let accounts: Vec<Option<&str>> = events.iter().map(|e| e.account.as_deref()).collect();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_ref()).collect();
         let rows = sqlx::query(INSERT_BATCH)
+            .persistent(self.named())
             .bind(&sources)
             .bind(&ids)
             .bind(&types)
@@ -411,7 +493,7 @@ impl Store {
             .bind(&accounts)
             .bind(&bodies)
             .bind(self.outbox)
-            .fetch_all(executor)
+            .fetch_all(connection)
             .await?;
         let mut outbox_id = None;
         let mut inserted: HashMap<(String, String), Inserted> = HashMap::with_capacity(rows.len());
@@ -428,7 +510,13 @@ impl Store {
 
     /// Deletes the outbox rows of batches the normal path has published (one statement for many batches).
     pub async fn mark_published(&self, outbox_ids: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)").bind(outbox_ids).execute(&self.pool).await?;
+        let mut session = self.session().await?;
+        sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)")
+            .persistent(self.named())
+            .bind(outbox_ids)
+            .execute(session.connection())
+            .await?;
+        session.finish().await?;
         Ok(())
     }
 
@@ -472,6 +560,7 @@ impl Store {
                 break true;
             }
             let candidates: Vec<i64> = sqlx::query_scalar(CANDIDATES)
+                .persistent(self.named())
                 .bind(cursor)
                 .bind(grace)
                 .bind(limit.events - counted)
@@ -480,11 +569,16 @@ impl Store {
                 .await?;
             let Some(&last) = candidates.last() else { break false };
             cursor = last;
-            let rows = sqlx::query(&lock_and_read).bind(&candidates).bind(grace).fetch_all(&mut *tx).await?;
+            let rows = sqlx::query(&lock_and_read)
+                .persistent(self.named())
+                .bind(&candidates)
+                .bind(grace)
+                .fetch_all(&mut *tx)
+                .await?;
             bytes += read_claimed_rows(&rows, &mut events, &mut outbox_ids)?;
             counted += i64::try_from(rows.len()).unwrap_or(i64::MAX);
         };
-        Ok(Claimed { tx, events, outbox_ids, full })
+        Ok(Claimed { tx, named: self.named(), events, outbox_ids, full })
     }
 
     /// Claims the outbox rows `ids`, whatever their age, except those gone (published) or held by another
@@ -492,22 +586,31 @@ impl Store {
     /// published when it shuts down (`Notifier::run_catchup`).
     pub async fn claim_rows(&self, ids: &[i64]) -> Result<Claimed, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(&lock_and_read_rows()).bind(ids).bind(0.0_f64).fetch_all(&mut *tx).await?;
+        let rows = sqlx::query(&lock_and_read_rows())
+            .persistent(self.named())
+            .bind(ids)
+            .bind(0.0_f64)
+            .fetch_all(&mut *tx)
+            .await?;
         let (mut events, mut outbox_ids) = (Vec::new(), Vec::new());
         read_claimed_rows(&rows, &mut events, &mut outbox_ids)?;
-        Ok(Claimed { tx, events, outbox_ids, full: false })
+        Ok(Claimed { tx, named: self.named(), events, outbox_ids, full: false })
     }
 
     /// Events that have waited longer than `grace` to be published (all sources): the catch-up's backlog.
     /// Rows younger than the grace are the normal path's, in flight between commit and delete.
     pub async fn count_unpublished(&self, grace: Duration) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
+        let mut session = self.session().await?;
+        let count = sqlx::query_scalar(
             "SELECT coalesce(sum(cardinality(event_ids)), 0)::int8 FROM events_outbox \
              WHERE queued_at < now() - make_interval(secs => $1)",
         )
+        .persistent(self.named())
         .bind(grace.as_secs_f64())
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(session.connection())
+        .await?;
+        session.finish().await?;
+        Ok(count)
     }
 
     /// One page of stored events matching `filter`, in order of receipt (`received_at`, then `seq`), after
@@ -532,7 +635,9 @@ impl Store {
                  AND ($5::text IS NULL OR event_type LIKE $5) ORDER BY received_at, seq LIMIT $6 \
              ) AS page WHERE bytes_before < $8 ORDER BY 9, 1"
         );
+        let mut session = self.session().await?;
         let rows = sqlx::query(&query)
+            .persistent(self.named())
             .bind(&filter.source)
             .bind(after.received_us)
             .bind(filter.since)
@@ -541,8 +646,9 @@ impl Store {
             .bind(limit.events)
             .bind(after.seq)
             .bind(limit.body_bytes)
-            .fetch_all(&self.pool)
+            .fetch_all(session.connection())
             .await?;
+        session.finish().await?;
         let mut next = after;
         if let Some(last) = rows.last() {
             next = ReplayPosition { received_us: last.try_get(8)?, seq: last.try_get(0)? };
@@ -552,29 +658,36 @@ impl Store {
 
     /// How many stored events match `filter`.
     pub async fn replay_count(&self, filter: &ReplayFilter) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
+        let mut session = self.session().await?;
+        let count = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE source = $1 \
              AND ($2::int8 IS NULL OR received_at >= to_timestamp($2)) \
              AND ($3::int8 IS NULL OR received_at < to_timestamp($3)) \
              AND ($4::text IS NULL OR event_type LIKE $4)",
         )
+        .persistent(self.named())
         .bind(&filter.source)
         .bind(filter.since)
         .bind(filter.until)
         .bind(filter.type_like())
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(session.connection())
+        .await?;
+        session.finish().await?;
+        Ok(count)
     }
 
     /// Where a pruning run that keeps `keep_days` days stops (see `PruneCutoff`), by the database's clock.
     pub async fn prune_cutoff(&self, keep_days: u32) -> Result<PruneCutoff, StoreError> {
+        let mut session = self.session().await?;
         let (keep_us, oldest_queued_us): (i64, Option<i64>) = sqlx::query_as(
             "SELECT (extract(epoch FROM now() - make_interval(days => $1)) * 1000000)::int8, \
                     (SELECT (extract(epoch FROM min(queued_at)) * 1000000)::int8 FROM events_outbox)",
         )
+        .persistent(self.named())
         .bind(i32::try_from(keep_days).unwrap_or(i32::MAX))
-        .fetch_one(&self.pool)
+        .fetch_one(session.connection())
         .await?;
+        session.finish().await?;
         Ok(match oldest_queued_us {
             Some(queued_us) if queued_us < keep_us => {
                 PruneCutoff { before_us: queued_us, held_back_by_us: Some(queued_us) }
@@ -586,15 +699,19 @@ impl Store {
     /// The sources that have stored events, including any no longer configured: a skip scan of the
     /// primary key (one index probe per source), not a read of the table.
     pub async fn stored_sources(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
+        let mut session = self.session().await?;
+        let sources = sqlx::query_scalar(
             "WITH RECURSIVE s(source) AS ( \
                  SELECT min(source) FROM events \
                  UNION ALL \
                  SELECT (SELECT min(source) FROM events WHERE source > s.source) FROM s WHERE s.source IS NOT NULL \
              ) SELECT source FROM s WHERE source IS NOT NULL",
         )
-        .fetch_all(&self.pool)
-        .await?)
+        .persistent(self.named())
+        .fetch_all(session.connection())
+        .await?;
+        session.finish().await?;
+        Ok(sources)
     }
 
     /// Deletes up to `limit` of `source`'s oldest events received before `cutoff_us`, and at or after
@@ -619,6 +736,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let (_, locked): (String, bool) =
             sqlx::query_as("SELECT set_config('synchronous_commit', 'off', true), pg_try_advisory_xact_lock($1)")
+                .persistent(self.named())
                 .bind(PRUNE_LOCK_KEY)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -636,6 +754,7 @@ impl Store {
                  RETURNING received_at \
              ) SELECT count(*), (extract(epoch FROM max(received_at)) * 1000000)::int8 FROM deleted",
         )
+        .persistent(self.named())
         .bind(source)
         .bind(from_us)
         .bind(cutoff_us)
@@ -648,14 +767,18 @@ impl Store {
 
     /// How many of `source`'s events a run with `cutoff_us` would delete.
     pub async fn count_prunable(&self, source: &str, cutoff_us: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
+        let mut session = self.session().await?;
+        let count = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE source = $1 \
              AND received_at < timestamptz 'epoch' + $2 * interval '1 microsecond'",
         )
+        .persistent(self.named())
         .bind(source)
         .bind(cutoff_us)
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(session.connection())
+        .await?;
+        session.finish().await?;
+        Ok(count)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
@@ -672,6 +795,12 @@ mod tests {
     fn prepared_statements_lost_or_shared_between_clients_name_a_pooler_in_transaction_mode() {
         assert!(pooler_in_transaction_mode(Some("42P05"), r#"prepared statement "sqlx_s_3" already exists"#));
         assert!(pooler_in_transaction_mode(Some("26000"), r#"prepared statement "sqlx_s_8" does not exist"#));
+        assert!(pooler_in_transaction_mode(
+            Some("08P01"),
+            r#"bind message supplies 1 parameters, but prepared statement "sqlx_s_4" requires 9"#
+        ));
+        // A protocol violation that names no statement of sqlx's is the connection's, and stays transient.
+        assert!(!pooler_in_transaction_mode(Some("08P01"), "invalid frontend message type 0"));
         // The same codes for statements that are not sqlx's, and other refusals, are not the pooler's.
         assert!(!pooler_in_transaction_mode(Some("26000"), r#"prepared statement "mine" does not exist"#));
         assert!(!pooler_in_transaction_mode(Some("23505"), r#"duplicate key value "sqlx_s_1""#));

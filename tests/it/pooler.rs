@@ -1,5 +1,6 @@
-//! Behind a real PgBouncer: session pooling serves every event; transaction pooling, which hookgate's prepared
-//! statements cannot share, is named in the store's error instead of surfacing as a stranger's statement name.
+//! Behind a real PgBouncer: session pooling serves every event; transaction pooling serves every event with
+//! `store.transaction_pooler` on, and without it is named in the store's error instead of surfacing as a
+//! stranger's prepared statement.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -107,24 +108,26 @@ async fn behind_pgbouncer_in_session_mode_every_event_is_stored() {
     gateway.stop().await;
 }
 
-#[tokio::test]
-async fn behind_pgbouncer_in_transaction_mode_the_store_names_the_pooler() {
-    let db = TestDb::create().await;
-    let store_config =
-        |url: String| StoreConfig { url, pool_max: 8, connect_timeout_ms: 10_000, migrate_on_start: true };
-    // Migrated directly: the migrations hold a session-level advisory lock.
-    let direct = Store::new(&store_config(db.url.clone()), true).expect("store");
-    direct.migrate().await.expect("migrate");
-    direct.close().await;
+fn store_config(url: String, transaction_pooler: bool, migrate_url: Option<String>) -> StoreConfig {
+    StoreConfig {
+        url,
+        pool_max: 8,
+        connect_timeout_ms: 10_000,
+        migrate_on_start: true,
+        transaction_pooler,
+        migrate_url,
+    }
+}
 
-    let bouncer = PgBouncer::start("transaction", 2);
-    let store = Store::new(&store_config(bouncer.url(&db.url)), true).expect("store through pgbouncer");
-    // Eight clients on two server connections: at least two of them prepare the same statement name on one.
+/// Eight writers, ten one-event batches each, at once, each batch followed by a read of the outbox's backlog
+/// (two statements, so that one client's statement can meet another's on a server connection); the ids of the
+/// batches stored, and every error.
+async fn write_concurrently(store: &Store) -> (Vec<String>, Vec<StoreError>) {
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..8 {
         let store = store.clone();
         writers.spawn(async move {
-            let mut errors = Vec::new();
+            let (mut stored, mut errors) = (Vec::new(), Vec::new());
             for n in 0..10 {
                 let event = NewEvent {
                     source: std::sync::Arc::from("stripe"),
@@ -136,22 +139,130 @@ async fn behind_pgbouncer_in_transaction_mode_the_store_names_the_pooler() {
                     account: None,
                     body: bytes::Bytes::from_static(b"{}"),
                 };
-                if let Err(e) = store.insert_batch(&[&event]).await {
+                match store.insert_batch(&[&event]).await {
+                    Ok(_) => stored.push(event.id),
+                    Err(e) => errors.push(e),
+                }
+                if let Err(e) = store.count_unpublished(Duration::from_secs(3600)).await {
                     errors.push(e);
                 }
             }
-            errors
+            (stored, errors)
         });
     }
-    let mut errors = Vec::new();
+    let (mut stored, mut errors) = (Vec::new(), Vec::new());
     while let Some(result) = writers.join_next().await {
-        errors.extend(result.expect("writer"));
+        let (ids, failures) = result.expect("writer");
+        stored.extend(ids);
+        errors.extend(failures);
     }
+    (stored, errors)
+}
+
+#[tokio::test]
+async fn behind_pgbouncer_in_transaction_mode_named_statements_fail_and_the_error_names_the_setting() {
+    let db = TestDb::create().await;
+    // Migrated directly: the migrations hold a session-level advisory lock.
+    let direct = Store::new(&store_config(db.url.clone(), false, None), true).expect("store");
+    direct.migrate().await.expect("migrate");
+    direct.close().await;
+
+    let bouncer = PgBouncer::start("transaction", 2);
+    let store = Store::new(&store_config(bouncer.url(&db.url), false, None), true).expect("store through pgbouncer");
+    // Eight clients on two server connections: at least two of them prepare the same statement name on one.
+    let (_, errors) = write_concurrently(&store).await;
     assert!(!errors.is_empty(), "80 batches through a transaction pooler all succeeded: {}", bouncer.log());
     for error in &errors {
         assert!(matches!(error, StoreError::PoolerInTransactionMode(_)), "{}", hookgate::error_chain(error));
         assert!(!error.is_transient(), "retrying on the same pooler does not help");
         assert!(error.to_string().contains("pool_mode = transaction"), "{error}");
+        assert!(error.to_string().contains("store.transaction_pooler = true"), "{error}");
     }
     store.close().await;
+}
+
+#[tokio::test]
+async fn with_store_transaction_pooler_every_store_operation_works_through_pgbouncer_in_transaction_mode() {
+    let db = TestDb::create().await;
+    let bouncer = PgBouncer::start("transaction", 2);
+    let pooled_url = bouncer.url(&db.url);
+
+    // Migrations need Postgres itself: refused without store.migrate_url, applied through it.
+    let without = Store::new(&store_config(pooled_url.clone(), true, None), true).expect("store");
+    let refused = without.migrate().await.expect_err("migrations through a transaction pooler");
+    assert!(matches!(refused, StoreError::MigrateNeedsDirectConnection), "{}", hookgate::error_chain(&refused));
+    let store = Store::new(&store_config(pooled_url, true, Some(db.url.clone())), true).expect("store");
+    store.migrate().await.expect("migrate through store.migrate_url");
+    store.migrate().await.expect("migrating again is a no-op");
+
+    // The same eight clients on two server connections as above: every batch stored.
+    let (stored, errors) = write_concurrently(&store).await;
+    let chains: Vec<String> = errors.iter().map(|e| hookgate::error_chain(e)).collect();
+    assert!(errors.is_empty(), "{chains:?}\n{}", bouncer.log());
+    assert_eq!(stored.len(), 80);
+    let in_db = db.stored_ids().await;
+    assert!(stored.iter().all(|id| in_db.contains(id)), "a batch reported written is not stored");
+
+    // The rest of what the gateway and its commands ask of the store, each through the pooler.
+    store.ping().await.expect("ping");
+    assert_eq!(store.count_unpublished(Duration::ZERO).await.expect("count unpublished"), 80);
+    let limit = hookgate::store::PageLimit { events: 1_000, body_bytes: 1 << 20 };
+    let claimed = store.claim_unpublished(Duration::ZERO, 0, limit).await.expect("claim");
+    assert_eq!(claimed.events.len(), 80, "the catch-up reads every queued event back");
+    claimed.mark_published().await.expect("mark published");
+    assert_eq!(store.count_unpublished(Duration::ZERO).await.expect("count unpublished"), 0);
+    let filter = hookgate::store::ReplayFilter {
+        source: "stripe".into(),
+        since: None,
+        until: None,
+        event_type: Some("charge.*".into()),
+    };
+    assert_eq!(store.replay_count(&filter).await.expect("replay count"), 80);
+    let (page, _) = store.replay_page(&filter, hookgate::store::ReplayPosition::default(), limit).await.expect("page");
+    assert_eq!(page.len(), 80);
+    assert_eq!(store.stored_sources().await.expect("stored sources"), ["stripe"]);
+    let cutoff = store.prune_cutoff(7).await.expect("prune cutoff");
+    assert_eq!(store.count_prunable("stripe", cutoff.before_us).await.expect("count prunable"), 0);
+    let now_us = i64::try_from(std::time::SystemTime::UNIX_EPOCH.elapsed().expect("clock").as_micros()).expect("µs");
+    let pruned = store.prune_batch("stripe", None, now_us + 60_000_000, 100).await.expect("prune").expect("lock");
+    assert_eq!(pruned.deleted, 80, "everything received before a minute from now");
+    assert_eq!(db.count().await, 0);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_gateway_with_store_transaction_pooler_stores_and_publishes_every_event_through_pgbouncer() {
+    let db = TestDb::create().await;
+    let bouncer = PgBouncer::start("transaction", 2);
+    let mut config = test_config(&bouncer.url(&db.url));
+    config.store.transaction_pooler = true;
+    config.store.migrate_url = Some(db.url.clone());
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    let mut posts = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (client, url) = (client.clone(), gateway.url("stripe"));
+        posts.spawn(async move {
+            let id = unique("evt_pgb_tx");
+            (post_stripe_with(&client, &url, &id).await, id)
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(result) = posts.join_next().await {
+        let (answer, id) = result.expect("post");
+        assert_eq!(answer.status, 202, "{answer:?}\n{}", bouncer.log());
+        ids.push(id);
+    }
+    let stored = db.stored_ids().await;
+    assert!(ids.iter().all(|id| stored.contains(id)), "an acknowledged event is not stored");
+    let redis = redis_url();
+    assert!(
+        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
+        "every event reaches its stream"
+    );
+    let stream = stream_ids(&redis, &key).await;
+    assert!(ids.iter().all(|id| stream.get(id) == Some(&1)), "each event on its stream once");
+    assert!(outbox_empties(&db).await, "published batches leave the outbox");
+    gateway.stop().await;
 }
