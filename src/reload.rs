@@ -6,7 +6,7 @@
 //! SIGHUP also reads the configuration file again: a new `log.level` is applied at once (debug logs for a
 //! few minutes, without the restart that would end the behaviour being looked at), and so are the sources:
 //! one added is received from then on, one removed refused, and one whose settings changed (`allowed_ips`,
-//! `tolerance_s`, `max_body_bytes`, where its secrets are read from) is swapped under running requests;
+//! `tolerance_s`, `max_body_bytes`, `max_queued`, where its secrets are read from) is swapped under running requests;
 //! so are the proxies and balancers that may name the client (`server.trusted_proxies`,
 //! `server.proxy_protocol_from`), for the next request and the next connection. Any other changed key is
 //! named in a warning as taking effect on restart, so an edit is never silently ignored. With

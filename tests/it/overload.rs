@@ -167,7 +167,7 @@ async fn readiness(ready_url: &str) -> (u64, Vec<String>) {
 }
 
 /// `n` Stripe events of fresh ids, as (id, body).
-fn stripe_events(n: usize) -> impl Iterator<Item = (String, String)> {
+pub fn stripe_events(n: usize) -> impl Iterator<Item = (String, String)> {
     (0..n).map(|_| unique("evt")).map(|id| {
         let body = stripe_event(&id);
         (id, body)
@@ -176,7 +176,7 @@ fn stripe_events(n: usize) -> impl Iterator<Item = (String, String)> {
 
 /// Posts every (id, body) at once to `url`, a route of a Stripe-signed source, each signed as it is sent;
 /// the answers are for `sort_answers`.
-fn deliver_at_once(
+pub fn deliver_at_once(
     url: &str,
     events: impl Iterator<Item = (String, String)>,
 ) -> tokio::task::JoinSet<(String, Answer)> {
@@ -192,7 +192,7 @@ fn deliver_at_once(
 }
 
 /// Pauses the store: an exclusive lock on the events table, held until the returned transaction ends.
-async fn pause_store(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+pub async fn pause_store(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = db.pool.begin().await.expect("begin");
     sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
     tx
@@ -200,7 +200,7 @@ async fn pause_store(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> 
 
 /// Waits for every delivery; returns the ids answered 202 and the count of 503s, each of which must be of
 /// `kind` with `Retry-After: retry_after`. Any other answer fails the test.
-async fn sort_answers(
+pub async fn sort_answers(
     mut set: tokio::task::JoinSet<(String, Answer)>,
     kind: &str,
     retry_after: &str,
@@ -222,7 +222,7 @@ async fn sort_answers(
     (acknowledged, refused)
 }
 
-async fn assert_all_stored(db: &TestDb, acknowledged: &[String]) {
+pub async fn assert_all_stored(db: &TestDb, acknowledged: &[String]) {
     let stored = db.stored_ids().await;
     for id in acknowledged {
         assert!(stored.contains(id), "acknowledged {id} is not stored");

@@ -414,3 +414,70 @@ async fn sighup_applies_new_balancers_and_trusted_proxies_without_a_restart() {
     drop(gateway);
     assert_eq!(db.stored_ids().await, [id].into());
 }
+
+#[tokio::test]
+async fn sighup_applies_a_new_max_queued_and_the_events_held_under_the_old_one_still_count() {
+    use crate::overload::{assert_all_stored, deliver_at_once, pause_store, sort_answers, stripe_events};
+    let db = TestDb::create().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = config_file(&db.url, port, admin_port);
+    let original = std::fs::read_to_string(&config).expect("config");
+    let with_share =
+        |n: usize| original.replace("[sources.stripe]\n", &format!("[sources.stripe]\nmax_queued = {n}\n"));
+    std::fs::write(&config, with_share(3)).expect("config with a share");
+    let log = std::env::temp_dir().join(format!("{}.log", unique("hookgate-it-share")));
+    let env = [
+        ("HOOKGATE__LOG__FORMAT", "json"),
+        ("HOOKGATE__LOG__LEVEL", "info"),
+        ("HOOKGATE__RELOAD__INTERVAL_S", "3600"),
+        ("HOOKGATE__QUEUE__RETRY_AFTER_S", "3"),
+        ("HOOKGATE__SERVER__REQUEST_TIMEOUT_MS", "30000"),
+    ];
+    let gateway = GatewayProcess::start_with(&config, port, admin_port, &env, Some(&log)).await;
+    assert_eq!(post_stripe_with(&client(), &gateway.url("stripe"), &unique("warm")).await.status, 202);
+    let metric = |name: &'static str| {
+        let url = gateway.metrics_url();
+        async move { scrape_metric(&url, &format!("{name}{{source=\"stripe\"}}")).await }
+    };
+
+    // The store paused: three of six are held, the other three refused.
+    let pause = pause_store(&db).await;
+    let first = deliver_at_once(&gateway.url("stripe"), stripe_events(6));
+    let held = |n: f64| {
+        eventually(
+            Duration::from_secs(10),
+            move || async move { metric("hookgate_source_queued_events").await == Some(n) },
+        )
+    };
+    let refused = |n: f64| {
+        eventually(Duration::from_secs(10), move || async move {
+            metric("hookgate_source_share_rejections_total").await == Some(n)
+        })
+    };
+    assert!(held(3.0).await && refused(3.0).await, "max_queued = 3 holds three of six");
+
+    // The share raised to five while those three are held: two more are taken, not five.
+    std::fs::write(&config, with_share(5)).expect("config with a larger share");
+    gateway.signal("HUP");
+    let applied = || async {
+        let (_, lines) = crate::process::json_log_lines_with(&log, "source settings applied");
+        lines
+            .iter()
+            .any(|line| line["source"] == "stripe" && line["keys"].as_str().is_some_and(|k| k.contains("max_queued")))
+    };
+    assert!(eventually(Duration::from_secs(10), applied).await, "the new max_queued is applied on SIGHUP");
+    let second = deliver_at_once(&gateway.url("stripe"), stripe_events(6));
+    assert!(held(5.0).await, "the new share applies, and the events held under the old one count against it");
+    assert!(refused(7.0).await, "four of the second six refused");
+    pause.rollback().await.expect("unlock");
+
+    let (first_acknowledged, first_refused) = sort_answers(first, "source_share_full", "3").await;
+    let (second_acknowledged, second_refused) = sort_answers(second, "source_share_full", "3").await;
+    assert_eq!((first_acknowledged.len(), first_refused), (3, 3));
+    assert_eq!((second_acknowledged.len(), second_refused), (2, 4));
+    assert_all_stored(&db, &first_acknowledged).await;
+    assert_all_stored(&db, &second_acknowledged).await;
+    assert!(held(0.0).await, "written, the events give their slots back");
+    drop(gateway);
+    let _ = std::fs::remove_file(log);
+}
