@@ -472,15 +472,21 @@ pub async fn outbox_empties(db: &TestDb) -> bool {
 pub async fn start_and_expect_backlog_published(config: Config, db: &TestDb, ids: &[String], what: &str) -> Gateway {
     let key = config.notify.stream_for("stripe");
     let gateway = Gateway::start(config).await;
+    assert_published_once(db, &key, ids, what).await;
+    gateway
+}
+
+/// Asserts that the stream `key` of the test Redis comes to hold each of `ids` exactly once (within 10 s) and
+/// that the outbox of `db` empties. `what` names the events in the failure message.
+pub async fn assert_published_once(db: &TestDb, key: &str, ids: &[String], what: &str) {
     let redis = redis_url();
     assert!(
-        eventually(Duration::from_secs(10), || async { stream_ids(&redis, &key).await.len() == ids.len() }).await,
-        "the catch-up publishes the {what} at start-up"
+        eventually(Duration::from_secs(10), || async { stream_ids(&redis, key).await.len() == ids.len() }).await,
+        "the {what} reach their stream"
     );
-    let stream = stream_ids(&redis, &key).await;
+    let stream = stream_ids(&redis, key).await;
     assert!(ids.iter().all(|id| stream.get(id) == Some(&1)), "each event of the {what} once");
-    assert!(outbox_empties(db).await, "the {what} leaves the outbox");
-    gateway
+    assert!(outbox_empties(db).await, "the {what} leave the outbox");
 }
 
 /// Stores `stripe` events and leaves them unpublished, as a crash between commit and publish does: one
