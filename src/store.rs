@@ -22,6 +22,14 @@ pub enum StoreError {
     Url(#[source] sqlx::Error),
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// SQLSTATE 25006: the server takes no writes. A connection opened during a failover can reach the old
+    /// primary, back as a standby, and an operator fencing a primary sets `default_transaction_read_only`, which
+    /// applies to open sessions too. Transient: the connection is closed, and the retry opens a new one.
+    #[error(
+        "the database is read-only (a standby reached during a failover, or default_transaction_read_only): \
+         retrying on a new connection"
+    )]
+    ReadOnly(#[source] sqlx::Error),
     #[error("the database refused the batch")]
     Rejected(#[source] sqlx::Error),
     /// One server connection saw another client's prepared statements, or lost its own: a pooler in transaction
@@ -45,7 +53,7 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::ReadOnly(_))
     }
 }
 
@@ -57,12 +65,19 @@ impl From<sqlx::Error> for StoreError {
                 return StoreError::PoolerInTransactionMode(e);
             }
         }
-        if is_transient(&e) {
+        if is_read_only(&e) {
+            StoreError::ReadOnly(e)
+        } else if is_transient(&e) {
             StoreError::Unavailable(e)
         } else {
             StoreError::Rejected(e)
         }
     }
+}
+
+/// SQLSTATE 25006 read_only_sql_transaction: a write reached a server that takes none.
+fn is_read_only(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
 }
 
 /// What Postgres answers when sqlx's named prepared statements (`sqlx_s_<n>`, one set per client connection)
@@ -128,11 +143,24 @@ impl Session {
         }
     }
 
-    /// Commits the statement's own transaction, if it has one (for a write, it is durable only then).
-    async fn finish(self) -> Result<(), sqlx::Error> {
-        match self {
-            Session::Pooled(_) => Ok(()),
-            Session::Transaction(tx) => tx.commit().await,
+    /// Ends the statement: on success, commits its own transaction if it has one (for a write, it is durable
+    /// only then). A pooled connection that found the server read-only is closed instead of going back to
+    /// the pool, where it would stay read-only (its server a standby, or its session made so), so that the
+    /// retry connects anew, to the primary once the failover is done.
+    async fn finish<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        match result {
+            Ok(value) => {
+                if let Session::Transaction(tx) = self {
+                    tx.commit().await?;
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                if let (Session::Pooled(connection), true) = (&mut self, is_read_only(&e)) {
+                    connection.close_on_drop();
+                }
+                Err(e.into())
+            }
         }
     }
 }
@@ -468,12 +496,11 @@ impl Store {
     /// queues the new ones. The batch must not hold the same (source, id) twice.
     pub async fn insert_batch(&self, events: &[&NewEvent]) -> Result<Written, StoreError> {
         let mut session = self.session().await?;
-        let written = self.insert_on(session.connection(), events).await?;
-        session.finish().await?;
-        Ok(written)
+        let result = self.insert_on(session.connection(), events).await;
+        session.finish(result).await
     }
 
-    async fn insert_on(&self, connection: &mut PgConnection, events: &[&NewEvent]) -> Result<Written, StoreError> {
+    async fn insert_on(&self, connection: &mut PgConnection, events: &[&NewEvent]) -> Result<Written, sqlx::Error> {
         let sources: Vec<&str> = events.iter().map(|e| &*e.source).collect();
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
@@ -511,12 +538,12 @@ impl Store {
     /// Deletes the outbox rows of batches the normal path has published (one statement for many batches).
     pub async fn mark_published(&self, outbox_ids: &[i64]) -> Result<(), StoreError> {
         let mut session = self.session().await?;
-        sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)")
+        let result = sqlx::query("DELETE FROM events_outbox WHERE id = ANY($1)")
             .persistent(self.named())
             .bind(outbox_ids)
             .execute(session.connection())
-            .await?;
-        session.finish().await?;
+            .await;
+        session.finish(result).await?;
         Ok(())
     }
 
@@ -601,16 +628,15 @@ impl Store {
     /// Rows younger than the grace are the normal path's, in flight between commit and delete.
     pub async fn count_unpublished(&self, grace: Duration) -> Result<i64, StoreError> {
         let mut session = self.session().await?;
-        let count = sqlx::query_scalar(
+        let result = sqlx::query_scalar(
             "SELECT coalesce(sum(cardinality(event_ids)), 0)::int8 FROM events_outbox \
              WHERE queued_at < now() - make_interval(secs => $1)",
         )
         .persistent(self.named())
         .bind(grace.as_secs_f64())
         .fetch_one(session.connection())
-        .await?;
-        session.finish().await?;
-        Ok(count)
+        .await;
+        session.finish(result).await
     }
 
     /// One page of stored events matching `filter`, in order of receipt (`received_at`, then `seq`), after
@@ -636,7 +662,7 @@ impl Store {
              ) AS page WHERE bytes_before < $8 ORDER BY 9, 1"
         );
         let mut session = self.session().await?;
-        let rows = sqlx::query(&query)
+        let result = sqlx::query(&query)
             .persistent(self.named())
             .bind(&filter.source)
             .bind(after.received_us)
@@ -647,8 +673,8 @@ impl Store {
             .bind(after.seq)
             .bind(limit.body_bytes)
             .fetch_all(session.connection())
-            .await?;
-        session.finish().await?;
+            .await;
+        let rows = session.finish(result).await?;
         let mut next = after;
         if let Some(last) = rows.last() {
             next = ReplayPosition { received_us: last.try_get(8)?, seq: last.try_get(0)? };
@@ -659,7 +685,7 @@ impl Store {
     /// How many stored events match `filter`.
     pub async fn replay_count(&self, filter: &ReplayFilter) -> Result<i64, StoreError> {
         let mut session = self.session().await?;
-        let count = sqlx::query_scalar(
+        let result = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE source = $1 \
              AND ($2::int8 IS NULL OR received_at >= to_timestamp($2)) \
              AND ($3::int8 IS NULL OR received_at < to_timestamp($3)) \
@@ -671,23 +697,22 @@ impl Store {
         .bind(filter.until)
         .bind(filter.type_like())
         .fetch_one(session.connection())
-        .await?;
-        session.finish().await?;
-        Ok(count)
+        .await;
+        session.finish(result).await
     }
 
     /// Where a pruning run that keeps `keep_days` days stops (see `PruneCutoff`), by the database's clock.
     pub async fn prune_cutoff(&self, keep_days: u32) -> Result<PruneCutoff, StoreError> {
         let mut session = self.session().await?;
-        let (keep_us, oldest_queued_us): (i64, Option<i64>) = sqlx::query_as(
+        let result = sqlx::query_as(
             "SELECT (extract(epoch FROM now() - make_interval(days => $1)) * 1000000)::int8, \
                     (SELECT (extract(epoch FROM min(queued_at)) * 1000000)::int8 FROM events_outbox)",
         )
         .persistent(self.named())
         .bind(i32::try_from(keep_days).unwrap_or(i32::MAX))
         .fetch_one(session.connection())
-        .await?;
-        session.finish().await?;
+        .await;
+        let (keep_us, oldest_queued_us): (i64, Option<i64>) = session.finish(result).await?;
         Ok(match oldest_queued_us {
             Some(queued_us) if queued_us < keep_us => {
                 PruneCutoff { before_us: queued_us, held_back_by_us: Some(queued_us) }
@@ -700,7 +725,7 @@ impl Store {
     /// primary key (one index probe per source), not a read of the table.
     pub async fn stored_sources(&self) -> Result<Vec<String>, StoreError> {
         let mut session = self.session().await?;
-        let sources = sqlx::query_scalar(
+        let result = sqlx::query_scalar(
             "WITH RECURSIVE s(source) AS ( \
                  SELECT min(source) FROM events \
                  UNION ALL \
@@ -709,9 +734,8 @@ impl Store {
         )
         .persistent(self.named())
         .fetch_all(session.connection())
-        .await?;
-        session.finish().await?;
-        Ok(sources)
+        .await;
+        session.finish(result).await
     }
 
     /// Deletes up to `limit` of `source`'s oldest events received before `cutoff_us`, and at or after
@@ -768,7 +792,7 @@ impl Store {
     /// How many of `source`'s events a run with `cutoff_us` would delete.
     pub async fn count_prunable(&self, source: &str, cutoff_us: i64) -> Result<i64, StoreError> {
         let mut session = self.session().await?;
-        let count = sqlx::query_scalar(
+        let result = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE source = $1 \
              AND received_at < timestamptz 'epoch' + $2 * interval '1 microsecond'",
         )
@@ -776,9 +800,8 @@ impl Store {
         .bind(source)
         .bind(cutoff_us)
         .fetch_one(session.connection())
-        .await?;
-        session.finish().await?;
-        Ok(count)
+        .await;
+        session.finish(result).await
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

@@ -217,6 +217,64 @@ async fn postgres_down_for_10_seconds_gets_503s_then_ingest_resumes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// As a failover can leave it: the gateway's connections cut, and the server its new ones reach read-only (a
+/// standby, or a primary fenced with `default_transaction_read_only`), until it takes writes again.
+#[tokio::test]
+async fn a_read_only_database_is_retried_on_new_connections_and_the_waiting_events_are_stored_once_it_takes_writes() {
+    let db = TestDb::create().await;
+    let name = db.url.rsplit('/').next().expect("database name").to_owned();
+    let admin = sqlx::PgPool::connect(&admin_database_url()).await.expect("admin connection");
+    let mut config = test_config(&db.url);
+    config.server.request_timeout_ms = 30_000;
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    assert_eq!(post_stripe(&client, &gateway, &unique("evt_writable")).await.status, 202);
+
+    sqlx::query(&format!("ALTER DATABASE {name} SET default_transaction_read_only = on"))
+        .execute(&admin)
+        .await
+        .expect("make the database read-only for new sessions");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'hookgate'",
+    )
+    .bind(&name)
+    .execute(&admin)
+    .await
+    .expect("cut the gateway's connections");
+    let mut waiting = tokio::task::JoinSet::new();
+    let ids: Vec<String> = (0..5).map(|_| unique("evt_read_only")).collect();
+    for id in ids.clone() {
+        let (client, url) = (client.clone(), gateway.url("stripe"));
+        waiting.spawn(async move { post_stripe_with(&client, &url, &id).await });
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), waiting.join_next()).await.is_err(),
+        "a write refused as read-only is retried, not answered"
+    );
+    assert_eq!(db.count().await, 1);
+
+    // Writable again: the retries reach it on new connections (a read-only session stays read-only).
+    sqlx::query(&format!("ALTER DATABASE {name} RESET default_transaction_read_only"))
+        .execute(&admin)
+        .await
+        .expect("make the database writable");
+    let writable = Instant::now();
+    while let Some(answer) = waiting.join_next().await {
+        let answer = answer.expect("delivery");
+        assert_eq!(answer.status, 202, "{answer:?}");
+    }
+    let recovery = writable.elapsed();
+    let stored = db.stored_ids().await;
+    assert!(ids.iter().all(|id| stored.contains(id)), "every event acknowledged after the failover is stored");
+    println!(
+        "RELIABILITY | failover: the gateway's connections cut, new ones read-only for 3 s, 5 events waiting | 6 | 6 \
+         | 0 | none answered while read-only; all 5 acknowledged {recovery:.1?} after it took writes again | -"
+    );
+    gateway.stop().await;
+    admin.close().await;
+}
+
 #[tokio::test]
 async fn a_burst_far_above_capacity_gets_503s_with_bounded_memory_and_recovers() {
     let db = TestDb::create().await;
