@@ -90,13 +90,16 @@ fn pooler_in_transaction_mode(code: Option<&str>, message: &str) -> bool {
 }
 
 /// Connection loss, timeouts, and the SQLSTATE classes that mean "try again": 08 connection exception,
-/// 40 transaction rollback (serialization, deadlock), 53 insufficient resources, 57P admin shutdown / starting up.
+/// 40 transaction rollback (serialization, deadlock), 53 insufficient resources, 57P admin shutdown / starting up,
+/// 57014 query canceled (a `statement_timeout`, as managed databases set per role, or `pg_cancel_backend`)
+/// and 55P03 lock not available (a `lock_timeout`): a batch that waited out a stall is tried again, not given
+/// up, which in enqueue mode would drop events already acknowledged.
 fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("40") || c.starts_with("53") || c.starts_with("57P")),
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            ["08", "40", "53", "57P"].iter().any(|class| c.starts_with(class)) || c == "57014" || c == "55P03"
+        }),
         _ => false,
     }
 }

@@ -275,6 +275,45 @@ async fn a_read_only_database_is_retried_on_new_connections_and_the_waiting_even
     admin.close().await;
 }
 
+/// A `statement_timeout` on the database (managed databases often set one per role) shorter than a stall: the
+/// batch is canceled (57014) and tried again, not given up; in enqueue mode, giving up would drop events
+/// already acknowledged.
+#[tokio::test]
+async fn a_batch_canceled_by_statement_timeout_during_a_stall_is_retried_and_no_queued_event_is_lost() {
+    let db = TestDb::create().await;
+    let name = db.url.rsplit('/').next().expect("database name").to_owned();
+    let admin = sqlx::PgPool::connect(&admin_database_url()).await.expect("admin connection");
+    sqlx::query(&format!("ALTER DATABASE {name} SET statement_timeout = '300ms'"))
+        .execute(&admin)
+        .await
+        .expect("a statement timeout for the gateway's sessions");
+    let mut config = test_config(&db.url);
+    config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    // Served once migrated: the table to lock is there.
+    assert_eq!(post_stripe(&client, &gateway, &unique("evt_first")).await.status, 202);
+
+    // The stall: the events table locked for 2 s, so every insert waits out the statement timeout.
+    let mut stall = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *stall).await.expect("lock");
+    let ids: Vec<String> = (0..5).map(|_| unique("evt_canceled")).collect();
+    for id in &ids {
+        let answer = post_stripe(&client, &gateway, id).await;
+        assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stall.rollback().await.expect("unlock");
+
+    let all_stored = eventually(Duration::from_secs(10), || async {
+        let in_db = db.stored_ids().await;
+        ids.iter().all(|id| in_db.contains(id))
+    });
+    assert!(all_stored.await, "an event acknowledged as queued is lost when its batch is canceled");
+    gateway.stop().await;
+    admin.close().await;
+}
+
 #[tokio::test]
 async fn a_burst_far_above_capacity_gets_503s_with_bounded_memory_and_recovers() {
     let db = TestDb::create().await;
