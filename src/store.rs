@@ -20,6 +20,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub enum StoreError {
     #[error("invalid store.url")]
     Url(#[source] sqlx::Error),
+    #[error("invalid store.migrate_url")]
+    MigrateUrl(#[source] sqlx::Error),
     #[error("the database is unavailable")]
     Unavailable(#[source] sqlx::Error),
     /// SQLSTATE 25006: the server takes no writes. A connection opened during a failover can reach the old
@@ -422,7 +424,7 @@ impl Store {
         let options = options.application_name("hookgate");
         let migrate_options = match &config.migrate_url {
             Some(url) => {
-                let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+                let options: PgConnectOptions = url.parse().map_err(StoreError::MigrateUrl)?;
                 warn_if_tls_unchecked(url, &options);
                 Some(options.application_name("hookgate migrate"))
             }
@@ -831,6 +833,25 @@ mod tests {
         assert!(!pooler_in_transaction_mode(Some("26000"), r#"prepared statement "mine" does not exist"#));
         assert!(!pooler_in_transaction_mode(Some("23505"), r#"duplicate key value "sqlx_s_1""#));
         assert!(!pooler_in_transaction_mode(None, r#"prepared statement "sqlx_s_1" already exists"#));
+    }
+
+    #[tokio::test]
+    async fn an_unparsable_url_is_named_by_its_key() {
+        let config = |url: &str, migrate_url: Option<&str>| StoreConfig {
+            url: url.into(),
+            pool_max: 4,
+            connect_timeout_ms: 1000,
+            migrate_on_start: false,
+            transaction_pooler: false,
+            migrate_url: migrate_url.map(Into::into),
+        };
+        let good = "postgres://hookgate@db.internal:5432/hookgate?sslmode=disable";
+        let bad = "postgres://hookgate@db.internal:port/hookgate";
+        assert!(Store::new(&config(good, Some(good)), true).is_ok());
+        let err = Store::new(&config(bad, None), true).expect_err("a bad store.url");
+        assert_eq!(err.to_string(), "invalid store.url");
+        let err = Store::new(&config(good, Some(bad)), true).expect_err("a bad store.migrate_url");
+        assert_eq!(err.to_string(), "invalid store.migrate_url");
     }
 
     #[test]
