@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, Executor as _, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::StoreConfig;
 
@@ -490,10 +490,23 @@ impl Store {
         }
     }
 
-    /// Is the database reachable? One `SELECT 1`, as a simple query (nothing prepared, through any pooler).
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::raw_sql("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+    /// Is the database reachable, and does it take writes? A standby (the old primary after a failover, or a
+    /// reader endpoint behind the configured address) or `default_transaction_read_only` answers but refuses
+    /// every batch, so events would wait there until their deadline. One `SHOW`, as a simple query (nothing
+    /// prepared, through any pooler).
+    pub async fn takes_writes(&self) -> Result<bool, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        // Called as `Executor` on a plain `&mut PgConnection`: `raw_sql(..).fetch_one(&mut *connection)` left
+        // the admin server's future short of `Send` (a higher-ranked lifetime rustc cannot prove).
+        let session: &mut PgConnection = &mut connection;
+        let row = session.fetch_one(sqlx::raw_sql("SHOW transaction_read_only")).await?;
+        let read_only: String = row.try_get(0)?;
+        if read_only == "on" {
+            // A session stays read-only: the next check should reach the server on a new one, as a batch does.
+            connection.close_on_drop();
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Writes a batch in one statement (autocommit: it is durable when this returns) and tells, for each

@@ -98,8 +98,9 @@ async fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full
 }
 
 async fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
-    let database = match tokio::time::timeout(READY_PING_TIMEOUT, state.store.ping()).await {
-        Ok(Ok(())) => "ok",
+    let database = match tokio::time::timeout(READY_PING_TIMEOUT, state.store.takes_writes()).await {
+        Ok(Ok(true)) => "ok",
+        Ok(Ok(false)) => "read_only",
         Ok(Err(_)) => "unreachable",
         Err(_) => "timeout",
     };

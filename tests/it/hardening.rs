@@ -253,6 +253,10 @@ async fn a_read_only_database_is_retried_on_new_connections_and_the_waiting_even
         "a write refused as read-only is retried, not answered"
     );
     assert_eq!(db.count().await, 1);
+    // Not ready while it refuses writes, so that a load balancer sends elsewhere and an operator sees why.
+    let ready = format!("http://{}/readyz", gateway.admin);
+    let (status, body) = readiness_until(&client, &ready, "read_only").await;
+    assert_eq!(status, 503, "{body}");
 
     // Writable again: the retries reach it on new connections (a read-only session stays read-only).
     sqlx::query(&format!("ALTER DATABASE {name} RESET default_transaction_read_only"))
@@ -267,12 +271,27 @@ async fn a_read_only_database_is_retried_on_new_connections_and_the_waiting_even
     let recovery = writable.elapsed();
     let stored = db.stored_ids().await;
     assert!(ids.iter().all(|id| stored.contains(id)), "every event acknowledged after the failover is stored");
+    let (status, body) = readiness_until(&client, &ready, "ok").await;
+    assert_eq!(status, 200, "ready again once the database takes writes: {body}");
     println!(
         "RELIABILITY | failover: the gateway's connections cut, new ones read-only for 3 s, 5 events waiting | 6 | 6 \
-         | 0 | none answered while read-only; all 5 acknowledged {recovery:.1?} after it took writes again | -"
+         | 0 | none answered while read-only, `/readyz` 503 `read_only`; all 5 acknowledged {recovery:.1?} after it \
+         took writes again | -"
     );
     gateway.stop().await;
     admin.close().await;
+}
+
+/// Polls `/readyz` (for up to 5 s) until its `database` check says `expected`; returns the last answer.
+async fn readiness_until(client: &HttpClient, url: &str, expected: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = get_text(client, url).await;
+        if body.contains(&format!(r#""database":"{expected}""#)) || Instant::now() > deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A `statement_timeout` on the database (managed databases often set one per role) shorter than a stall: the

@@ -204,7 +204,7 @@ async fn with_store_transaction_pooler_every_store_operation_works_through_pgbou
     assert!(stored.iter().all(|id| in_db.contains(id)), "a batch reported written is not stored");
 
     // The rest of what the gateway and its commands ask of the store, each through the pooler.
-    store.ping().await.expect("ping");
+    assert!(store.takes_writes().await.expect("readiness check"), "the database takes writes");
     assert_eq!(store.count_unpublished(Duration::ZERO).await.expect("count unpublished"), 80);
     let limit = hookgate::store::PageLimit { events: 1_000, body_bytes: 1 << 20 };
     let claimed = store.claim_unpublished(Duration::ZERO, 0, limit).await.expect("claim");
