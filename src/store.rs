@@ -57,6 +57,14 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::ReadOnly(_))
     }
+
+    /// Refused for what one of the rows holds (SQLSTATE class 22 data exception, 23 integrity constraint
+    /// violation: a `CHECK` or trigger of the operator's own, a value a column refuses), not for the statement
+    /// or the database: written apart, the other rows pass.
+    pub fn blames_a_row(&self) -> bool {
+        matches!(self, StoreError::Rejected(sqlx::Error::Database(db))
+            if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

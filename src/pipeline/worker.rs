@@ -1,8 +1,8 @@
 //! A batching worker: collect up to `batch_max` jobs (what arrives within the linger, or with group commit
 //! until no other batch is being written), dedupe, write in one round trip, then resolve every ack.
-//! Transient database errors are retried with capped backoff.
+//! Transient database errors are retried with capped backoff; a batch refused for one row is split around it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use super::{Job, Outcome, StoreFailed};
 use crate::config::WorkersConfig;
 use crate::error_chain;
 use crate::notify::NotifyQueue;
-use crate::store::{Inserted, NewEvent, OutboxBatch, Store, StoredEvent};
+use crate::store::{Inserted, NewEvent, OutboxBatch, Store, StoreError, StoredEvent, Written};
 
 /// How the shutdown sequence steers the workers.
 #[derive(Debug, Clone)]
@@ -125,7 +125,7 @@ pub(super) async fn run(
     }
 }
 
-/// Writes one batch, retrying while the database is unavailable, and resolves every job's ack.
+/// Writes one batch and resolves every job's ack. See `write_runs` for what is retried and what is split.
 async fn write_batch(
     store: &Store,
     batch: &mut [Job],
@@ -133,57 +133,46 @@ async fn write_batch(
     control: &WorkerControl,
     notify: Option<&NotifyQueue>,
 ) {
-    // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates.
-    let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(batch.len());
+    // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates of it.
+    let mut first_of: HashMap<(&str, &str), usize> = HashMap::with_capacity(batch.len());
     let mut unique: Vec<&NewEvent> = Vec::with_capacity(batch.len());
-    let mut unique_positions: Vec<usize> = Vec::with_capacity(batch.len());
-    for (i, job) in batch.iter().enumerate() {
-        if seen.insert((&*job.event.source, job.event.id.as_str())) {
+    // Per unique event: whether a job of it was acknowledged before being written (enqueue mode).
+    let mut acknowledged: Vec<bool> = Vec::with_capacity(batch.len());
+    // Per job: the unique event it writes or duplicates, and whether it is that event's first job.
+    let mut writes: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+    for job in batch.iter() {
+        let next = unique.len();
+        let index = *first_of.entry((&*job.event.source, job.event.id.as_str())).or_insert(next);
+        if index == next {
             unique.push(&job.event);
-            unique_positions.push(i);
+            acknowledged.push(false);
+        }
+        acknowledged[index] |= job.ack.is_none();
+        writes.push((index, index == next));
+    }
+    let runs = write_runs(store, &unique, &acknowledged, config, control).await;
+    // Per unique event: where it was inserted (None: already stored), or Err when its run failed.
+    let mut inserted_at: Vec<Result<Option<Inserted>, ()>> = vec![Err(()); unique.len()];
+    let mut notifications = Vec::new();
+    for run in &runs {
+        let Ok(written) = &run.written else { continue };
+        let rows = written.rows.iter().enumerate().map(|(k, row)| (run.start + k, *row));
+        for (index, row) in rows.clone() {
+            inserted_at[index] = Ok(row);
+        }
+        // No outbox row means nothing in the run was new.
+        if let (Some(_), Some(id)) = (notify, written.outbox_id) {
+            let events =
+                rows.filter_map(|(index, row)| row.map(|at| StoredEvent::from_new(unique[index], at))).collect();
+            notifications.push(OutboxBatch { id, events });
         }
     }
-    let mut backoff = INITIAL_BACKOFF;
-    let max_backoff = Duration::from_millis(config.retry_backoff_max_ms);
-    let result = loop {
-        let started = Instant::now();
-        match store.insert_batch(&unique).await {
-            Ok(inserted) => {
-                crate::metrics::record_batch(unique.len(), started.elapsed());
-                break Ok(inserted);
-            }
-            Err(e) if e.is_transient() && !control.abort.is_cancelled() => {
-                crate::metrics::record_store_error("transient");
-                warn!(error = %error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "batch write failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = control.abort.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(max_backoff);
-            }
-            Err(e) => {
-                crate::metrics::record_store_error(if e.is_transient() { "aborted" } else { "rejected" });
-                error!(error = %error_chain(&e), batch_size = unique.len(), "batch write failed; answering 503");
-                break Err(e);
-            }
-        }
-    };
-    // For each batch position: where it was inserted (None: a duplicate). None when the batch failed.
-    let mut outbox_id = None;
-    let inserted_at: Option<Vec<Option<Inserted>>> = result.ok().map(|written| {
-        outbox_id = written.outbox_id;
-        let mut at = vec![None; batch.len()];
-        for (position, inserted) in unique_positions.iter().zip(written.rows) {
-            at[*position] = inserted;
-        }
-        at
-    });
     let mut counts: HashMap<(Arc<str>, Outcome), u64> = HashMap::new();
-    for (i, job) in batch.iter_mut().enumerate() {
-        let ack = match &inserted_at {
-            None => Err(StoreFailed),
-            Some(flags) => {
-                let outcome = if flags[i].is_some() { Outcome::Inserted } else { Outcome::Duplicate };
+    for (job, (index, first)) in batch.iter_mut().zip(writes) {
+        let ack = match inserted_at[index] {
+            Err(()) => Err(StoreFailed),
+            Ok(at) => {
+                let outcome = if first && at.is_some() { Outcome::Inserted } else { Outcome::Duplicate };
                 *counts.entry((job.event.source.clone(), outcome)).or_default() += 1;
                 Ok(outcome)
             }
@@ -198,14 +187,117 @@ async fn write_batch(
     }
     // Acks are out; now hand the new rows to the notifier. Redis is never on the ack path: when the
     // notifier is behind, the rows stay unpublished in the outbox and the catch-up publishes them.
-    // (No outbox row means nothing was new.)
-    if let (Some(notify), Some(flags), Some(id)) = (notify, inserted_at, outbox_id) {
-        let events: Vec<StoredEvent> = batch
-            .iter()
-            .zip(flags)
-            .filter_map(|(job, at)| at.map(|at| StoredEvent::from_new(&job.event, at)))
-            .collect();
-        notify.offer(OutboxBatch { id, events });
+    if let Some(notify) = notify {
+        for batch in notifications {
+            notify.offer(batch);
+        }
     }
     debug!("batch resolved");
+}
+
+/// A run of a deduplicated batch written in one statement, and what came of it.
+struct Run {
+    start: usize,
+    written: Result<Written, StoreError>,
+}
+
+/// Writes `unique` in as few statements as Postgres takes:
+/// - what may pass later (a lost connection, a failover, a timeout: `StoreError::is_transient`) is retried
+///   with capped backoff;
+/// - a statement refused for one of its rows (a data or constraint error: `StoreError::blames_a_row`) is
+///   written again as two halves, down to the one event refused, so that it does not fail its neighbours;
+/// - a run holding an event already acknowledged (enqueue mode) is never given up while the process runs:
+///   whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged and tried
+///   again, after the rest of the batch, until it is written or the shutdown's drain runs out of time. The
+///   queue then fills and new requests get 503, which the senders retry; giving it up would lose events the
+///   senders will not send again.
+async fn write_runs(
+    store: &Store,
+    unique: &[&NewEvent],
+    acknowledged: &[bool],
+    config: &WorkersConfig,
+    control: &WorkerControl,
+) -> Vec<Run> {
+    if unique.is_empty() {
+        return Vec::new();
+    }
+    let mut runs = Vec::with_capacity(1);
+    // Runs still to write, the next on top.
+    let mut pending = vec![(0, unique.len())];
+    // Refused runs holding acknowledged events, to try again once the others are written.
+    let mut held = Vec::new();
+    let mut backoff = INITIAL_BACKOFF;
+    let max_backoff = Duration::from_millis(config.retry_backoff_max_ms);
+    loop {
+        while let Some((start, end)) = pending.pop() {
+            let events = &unique[start..end];
+            let written = write_with_retry(store, events, config, control).await;
+            let Err(e) = &written else {
+                runs.push(Run { start, written });
+                continue;
+            };
+            let aborted = control.abort.is_cancelled();
+            if e.is_transient() || aborted {
+                // Retried until the drain ran out of time.
+                crate::metrics::record_store_error("aborted");
+            } else if e.blames_a_row() && events.len() > 1 {
+                crate::metrics::record_store_error("rejected");
+                warn!(error = %error_chain(e), batch_size = events.len(), "batch refused for one of its rows; writing its halves apart");
+                let middle = start + events.len() / 2;
+                pending.push((middle, end));
+                pending.push((start, middle));
+                continue;
+            } else if acknowledged[start..end].contains(&true) {
+                crate::metrics::record_store_error("held");
+                error!(error = %error_chain(e), batch_size = events.len(), first_event = %events[0].id, retry_in_ms = backoff.as_millis() as u64, "batch refused, and it holds events already acknowledged (enqueue mode); retrying until it is written");
+                held.push((start, end));
+                continue;
+            } else {
+                crate::metrics::record_store_error("rejected");
+            }
+            error!(error = %error_chain(e), batch_size = events.len(), first_event = %events[0].id, "batch write failed; giving it up");
+            runs.push(Run { start, written });
+        }
+        if held.is_empty() {
+            return runs;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = control.abort.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+        // In their order: the first on top.
+        pending.extend(held.drain(..).rev());
+    }
+}
+
+/// Writes one statement's events, retrying what may pass later (`StoreError::is_transient`) until the
+/// shutdown's drain runs out of time; any other error is returned at once, for `write_runs` to decide.
+async fn write_with_retry(
+    store: &Store,
+    events: &[&NewEvent],
+    config: &WorkersConfig,
+    control: &WorkerControl,
+) -> Result<Written, StoreError> {
+    let mut backoff = INITIAL_BACKOFF;
+    let max_backoff = Duration::from_millis(config.retry_backoff_max_ms);
+    loop {
+        let started = Instant::now();
+        match store.insert_batch(events).await {
+            Ok(written) => {
+                crate::metrics::record_batch(events.len(), started.elapsed());
+                return Ok(written);
+            }
+            Err(e) if e.is_transient() && !control.abort.is_cancelled() => {
+                crate::metrics::record_store_error("transient");
+                warn!(error = %error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "batch write failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = control.abort.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
