@@ -12,6 +12,9 @@
 # HOOKGATE_REDIS_PORT (63799). Tests use these to run private instances they can stop and start.
 # HOOKGATE_PG_TLS_DIR: a directory holding server.crt and server.key; Postgres then serves TLS too, with
 # that certificate (the TLS tests start a private instance so).
+# HOOKGATE_PG_WAL_DIR: where a new cluster keeps its WAL (initdb --waldir; read only when the cluster is
+# created). The benchmark's attribution run puts it on a tmpfs to measure what the disk's flush costs
+# (loadtest/PERFORMANCE.md); a WAL in memory is lost with the host, so never for data that matters.
 # Postgres refuses to run as root: as root, it runs as the unprivileged user `postgres` (created if absent).
 set -euo pipefail
 
@@ -101,8 +104,14 @@ start_postgres() {
   chown "$user" "$data" "$(dirname "$data")"
   chmod 700 "$data"
   if [ ! -f "$data/PG_VERSION" ]; then
-    log "initdb $data"
-    as_pg "$(pg_bin initdb)" -D "$data" -U postgres --auth=trust --encoding=UTF8 --no-locale >/dev/null
+    local waldir=()
+    if [ -n "${HOOKGATE_PG_WAL_DIR:-}" ]; then
+      mkdir -p "$HOOKGATE_PG_WAL_DIR"
+      chown "$user" "$HOOKGATE_PG_WAL_DIR"
+      waldir=(--waldir "$HOOKGATE_PG_WAL_DIR")
+    fi
+    log "initdb $data ${waldir[*]}"
+    as_pg "$(pg_bin initdb)" -D "$data" -U postgres --auth=trust --encoding=UTF8 --no-locale "${waldir[@]}" >/dev/null
   fi
   if ! pg_running; then
     if (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; then

@@ -482,6 +482,14 @@ fresh_stream
 row "| raw Postgres: the gateway's insert from pgbench, $BATCH-row batches | $PG_RATE rows/s | - | - | - | - | - | - | - | - | - | - | - |"
 row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's mean) | $PG_RATE_MEAN rows/s | - | - | - | - | - | - | - | - | - | - | - |"
 
+# Where the commit's flush goes: the WAL's filesystem (deploy/services.sh's HOOKGATE_PG_WAL_DIR can move it).
+WAL_DIR=$(readlink -f "$($PG -d postgres -Atc 'show data_directory')/pg_wal")
+WAL_FS=$(findmnt -n -o FSTYPE --target "$WAL_DIR" 2>/dev/null || stat -f -c %T "$WAL_DIR")
+WAL_NOTE="$WAL_DIR, on $WAL_FS"
+if [ "$WAL_FS" = tmpfs ]; then
+  WAL_NOTE="$WAL_NOTE: in memory, so a commit's flush costs nothing and is lost with the host; this run measures what the disk's flush costs, not a setting to deploy"
+fi
+
 # --- the table --------------------------------------------------------------------------------------------
 {
   echo "# hookgate benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -493,6 +501,7 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   echo "Postgres: $($PG -d postgres -Atc "SELECT string_agg(name || ' ' || current_setting(name), ', ' ORDER BY ord)
     FROM unnest(ARRAY['synchronous_commit', 'fsync', 'wal_compression', 'shared_buffers', 'max_wal_size',
     'checkpoint_timeout', 'checkpoint_completion_target', 'autovacuum_naptime']) WITH ORDINALITY AS s(name, ord)")."
+  echo "Postgres WAL: $WAL_NOTE."
   echo "Events: 1 KiB Stripe-signed, Redis fan-out on, synchronous_commit on. P99 SLO $SLO, find-max steps of $STEP,"
   echo "sustained runs of $SUSTAIN at the rate found, $CONNECTIONS connections. Latencies are corrected for coordinated omission;"
   echo "find-max steps and sustained runs start with a warm-up at their rate that is not recorded (1 s and 2 s)."
@@ -522,6 +531,6 @@ row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's 
   [ -n "${SOAK_LINE:-}" ] && { echo "$SOAK_LINE"; echo; }
   echo "Plots: $(cd "$OUT" && ls plot-*.html | tr '\n' ' ')"
   echo
-  echo "Reproduce: \`loadtest/bench.sh\` (settings: SLO=$SLO STEP=$STEP SUSTAIN=$SUSTAIN CONNECTIONS=$CONNECTIONS${SOAK:+ SOAK=$SOAK}${WORKERS:+ WORKERS=$WORKERS}${BATCH_MAX:+ BATCH_MAX=$BATCH_MAX}${LINGER_MS:+ LINGER_MS=$LINGER_MS})."
+  echo "Reproduce: \`loadtest/bench.sh\` (settings: SLO=$SLO STEP=$STEP SUSTAIN=$SUSTAIN CONNECTIONS=$CONNECTIONS${SOAK:+ SOAK=$SOAK}${WORKERS:+ WORKERS=$WORKERS}${BATCH_MAX:+ BATCH_MAX=$BATCH_MAX}${LINGER_MS:+ LINGER_MS=$LINGER_MS} MODES=\"$MODES\" MAX_TRIES=$MAX_TRIES${HOOKGATE_PG_WAL_DIR:+ HOOKGATE_STATE_DIR=${HOOKGATE_STATE_DIR:-} HOOKGATE_PG_WAL_DIR=$HOOKGATE_PG_WAL_DIR})."
 } > "$OUT/RESULTS.md"
 cat "$OUT/RESULTS.md"
