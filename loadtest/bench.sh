@@ -19,7 +19,9 @@
 #
 # Settings (environment): SLO (10ms), STEP (5s, each find-max step), SUSTAIN (60s), SOAK (10m), START_RATE (2000),
 # MAX_RATE (100000), CONNECTIONS (256), TUNE_HOST (1), WORKERS / BATCH_MAX / LINGER_MS / POOL_MAX (gateway knobs),
-# MODES ("enqueue durable").
+# MODES ("enqueue durable"). deploy/services.sh's own settings pass through: HOOKGATE_STATE_DIR with
+# HOOKGATE_PG_WAL_DIR runs on a cluster of its own with the WAL elsewhere (PERFORMANCE.md, "The commit's
+# flush, taken out"), and RESULTS.md says where the WAL was.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -531,6 +533,6 @@ fi
   [ -n "${SOAK_LINE:-}" ] && { echo "$SOAK_LINE"; echo; }
   echo "Plots: $(cd "$OUT" && ls plot-*.html | tr '\n' ' ')"
   echo
-  echo "Reproduce: \`loadtest/bench.sh\` (settings: SLO=$SLO STEP=$STEP SUSTAIN=$SUSTAIN CONNECTIONS=$CONNECTIONS${SOAK:+ SOAK=$SOAK}${WORKERS:+ WORKERS=$WORKERS}${BATCH_MAX:+ BATCH_MAX=$BATCH_MAX}${LINGER_MS:+ LINGER_MS=$LINGER_MS} MODES=\"$MODES\" MAX_TRIES=$MAX_TRIES${HOOKGATE_PG_WAL_DIR:+ HOOKGATE_STATE_DIR=${HOOKGATE_STATE_DIR:-} HOOKGATE_PG_WAL_DIR=$HOOKGATE_PG_WAL_DIR})."
+  echo "Reproduce: \`loadtest/bench.sh\` (settings: SLO=$SLO STEP=$STEP SUSTAIN=$SUSTAIN CONNECTIONS=$CONNECTIONS SOAK=$SOAK${WORKERS:+ WORKERS=$WORKERS}${BATCH_MAX:+ BATCH_MAX=$BATCH_MAX}${LINGER_MS:+ LINGER_MS=$LINGER_MS} MODES=\"$MODES\" MAX_TRIES=$MAX_TRIES${HOOKGATE_PG_WAL_DIR:+ HOOKGATE_STATE_DIR=${HOOKGATE_STATE_DIR:-} HOOKGATE_PG_WAL_DIR=$HOOKGATE_PG_WAL_DIR})."
 } > "$OUT/RESULTS.md"
 cat "$OUT/RESULTS.md"

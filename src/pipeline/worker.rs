@@ -138,14 +138,17 @@ async fn write_batch(
     let mut unique: Vec<&NewEvent> = Vec::with_capacity(batch.len());
     // Per unique event: whether a job of it was acknowledged before being written (enqueue mode).
     let mut acknowledged: Vec<bool> = Vec::with_capacity(batch.len());
+    // Per unique event: the job that writes it.
+    let mut first_job: Vec<usize> = Vec::with_capacity(batch.len());
     // Per job: the unique event it writes or duplicates, and whether it is that event's first job.
     let mut writes: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
-    for job in batch.iter() {
+    for (position, job) in batch.iter().enumerate() {
         let next = unique.len();
         let index = *first_of.entry((&*job.event.source, job.event.id.as_str())).or_insert(next);
         if index == next {
             unique.push(&job.event);
             acknowledged.push(false);
+            first_job.push(position);
         }
         acknowledged[index] |= job.ack.is_none();
         writes.push((index, index == next));
@@ -153,18 +156,11 @@ async fn write_batch(
     let runs = write_runs(store, &unique, &acknowledged, config, control).await;
     // Per unique event: where it was inserted (None: already stored), or Err when its run failed.
     let mut inserted_at: Vec<Result<Option<Inserted>, ()>> = vec![Err(()); unique.len()];
-    let mut notifications = Vec::new();
     for run in &runs {
-        let Ok(written) = &run.written else { continue };
-        let rows = written.rows.iter().enumerate().map(|(k, row)| (run.start + k, *row));
-        for (index, row) in rows.clone() {
-            inserted_at[index] = Ok(row);
-        }
-        // No outbox row means nothing in the run was new.
-        if let (Some(_), Some(id)) = (notify, written.outbox_id) {
-            let events =
-                rows.filter_map(|(index, row)| row.map(|at| StoredEvent::from_new(unique[index], at))).collect();
-            notifications.push(OutboxBatch { id, events });
+        if let Ok(written) = &run.written {
+            for (k, row) in written.rows.iter().enumerate() {
+                inserted_at[run.start + k] = Ok(*row);
+            }
         }
     }
     let mut counts: HashMap<(Arc<str>, Outcome), u64> = HashMap::new();
@@ -185,14 +181,20 @@ async fn write_batch(
     for ((source, outcome), n) in counts {
         crate::metrics::record_events(&source, outcome.as_str(), n);
     }
-    // Acks are out; now hand the new rows to the notifier. Redis is never on the ack path: when the
-    // notifier is behind, the rows stay unpublished in the outbox and the catch-up publishes them.
-    if let Some(notify) = notify {
-        for batch in notifications {
-            notify.offer(batch);
-        }
-    }
     debug!("batch resolved");
+    // Acks are out; now hand the new rows to the notifier, one outbox row per statement. Redis is never on
+    // the ack path: when the notifier is behind, the rows stay unpublished in the outbox and the catch-up
+    // publishes them. (No outbox row means nothing in the statement was new.)
+    let Some(notify) = notify else { return };
+    for run in runs {
+        let Ok(Written { rows, outbox_id: Some(id) }) = run.written else { continue };
+        let events = rows
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, at)| at.map(|at| StoredEvent::from_new(&batch[first_job[run.start + k]].event, at)))
+            .collect();
+        notify.offer(OutboxBatch { id, events });
+    }
 }
 
 /// A run of a deduplicated batch written in one statement, and what came of it.
@@ -209,8 +211,8 @@ struct Run {
 /// - a run holding an event already acknowledged (enqueue mode) is never given up while the process runs:
 ///   whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged and tried
 ///   again, after the rest of the batch, until it is written or the shutdown's drain runs out of time. The
-///   queue then fills and new requests get 503, which the senders retry; giving it up would lose events the
-///   senders will not send again.
+///   worker stays on it; once every worker does, the queue fills and new requests get 503, which the senders
+///   retry; giving it up would lose events the senders will not send again.
 async fn write_runs(
     store: &Store,
     unique: &[&NewEvent],
