@@ -112,7 +112,10 @@ fn describe() {
     );
     describe_histogram!(BATCH_SIZE, "Events per batch written by a worker.");
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Duration of one batch insert and commit.");
-    describe_counter!(STORE_ERRORS, "Failed batch writes, by kind (transient errors are retried).");
+    describe_counter!(
+        STORE_ERRORS,
+        "Failed batch writes, by kind (transient ones and held ones, holding acknowledged events, are retried)."
+    );
     describe_gauge!(CONNECTIONS_OPEN, "Open connections on the webhook port.");
     describe_counter!(
         NOTIFY_PUBLISHED,
@@ -176,7 +179,7 @@ pub fn init_series() {
     for reason in ["queue_full", "source_share_full", "body_memory_full", "shutting_down"] {
         counter!(QUEUE_REJECTIONS, "reason" => reason).increment(0);
     }
-    for kind in ["transient", "rejected", "aborted"] {
+    for kind in ["transient", "rejected", "held", "aborted"] {
         counter!(STORE_ERRORS, "kind" => kind).increment(0);
     }
     counter!(NOTIFY_FAILURES).increment(0);

@@ -712,6 +712,12 @@ async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_
         assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, metrics) = get_text(&client, &format!("http://{}/metrics", gateway.admin)).await;
+    let held = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(r#"hookgate_store_errors_total{kind="held"} "#))
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(held.is_some_and(|n| n >= 1.0), "the held batch is counted: {held:?}");
     sqlx::query("ALTER TABLE events_elsewhere RENAME TO events").execute(&db.pool).await.expect("rename back");
     let back = Instant::now();
     assert!(stored(waiting).await, "events acknowledged while the table was gone are lost");
