@@ -476,13 +476,16 @@ SQL
 }
 BATCH=${BATCH_MAX:-512}
 PG_RATE=$(pgbench_rate "$BATCH")
+# The durable gateway's mean batch, when durable mode ran (MODES); 32 rows otherwise.
+MEAN_NOTE="the durable gateway's mean"
+[ -f "$OUT/metrics-durable.txt" ] || MEAN_NOTE="durable mode not run: 32 rows"
 MEAN_BATCH=$(awk '/^hookgate_batch_size_sum/ {s=$2} /^hookgate_batch_size_count/ {c=$2} END {printf "%d", s / (c ? c : 1) + 0.5}' "$OUT/metrics-durable.txt" 2>/dev/null || echo 32)
 PG_RATE_MEAN=$(pgbench_rate "${MEAN_BATCH:-32}")
 # The bench database and stream hold millions of events (over 10 GB): give the space back.
 $PG -d postgres -c "DROP DATABASE IF EXISTS hookgate_bench"
 fresh_stream
 row "| raw Postgres: the gateway's insert from pgbench, $BATCH-row batches | $PG_RATE rows/s | - | - | - | - | - | - | - | - | - | - | - |"
-row "| raw Postgres: the same, ${MEAN_BATCH}-row batches (the durable gateway's mean) | $PG_RATE_MEAN rows/s | - | - | - | - | - | - | - | - | - | - | - |"
+row "| raw Postgres: the same, ${MEAN_BATCH}-row batches ($MEAN_NOTE) | $PG_RATE_MEAN rows/s | - | - | - | - | - | - | - | - | - | - | - |"
 
 # Where the commit's flush goes: the WAL's filesystem (deploy/services.sh's HOOKGATE_PG_WAL_DIR can move it).
 WAL_DIR=$(readlink -f "$($PG -d postgres -Atc 'show data_directory')/pg_wal")
@@ -515,12 +518,14 @@ fi
   echo "The baseline: $BASE/s first, $BASE_AGAIN/s at the end (the rates each search ended on; the table says whether"
   echo "they held). Each mode against the first and the second: $(for mode in $MODES; do eval "r=\${RATE_$mode:-0} h=\${HELD_$mode:-}"; echo -n "$mode $(held_share "$r" "$BASE" "$h") and $(held_share "$r" "$BASE_AGAIN" "$h"), "; done | sed 's/, $//')."
   echo
-  DUR=${RATE_durable:-0}
-  echo -n "Durable ingest vs raw Postgres batched insert: "
-  if missed "${HELD_durable:-}"; then echo -n "no durable rate held; its last try was "; fi
-  echo "$(percent "$DUR" "$PG_RATE") of the $BATCH-row rate,"
-  echo "$(percent "$DUR" "$PG_RATE_MEAN") of the rate at the gateway's own mean batch size."
-  echo
+  # Only when durable mode ran (MODES): without it there is no ingest rate to compare.
+  if [ -n "${RATE_durable:-}" ]; then
+    echo -n "Durable ingest vs raw Postgres batched insert: "
+    if missed "${HELD_durable:-}"; then echo -n "no durable rate held; its last try was "; fi
+    echo "$(percent "$RATE_durable" "$PG_RATE") of the $BATCH-row rate,"
+    echo "$(percent "$RATE_durable" "$PG_RATE_MEAN") of the rate at the gateway's own mean batch size."
+    echo
+  fi
   echo "Sustained tries ($SUSTAIN each; in brackets, the share of 50 ms samples with a Postgres checkpoint in progress and with an autovacuum worker running, and the disk's write + fdatasync latency probed alongside): $(printf '%s; ' "${TRIES[@]}")"
   echo
   echo "Where the gateway's Postgres sessions spent their active time in the try each mode reports (wait events"
