@@ -25,6 +25,7 @@ pub const SOURCE_SHARE_REJECTIONS: &str = "hookgate_source_share_rejections_tota
 pub const BATCH_SIZE: &str = "hookgate_batch_size";
 pub const STORE_COMMIT_DURATION: &str = "hookgate_store_commit_duration_seconds";
 pub const STORE_ERRORS: &str = "hookgate_store_errors_total";
+pub const HELD_EVENTS: &str = "hookgate_held_events";
 pub const CONNECTIONS_OPEN: &str = "hookgate_http_connections_open";
 pub const NOTIFY_PUBLISHED: &str = "hookgate_notify_published_total";
 pub const NOTIFY_FAILURES: &str = "hookgate_notify_failures_total";
@@ -116,6 +117,10 @@ fn describe() {
         STORE_ERRORS,
         "Failed batch writes, by kind (transient ones and held ones, holding acknowledged events, are retried)."
     );
+    describe_gauge!(
+        HELD_EVENTS,
+        "Acknowledged events (enqueue mode) Postgres refused one by one, set aside and retried apart from the workers."
+    );
     describe_gauge!(CONNECTIONS_OPEN, "Open connections on the webhook port.");
     describe_counter!(
         NOTIFY_PUBLISHED,
@@ -189,6 +194,7 @@ pub fn init_series() {
     gauge!(CONFIG_RESTART_PENDING).set(0.0);
     gauge!(QUEUE_DEPTH).set(0.0);
     gauge!(BODY_MEMORY).set(0.0);
+    gauge!(HELD_EVENTS).set(0.0);
 }
 
 /// One source's series at zero, at start-up or when a reload adds it: its refusals, events, events held in
@@ -321,6 +327,10 @@ pub fn record_source_queued(source: &str, held: usize) {
 pub fn record_batch(size: usize, commit: Duration) {
     histogram!(BATCH_SIZE).record(size as f64);
     histogram!(STORE_COMMIT_DURATION).record(commit.as_secs_f64());
+}
+
+pub fn record_held_events(held: usize) {
+    gauge!(HELD_EVENTS).set(held as f64);
 }
 
 pub fn record_store_error(kind: &'static str) {

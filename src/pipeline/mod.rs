@@ -121,7 +121,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Creates the queue and starts `config.count` workers on `tracker`, with group commit or a fixed linger.
+    /// Creates the queue and starts `config.count` workers on `tracker`, with group commit or a fixed linger,
+    /// and the hold that retries the acknowledged events Postgres refuses (`worker::Hold`).
     pub fn start(
         queue: &QueueConfig,
         config: &WorkersConfig,
@@ -135,17 +136,18 @@ impl Pipeline {
         let control = WorkerControl { drain: CancellationToken::new(), abort: CancellationToken::new() };
         let rx = Arc::new(Mutex::new(rx));
         let group_commit = Arc::new(worker::GroupCommit::new(group_commit));
+        let writer = worker::Writer {
+            store: store.clone(),
+            config: config.clone(),
+            control: control.clone(),
+            notify: notify.cloned(),
+            // As many refused events as the queue holds: past that the workers keep them (see `Hold`).
+            hold: Arc::new(worker::Hold::new(capacity, config.count)),
+        };
         for index in 0..config.count {
-            tracker.spawn(worker::run(
-                index,
-                rx.clone(),
-                store.clone(),
-                config.clone(),
-                control.clone(),
-                notify.cloned(),
-                group_commit.clone(),
-            ));
+            tracker.spawn(worker::run(index, rx.clone(), writer.clone(), group_commit.clone()));
         }
+        tracker.spawn(worker::run_hold(writer));
         crate::metrics::record_queue_capacity(capacity);
         let high_water = ((capacity as f64 * queue.high_water_ratio).ceil() as usize).clamp(1, capacity);
         let body_memory = BodyMemory::new(queue.body_memory_bytes());

@@ -1,10 +1,12 @@
 //! A batching worker: collect up to `batch_max` jobs (what arrives within the linger, or with group commit
 //! until no other batch is being written), dedupe, write in one round trip, then resolve every ack.
-//! Transient database errors are retried with capped backoff; a batch refused for one row is split around it.
+//! Transient database errors are retried with capped backoff; a batch refused for one row is split around it,
+//! and an acknowledged event refused alone is set aside in the `Hold`, which retries it without a worker.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex as SyncMutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Mutex, Notify};
@@ -58,15 +60,116 @@ impl GroupCommit {
     }
 }
 
+/// What a batch is written with, shared by the workers and the hold.
+#[derive(Clone)]
+pub(super) struct Writer {
+    pub(super) store: Store,
+    pub(super) config: WorkersConfig,
+    pub(super) control: WorkerControl,
+    pub(super) notify: Option<NotifyQueue>,
+    pub(super) hold: Arc<Hold>,
+}
+
+/// Who writes a batch, which decides what `write_runs` sets aside instead of retrying in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WrittenBy {
+    /// A worker: it sets aside an acknowledged event Postgres refuses alone, while the hold has room.
+    Worker,
+    /// The hold's round: every refused run holding acknowledged events goes back to the hold.
+    Hold,
+}
+
+/// Acknowledged events (enqueue mode) that Postgres refused one by one for what they hold (a `CHECK` or
+/// trigger of the operator's, a value it takes no more), set aside by the workers so that none keeps its
+/// worker: `run_hold` retries them together, with capped backoff, while the workers go on with the queue.
+///
+/// It takes at most `limit` events (the queue's capacity). Past it, and for a run refused whole (a dropped
+/// table, a revoked privilege: nothing passes, and nothing should be taken meanwhile), the worker keeps the
+/// run and retries it itself; once every worker does, the queue fills and new requests get 503.
+#[derive(Debug)]
+pub(super) struct Hold {
+    jobs: SyncMutex<Vec<Job>>,
+    /// Jobs in the hold, including those its round is writing now.
+    held: AtomicUsize,
+    limit: usize,
+    /// A job set aside, or a worker gone.
+    changed: Notify,
+    /// Workers still running: until none is, more may be set aside.
+    workers: AtomicUsize,
+}
+
+impl Hold {
+    pub(super) fn new(limit: usize, workers: usize) -> Self {
+        Self {
+            jobs: SyncMutex::new(Vec::new()),
+            held: AtomicUsize::new(0),
+            limit,
+            changed: Notify::new(),
+            workers: AtomicUsize::new(workers),
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.held.load(Ordering::Acquire) < self.limit
+    }
+
+    /// A worker's jobs, set aside.
+    fn put(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let n = jobs.len();
+        self.lock().extend(jobs);
+        crate::metrics::record_held_events(self.held.fetch_add(n, Ordering::AcqRel) + n);
+        self.changed.notify_one();
+    }
+
+    /// Every job set aside, for a round; they count as held until the round `settle`s them.
+    fn take(&self) -> Vec<Job> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// A round of `n` jobs is over: `refused` are set aside again, the others are written (or given up at
+    /// the end of the drain).
+    fn settle(&self, n: usize, refused: Vec<Job>) {
+        let written = n - refused.len();
+        self.lock().extend(refused);
+        crate::metrics::record_held_events(self.held.fetch_sub(written, Ordering::AcqRel) - written);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        // Nothing panics while it is held (a move of jobs in or out).
+        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.load(Ordering::Acquire) == 0
+    }
+
+    fn worker_exited(&self) {
+        self.workers.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+}
+
+/// Tells the hold that a worker is gone, however its task ends.
+struct Running<'a>(&'a Hold);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.worker_exited();
+    }
+}
+
 pub(super) async fn run(
     index: usize,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    store: Store,
-    config: WorkersConfig,
-    control: WorkerControl,
-    notify: Option<NotifyQueue>,
+    writer: Writer,
     group_commit: Arc<GroupCommit>,
 ) {
+    let _running = Running(&writer.hold);
+    let config = &writer.config;
+    let control = &writer.control;
     let linger = Duration::from_millis(config.batch_linger_ms);
     let mut batch: Vec<Job> = Vec::with_capacity(config.batch_max);
     loop {
@@ -119,81 +222,222 @@ pub(super) async fn run(
             group_commit.start();
         }
         let span = tracing::debug_span!("batch", worker = index, batch_size = batch.len());
-        write_batch(&store, &mut batch, &config, &control, notify.as_ref()).instrument(span).await;
+        let refused = writer.write_batch(&mut batch, WrittenBy::Worker).instrument(span).await;
+        writer.hold.put(refused);
         group_commit.finish();
         batch.clear();
     }
 }
 
-/// Writes one batch and resolves every job's ack. See `write_runs` for what is retried and what is split.
-async fn write_batch(
-    store: &Store,
-    batch: &mut [Job],
-    config: &WorkersConfig,
-    control: &WorkerControl,
-    notify: Option<&NotifyQueue>,
-) {
-    // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates of it.
-    let mut first_of: HashMap<(&str, &str), usize> = HashMap::with_capacity(batch.len());
-    let mut unique: Vec<&NewEvent> = Vec::with_capacity(batch.len());
-    // Per unique event: whether a job of it was acknowledged before being written (enqueue mode).
-    let mut acknowledged: Vec<bool> = Vec::with_capacity(batch.len());
-    // Per unique event: the job that writes it.
-    let mut first_job: Vec<usize> = Vec::with_capacity(batch.len());
-    // Per job: the unique event it writes or duplicates, and whether it is that event's first job.
-    let mut writes: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
-    for (position, job) in batch.iter().enumerate() {
-        let next = unique.len();
-        let index = *first_of.entry((&*job.event.source, job.event.id.as_str())).or_insert(next);
-        if index == next {
-            unique.push(&job.event);
-            acknowledged.push(false);
-            first_job.push(position);
+/// The hold's task: retries what the workers set aside, all of it each round (in batches of `batch_max`),
+/// after a backoff that doubles while anything stays refused. It ends once the workers have and the hold is
+/// empty; at the end of the shutdown's drain, what Postgres still refuses is given up, as a worker would.
+pub(super) async fn run_hold(writer: Writer) {
+    let hold = &writer.hold;
+    let control = &writer.control;
+    let max_backoff = Duration::from_millis(writer.config.retry_backoff_max_ms);
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        if hold.is_empty() {
+            backoff = INITIAL_BACKOFF;
+            if control.drain.is_cancelled() && hold.workers.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            // `notify_one` keeps a wake-up for a waiter yet to come: nothing set aside in between is missed.
+            hold.changed.notified().await;
+            continue;
         }
-        acknowledged[index] |= job.ack.is_none();
-        writes.push((index, index == next));
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = control.abort.cancelled() => {}
+        }
+        let mut jobs = hold.take();
+        let round = jobs.len();
+        let mut refused = Vec::new();
+        while !jobs.is_empty() {
+            let rest = jobs.split_off(jobs.len().min(writer.config.batch_max));
+            let mut batch = std::mem::replace(&mut jobs, rest);
+            let span = tracing::debug_span!("hold", batch_size = batch.len());
+            refused.extend(writer.write_batch(&mut batch, WrittenBy::Hold).instrument(span).await);
+        }
+        hold.settle(round, refused);
+        backoff = (backoff * 2).min(max_backoff);
     }
-    let runs = write_runs(store, &unique, &acknowledged, config, control).await;
-    // Per unique event: where it was inserted (None: already stored), or Err when its run failed.
-    let mut inserted_at: Vec<Result<Option<Inserted>, ()>> = vec![Err(()); unique.len()];
-    for run in &runs {
-        if let Ok(written) = &run.written {
-            for (k, row) in written.rows.iter().enumerate() {
-                inserted_at[run.start + k] = Ok(*row);
+}
+
+/// What became of one deduplicated event of a batch.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    /// Written: where it was inserted, or None when it was already stored.
+    Written(Option<Inserted>),
+    /// Given up: its waiters are told it failed.
+    Failed,
+    /// Refused, acknowledged, and moved to the hold with its jobs.
+    SetAside,
+}
+
+impl Writer {
+    /// Writes one batch, resolves every job's ack and hands the new rows to the notifier. Returns the jobs
+    /// of the events set aside (see `write_runs`), unresolved, for the hold.
+    async fn write_batch(&self, batch: &mut Vec<Job>, by: WrittenBy) -> Vec<Job> {
+        // Dedupe: the first job of each (source, id) is written; later ones in the batch are duplicates of it.
+        let mut first_of: HashMap<(&str, &str), usize> = HashMap::with_capacity(batch.len());
+        let mut unique: Vec<&NewEvent> = Vec::with_capacity(batch.len());
+        // Per unique event: whether a job of it was acknowledged before being written (enqueue mode).
+        let mut acknowledged: Vec<bool> = Vec::with_capacity(batch.len());
+        // Per unique event: the job that writes it.
+        let mut first_job: Vec<usize> = Vec::with_capacity(batch.len());
+        // Per job: the unique event it writes or duplicates, and whether it is that event's first job.
+        let mut writes: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+        for (position, job) in batch.iter().enumerate() {
+            let next = unique.len();
+            let index = *first_of.entry((&*job.event.source, job.event.id.as_str())).or_insert(next);
+            if index == next {
+                unique.push(&job.event);
+                acknowledged.push(false);
+                first_job.push(position);
+            }
+            acknowledged[index] |= job.ack.is_none();
+            writes.push((index, index == next));
+        }
+        let (runs, set_aside) = self.write_runs(&unique, &acknowledged, by).await;
+        let mut fates = vec![Fate::Failed; unique.len()];
+        for run in &runs {
+            if let Ok(written) = &run.written {
+                for (k, row) in written.rows.iter().enumerate() {
+                    fates[run.start + k] = Fate::Written(*row);
+                }
             }
         }
-    }
-    let mut counts: HashMap<(Arc<str>, Outcome), u64> = HashMap::new();
-    for (job, (index, first)) in batch.iter_mut().zip(writes) {
-        let ack = match inserted_at[index] {
-            Err(()) => Err(StoreFailed),
-            Ok(at) => {
-                let outcome = if first && at.is_some() { Outcome::Inserted } else { Outcome::Duplicate };
-                *counts.entry((job.event.source.clone(), outcome)).or_default() += 1;
-                Ok(outcome)
-            }
-        };
-        if let Some(tx) = job.ack.take() {
-            // The requester may have given up (deadline passed): the event is stored all the same.
-            let _ = tx.send(ack);
+        for &(start, end) in &set_aside {
+            fates[start..end].fill(Fate::SetAside);
         }
+        let mut counts: HashMap<(Arc<str>, Outcome), u64> = HashMap::new();
+        for (job, &(index, first)) in batch.iter_mut().zip(&writes) {
+            let ack = match fates[index] {
+                Fate::SetAside => continue,
+                Fate::Failed => Err(StoreFailed),
+                Fate::Written(at) => {
+                    let outcome = if first && at.is_some() { Outcome::Inserted } else { Outcome::Duplicate };
+                    *counts.entry((job.event.source.clone(), outcome)).or_default() += 1;
+                    Ok(outcome)
+                }
+            };
+            if let Some(tx) = job.ack.take() {
+                // The requester may have given up (deadline passed): the event is stored all the same.
+                let _ = tx.send(ack);
+            }
+        }
+        for ((source, outcome), n) in counts {
+            crate::metrics::record_events(&source, outcome.as_str(), n);
+        }
+        debug!("batch resolved");
+        // Acks are out; now hand the new rows to the notifier, one outbox row per statement. Redis is never
+        // on the ack path: when the notifier is behind, the rows stay unpublished in the outbox and the
+        // catch-up publishes them. (No outbox row means nothing in the statement was new.)
+        if let Some(notify) = &self.notify {
+            for run in runs {
+                let Ok(Written { rows, outbox_id: Some(id) }) = run.written else { continue };
+                let events = rows
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(k, at)| {
+                        at.map(|at| StoredEvent::from_new(&batch[first_job[run.start + k]].event, at))
+                    })
+                    .collect();
+                notify.offer(OutboxBatch { id, events });
+            }
+        }
+        if set_aside.is_empty() {
+            return Vec::new();
+        }
+        let mut writes = writes.iter();
+        batch
+            .drain(..)
+            .filter(|_| writes.next().is_some_and(|&(index, _)| matches!(fates[index], Fate::SetAside)))
+            .collect()
     }
-    for ((source, outcome), n) in counts {
-        crate::metrics::record_events(&source, outcome.as_str(), n);
-    }
-    debug!("batch resolved");
-    // Acks are out; now hand the new rows to the notifier, one outbox row per statement. Redis is never on
-    // the ack path: when the notifier is behind, the rows stay unpublished in the outbox and the catch-up
-    // publishes them. (No outbox row means nothing in the statement was new.)
-    let Some(notify) = notify else { return };
-    for run in runs {
-        let Ok(Written { rows, outbox_id: Some(id) }) = run.written else { continue };
-        let events = rows
-            .into_iter()
-            .enumerate()
-            .filter_map(|(k, at)| at.map(|at| StoredEvent::from_new(&batch[first_job[run.start + k]].event, at)))
-            .collect();
-        notify.offer(OutboxBatch { id, events });
+
+    /// Writes `unique` in as few statements as Postgres takes, and returns the runs written or given up,
+    /// and those set aside for the hold:
+    /// - what may pass later (a lost connection, a failover, a timeout: `StoreError::is_transient`) is
+    ///   retried with capped backoff;
+    /// - a statement refused for one of its rows (a data or constraint error: `StoreError::blames_a_row`) is
+    ///   written again as two halves, down to the one event refused, so that it does not fail its neighbours;
+    /// - a run holding an event already acknowledged (enqueue mode) is never given up while the process
+    ///   runs: whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged
+    ///   and tried again until it is written or the shutdown's drain runs out of time. A worker sets a
+    ///   single refused event aside in the hold while the hold has room, and goes on; it retries anything
+    ///   else itself, after the rest of the batch, and once every worker does, the queue fills and new
+    ///   requests get 503, which the senders retry; giving it up would lose events the senders will not send
+    ///   again. In the hold's round, every such run is set aside again, for the next round.
+    async fn write_runs(
+        &self,
+        unique: &[&NewEvent],
+        acknowledged: &[bool],
+        by: WrittenBy,
+    ) -> (Vec<Run>, Vec<(usize, usize)>) {
+        let mut runs = Vec::with_capacity(1);
+        let mut set_aside = Vec::new();
+        if unique.is_empty() {
+            return (runs, set_aside);
+        }
+        // Runs still to write, the next on top.
+        let mut pending = vec![(0, unique.len())];
+        // Refused runs holding acknowledged events, to try again once the others are written.
+        let mut held = Vec::new();
+        let mut backoff = INITIAL_BACKOFF;
+        let max_backoff = Duration::from_millis(self.config.retry_backoff_max_ms);
+        loop {
+            while let Some((start, end)) = pending.pop() {
+                let events = &unique[start..end];
+                let written = write_with_retry(&self.store, events, &self.config, &self.control).await;
+                let Err(e) = &written else {
+                    runs.push(Run { start, written });
+                    continue;
+                };
+                let aborted = self.control.abort.is_cancelled();
+                if e.is_transient() || aborted {
+                    // Retried until the drain ran out of time.
+                    crate::metrics::record_store_error("aborted");
+                } else if e.blames_a_row() && events.len() > 1 {
+                    crate::metrics::record_store_error("rejected");
+                    warn!(error = %error_chain(e), batch_size = events.len(), "batch refused for one of its rows; writing its halves apart");
+                    let middle = start + events.len() / 2;
+                    pending.push((middle, end));
+                    pending.push((start, middle));
+                    continue;
+                } else if acknowledged[start..end].contains(&true) {
+                    crate::metrics::record_store_error("held");
+                    let aside = match by {
+                        WrittenBy::Hold => true,
+                        WrittenBy::Worker => e.blames_a_row() && self.hold.has_room(),
+                    };
+                    if aside {
+                        error!(error = %error_chain(e), event = %events[0].id, "event refused, and already acknowledged (enqueue mode); set aside, retrying until it is written");
+                        set_aside.push((start, end));
+                    } else {
+                        error!(error = %error_chain(e), batch_size = events.len(), first_event = %events[0].id, retry_in_ms = backoff.as_millis() as u64, "batch refused, and it holds events already acknowledged (enqueue mode); retrying until it is written");
+                        held.push((start, end));
+                    }
+                    continue;
+                } else {
+                    crate::metrics::record_store_error("rejected");
+                }
+                error!(error = %error_chain(e), batch_size = events.len(), first_event = %events[0].id, "batch write failed; giving it up");
+                runs.push(Run { start, written });
+            }
+            if held.is_empty() {
+                return (runs, set_aside);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.control.abort.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(max_backoff);
+            // In their order: the first on top.
+            pending.extend(held.drain(..).rev());
+        }
     }
 }
 
@@ -201,76 +445,6 @@ async fn write_batch(
 struct Run {
     start: usize,
     written: Result<Written, StoreError>,
-}
-
-/// Writes `unique` in as few statements as Postgres takes:
-/// - what may pass later (a lost connection, a failover, a timeout: `StoreError::is_transient`) is retried
-///   with capped backoff;
-/// - a statement refused for one of its rows (a data or constraint error: `StoreError::blames_a_row`) is
-///   written again as two halves, down to the one event refused, so that it does not fail its neighbours;
-/// - a run holding an event already acknowledged (enqueue mode) is never given up while the process runs:
-///   whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged and tried
-///   again, after the rest of the batch, until it is written or the shutdown's drain runs out of time. The
-///   worker stays on it; once every worker does, the queue fills and new requests get 503, which the senders
-///   retry; giving it up would lose events the senders will not send again.
-async fn write_runs(
-    store: &Store,
-    unique: &[&NewEvent],
-    acknowledged: &[bool],
-    config: &WorkersConfig,
-    control: &WorkerControl,
-) -> Vec<Run> {
-    if unique.is_empty() {
-        return Vec::new();
-    }
-    let mut runs = Vec::with_capacity(1);
-    // Runs still to write, the next on top.
-    let mut pending = vec![(0, unique.len())];
-    // Refused runs holding acknowledged events, to try again once the others are written.
-    let mut held = Vec::new();
-    let mut backoff = INITIAL_BACKOFF;
-    let max_backoff = Duration::from_millis(config.retry_backoff_max_ms);
-    loop {
-        while let Some((start, end)) = pending.pop() {
-            let events = &unique[start..end];
-            let written = write_with_retry(store, events, config, control).await;
-            let Err(e) = &written else {
-                runs.push(Run { start, written });
-                continue;
-            };
-            let aborted = control.abort.is_cancelled();
-            if e.is_transient() || aborted {
-                // Retried until the drain ran out of time.
-                crate::metrics::record_store_error("aborted");
-            } else if e.blames_a_row() && events.len() > 1 {
-                crate::metrics::record_store_error("rejected");
-                warn!(error = %error_chain(e), batch_size = events.len(), "batch refused for one of its rows; writing its halves apart");
-                let middle = start + events.len() / 2;
-                pending.push((middle, end));
-                pending.push((start, middle));
-                continue;
-            } else if acknowledged[start..end].contains(&true) {
-                crate::metrics::record_store_error("held");
-                error!(error = %error_chain(e), batch_size = events.len(), first_event = %events[0].id, retry_in_ms = backoff.as_millis() as u64, "batch refused, and it holds events already acknowledged (enqueue mode); retrying until it is written");
-                held.push((start, end));
-                continue;
-            } else {
-                crate::metrics::record_store_error("rejected");
-            }
-            error!(error = %error_chain(e), batch_size = events.len(), first_event = %events[0].id, "batch write failed; giving it up");
-            runs.push(Run { start, written });
-        }
-        if held.is_empty() {
-            return runs;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = control.abort.cancelled() => {}
-        }
-        backoff = (backoff * 2).min(max_backoff);
-        // In their order: the first on top.
-        pending.extend(held.drain(..).rev());
-    }
 }
 
 /// Writes one statement's events, retrying what may pass later (`StoreError::is_transient`) until the

@@ -679,11 +679,16 @@ async fn an_event_postgres_refuses_fails_only_itself_and_not_the_batch_it_shares
     gateway.stop().await;
 }
 
+/// The tests that set events aside take turns: the metrics recorder is one per test process, so every gateway
+/// they start shares `hookgate_held_events`.
+static HOLD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// In enqueue mode the 202 goes out before the write, so a batch Postgres refuses is never given up: with the
 /// table gone (a botched migration), and with a row a constraint refuses, the events wait in the queue and
 /// are stored once the operator puts things right, and the refused row's neighbours are stored meanwhile.
 #[tokio::test]
 async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_acknowledged_event_is_lost() {
+    let _turn = HOLD.lock().await;
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
@@ -751,4 +756,118 @@ async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_
         dropped.elapsed()
     );
     gateway.stop().await;
+}
+
+/// In enqueue mode an event Postgres refuses alone is set aside in the hold and does not keep its worker:
+/// with a single worker, the events after it are stored while it waits. The hold takes as many as the queue
+/// holds; past that the worker keeps the next refused event itself (the events behind it wait), and once
+/// the operator puts things right every one of them is stored.
+#[tokio::test]
+async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_worker() {
+    let _turn = HOLD.lock().await;
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
+    config.queue.capacity = 2;
+    config.workers.count = 1;
+    config.workers.retry_backoff_max_ms = 200;
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let stored = |ids: Vec<String>, within: Duration| {
+        let db = &db;
+        eventually(within, move || {
+            let ids = ids.clone();
+            async move {
+                let in_db = db.stored_ids().await;
+                ids.iter().all(|id| in_db.contains(id))
+            }
+        })
+    };
+    let held_events = |n: f64| {
+        let metrics_url = &metrics_url;
+        eventually(Duration::from_secs(10), move || async move {
+            scrape_metric(metrics_url, "hookgate_held_events").await == Some(n)
+        })
+    };
+    let first = unique("evt_first");
+    assert_eq!(post_stripe(&client, &gateway, &first).await.status, 202);
+    assert!(stored(vec![first], Duration::from_secs(10)).await, "migrated and writing");
+    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
+        .execute(&db.pool)
+        .await
+        .expect("a constraint that refuses some events");
+
+    let mut posted = Vec::new();
+    let mut post = |id: String| {
+        posted.push(id.clone());
+        let (client, gateway) = (&client, &gateway);
+        async move {
+            let answer = post_stripe(client, gateway, &id).await;
+            assert_eq!(answer.status, 202, "{answer:?}");
+            id
+        }
+    };
+    // Two refused events fill the hold (the queue's capacity); the one worker goes on with the queue.
+    post(unique("evt_poison")).await;
+    post(unique("evt_poison")).await;
+    assert!(held_events(2.0).await, "both refused events are set aside");
+    let after = post(unique("evt_after")).await;
+    let posted_after = Instant::now();
+    assert!(stored(vec![after], Duration::from_secs(10)).await, "the worker writes on while the hold retries");
+    let after_stored = posted_after.elapsed();
+
+    // The hold is full: the worker keeps the third refused event, and the event behind it waits.
+    post(unique("evt_poison")).await;
+    // Posted once the worker has taken it alone (not in a batch with it, which would write its neighbour).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let behind = post(unique("evt_behind")).await;
+    assert!(!stored(vec![behind.clone()], Duration::from_secs(1)).await, "the worker keeps the third one");
+    assert_eq!(scrape_metric(&metrics_url, "hookgate_held_events").await, Some(2.0));
+    assert!(!db.stored_ids().await.iter().any(|id| id.starts_with("evt_poison")), "the constraint refuses them");
+
+    sqlx::query("ALTER TABLE events DROP CONSTRAINT refuse_poison").execute(&db.pool).await.expect("drop");
+    let dropped = Instant::now();
+    assert!(stored(posted.clone(), Duration::from_secs(10)).await, "an acknowledged event is lost");
+    let recovery = dropped.elapsed();
+    assert!(held_events(0.0).await, "the hold is empty once they are written");
+    assert_eq!(db.count().await, 1 + posted.len() as i64, "each stored once");
+    println!(
+        "RELIABILITY | enqueue, one worker: three events refused by a `CHECK` constraint, the set-aside hold \
+         capped at 2 (the queue's capacity) | 6 | 6 | 0 | the event after the first two stored {after_stored:.1?} \
+         after its 202; the third kept the worker and the event behind it waited; all 5 stored {recovery:.1?} \
+         after the constraint went | -"
+    );
+    gateway.stop().await;
+}
+
+/// An event set aside is retried through the shutdown's drain, and given up when its time is up: the gateway
+/// still stops, and logs it lost, rather than wait for an operator who may not come.
+#[tokio::test]
+async fn at_shutdown_an_event_still_refused_is_given_up_when_the_drain_runs_out() {
+    let _turn = HOLD.lock().await;
+    let db = TestDb::create().await;
+    let mut config = test_config(&db.url);
+    config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
+    config.workers.retry_backoff_max_ms = 100;
+    config.shutdown.drain_grace_ms = 300;
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let first = unique("evt_first");
+    assert_eq!(post_stripe(&client, &gateway, &first).await.status, 202);
+    let migrated = eventually(Duration::from_secs(10), || async { db.stored_ids().await.contains(&first) });
+    assert!(migrated.await, "migrated and writing");
+    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
+        .execute(&db.pool)
+        .await
+        .expect("a constraint that refuses one event");
+    assert_eq!(post_stripe(&client, &gateway, &unique("evt_poison")).await.status, 202);
+    let set_aside = eventually(Duration::from_secs(10), || async {
+        scrape_metric(&metrics_url, "hookgate_held_events").await == Some(1.0)
+    });
+    assert!(set_aside.await, "the refused event is set aside");
+    // Within `Gateway::stop`'s 30 s: the drain's 300 ms, then the abort.
+    gateway.stop().await;
+    assert_eq!(db.count().await, 1, "the constraint refused it to the end");
 }
