@@ -204,7 +204,7 @@ async fn two_replicas_share_one_database_and_redis_and_store_each_event_once() {
 }
 
 #[tokio::test]
-async fn the_grafana_dashboard_is_well_formed_and_names_only_exported_metrics() {
+async fn the_grafana_dashboard_names_only_exported_metrics_and_the_readme_documents_every_one() {
     let path = repo_root().join("deploy/grafana/hookgate.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("dashboard is JSON");
@@ -248,18 +248,31 @@ async fn the_grafana_dashboard_is_well_formed_and_names_only_exported_metrics() 
     });
     config.server.proxy_protocol = true;
     let balanced = Gateway::start(config).await;
-    let mut exported = HashSet::new();
+    let mut families = HashSet::new();
     for admin in [gateway.admin, balanced.admin] {
         let (_, text) = get_text(&client, &format!("http://{admin}/metrics")).await;
-        exported.extend(
-            text.lines().filter(|l| l.starts_with("# TYPE ")).filter_map(|l| l.split_whitespace().nth(2)).flat_map(
-                |name| [name.to_owned(), format!("{name}_bucket"), format!("{name}_sum"), format!("{name}_count")],
-            ),
+        families.extend(
+            text.lines()
+                .filter(|l| l.starts_with("# TYPE "))
+                .filter_map(|l| l.split_whitespace().nth(2))
+                .map(str::to_owned),
         );
     }
+    let exported: HashSet<String> = families
+        .iter()
+        .flat_map(|name| [name.clone(), format!("{name}_bucket"), format!("{name}_sum"), format!("{name}_count")])
+        .collect();
     let missing: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(used.len() >= 8, "{used:?}");
     assert!(missing.is_empty(), "the dashboard names metrics the gateway does not export: {missing:?}");
+    // And the README's metrics table documents every one, so that an operator finds what a series means.
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+    let mut undocumented: Vec<&String> =
+        families.iter().filter(|name| !table.iter().any(|row| row.contains(&format!("`{name}`")))).collect();
+    undocumented.sort();
+    assert!(families.len() >= 30, "{families:?}");
+    assert!(undocumented.is_empty(), "exported but not in the README's metrics table: {undocumented:?}");
     gateway.stop().await;
     balanced.stop().await;
 }
