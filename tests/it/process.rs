@@ -28,7 +28,7 @@ pub fn config_file(db_url: &str, port: u16, admin_port: u16) -> std::path::PathB
 }
 
 pub fn config_file_with_streams(db_url: &str, port: u16, admin_port: u16, stream_key: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.toml", unique("hookgate-it")));
+    let path = scratch("hookgate-it").with_extension("toml");
     let text = format!(
         "{}\n[server]\nlisten = '127.0.0.1:{port}'\n[admin]\nlisten = '127.0.0.1:{admin_port}'\n\
          [store]\nurl = '{db_url}'\n[notify]\nredis_url = '{}'\nstream_key = '{stream_key}'\n\

@@ -1,8 +1,9 @@
 //! Test support: a private database per test, an in-process gateway on port 0, a signing HTTP client.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -87,23 +88,37 @@ impl TestDb {
     }
 }
 
-/// Writes the secrets to files in a fresh temporary folder and returns the TOML of three sources using them.
+/// A path for a file or folder of the test's own, under cargo's scratch folder for integration tests
+/// (`target/tmp`), so that the runs leave nothing in the system's temporary folder. Only for what the tests
+/// and the gateways they start (both as the invoking user) read and write: a server that runs as another
+/// user (Postgres, PgBouncer) gets a folder under `std::env::temp_dir()`.
+pub fn scratch(prefix: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix))
+}
+
+/// The TOML of three sources whose secrets are read from files, written once per test process (the secrets
+/// never change; a test that rotates one writes a file of its own).
 pub fn sources_toml() -> String {
-    let dir = std::env::temp_dir().join(unique("hookgate-it-secrets"));
-    std::fs::create_dir_all(&dir).expect("secret dir");
-    let write = |name: &str, secret: &str| -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, format!("{secret}\n")).expect("secret file");
-        path
-    };
-    format!(
-        "[sources.stripe]\nscheme = 'stripe'\nsecret_file = '{}'\n\
-         [sources.standard]\nscheme = 'standard'\nsecret_file = '{}'\n\
-         [sources.github]\nscheme = 'github'\nsecret_file = '{}'\n",
-        write("stripe", STRIPE_SECRET).display(),
-        write("standard", STANDARD_SECRET).display(),
-        write("github", GITHUB_SECRET).display(),
-    )
+    static SOURCES: OnceLock<String> = OnceLock::new();
+    SOURCES
+        .get_or_init(|| {
+            let dir = scratch("hookgate-it-secrets");
+            std::fs::create_dir_all(&dir).expect("secret dir");
+            let write = |name: &str, secret: &str| -> PathBuf {
+                let path = dir.join(name);
+                std::fs::write(&path, format!("{secret}\n")).expect("secret file");
+                path
+            };
+            format!(
+                "[sources.stripe]\nscheme = 'stripe'\nsecret_file = '{}'\n\
+                 [sources.standard]\nscheme = 'standard'\nsecret_file = '{}'\n\
+                 [sources.github]\nscheme = 'github'\nsecret_file = '{}'\n",
+                write("stripe", STRIPE_SECRET).display(),
+                write("standard", STANDARD_SECRET).display(),
+                write("github", GITHUB_SECRET).display(),
+            )
+        })
+        .clone()
 }
 
 pub fn redis_url() -> String {
