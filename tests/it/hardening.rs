@@ -637,10 +637,7 @@ async fn an_event_postgres_refuses_fails_only_itself_and_not_the_batch_it_shares
     let gateway = Gateway::start(config).await;
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("evt_first")).await.status, 202);
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
-        .execute(&db.pool)
-        .await
-        .expect("a constraint that refuses one event");
+    refuse_poison(&db).await;
 
     let stall = pause_store(&db).await;
     let blocker = deliver_at_once(&gateway.url("stripe"), stripe_events(1));
@@ -679,6 +676,28 @@ async fn an_event_postgres_refuses_fails_only_itself_and_not_the_batch_it_shares
     gateway.stop().await;
 }
 
+/// Adds a `CHECK` of the operator's own that refuses every event whose id starts with `evt_poison`.
+async fn refuse_poison(db: &TestDb) {
+    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
+        .execute(&db.pool)
+        .await
+        .expect("a constraint that refuses some events");
+}
+
+/// Drops `refuse_poison`'s constraint.
+async fn take_poison(db: &TestDb) {
+    sqlx::query("ALTER TABLE events DROP CONSTRAINT refuse_poison").execute(&db.pool).await.expect("drop");
+}
+
+/// Whether every one of `ids` is stored within `limit`.
+async fn stored_within(db: &TestDb, ids: &[String], limit: Duration) -> bool {
+    eventually(limit, || async {
+        let in_db = db.stored_ids().await;
+        ids.iter().all(|id| in_db.contains(id))
+    })
+    .await
+}
+
 /// The tests that set events aside take turns: the metrics recorder is one per test process, so every gateway
 /// they start shares `hookgate_held_events`.
 static HOLD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -697,17 +716,7 @@ async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_
     let client = client();
     let first = unique("evt_first");
     assert_eq!(post_stripe(&client, &gateway, &first).await.status, 202);
-    let stored = |ids: Vec<String>| {
-        let db = &db;
-        eventually(Duration::from_secs(10), move || {
-            let ids = ids.clone();
-            async move {
-                let in_db = db.stored_ids().await;
-                ids.iter().all(|id| in_db.contains(id))
-            }
-        })
-    };
-    assert!(stored(vec![first]).await, "migrated and writing");
+    assert!(stored_within(&db, &[first], Duration::from_secs(10)).await, "migrated and writing");
 
     // The table gone: every batch refused (42P01), none given up.
     sqlx::query("ALTER TABLE events RENAME TO events_elsewhere").execute(&db.pool).await.expect("rename");
@@ -725,14 +734,14 @@ async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_
     assert!(held.is_some_and(|n| n >= 1.0), "the held batch is counted: {held:?}");
     sqlx::query("ALTER TABLE events_elsewhere RENAME TO events").execute(&db.pool).await.expect("rename back");
     let back = Instant::now();
-    assert!(stored(waiting).await, "events acknowledged while the table was gone are lost");
+    assert!(
+        stored_within(&db, &waiting, Duration::from_secs(10)).await,
+        "events acknowledged while the table was gone are lost"
+    );
     let table_recovery = back.elapsed();
 
     // One row refused: its neighbours are stored meanwhile; it is stored once the constraint goes.
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
-        .execute(&db.pool)
-        .await
-        .expect("a constraint that refuses one event");
+    refuse_poison(&db).await;
     let poison = unique("evt_poison");
     let mut neighbours = Vec::new();
     for i in 0..9 {
@@ -743,12 +752,18 @@ async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_
             neighbours.push(id);
         }
     }
-    assert!(stored(neighbours).await, "the refused event's neighbours wait for it");
+    assert!(
+        stored_within(&db, &neighbours, Duration::from_secs(10)).await,
+        "the refused event's neighbours wait for it"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!db.stored_ids().await.contains(&poison), "the constraint refuses it");
-    sqlx::query("ALTER TABLE events DROP CONSTRAINT refuse_poison").execute(&db.pool).await.expect("drop");
+    take_poison(&db).await;
     let dropped = Instant::now();
-    assert!(stored(vec![poison]).await, "the refused event, acknowledged, is given up");
+    assert!(
+        stored_within(&db, &[poison], Duration::from_secs(10)).await,
+        "the refused event, acknowledged, is given up"
+    );
     println!(
         "RELIABILITY | enqueue: the events table renamed away for 1.5 s, then one event refused by a `CHECK` \
          constraint | 15 | 15 | 0 | the 5 acknowledged while the table was gone stored {table_recovery:.1?} after \
@@ -774,16 +789,6 @@ async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_work
     let gateway = Gateway::start(config).await;
     let client = client();
     let metrics_url = format!("http://{}/metrics", gateway.admin);
-    let stored = |ids: Vec<String>, within: Duration| {
-        let db = &db;
-        eventually(within, move || {
-            let ids = ids.clone();
-            async move {
-                let in_db = db.stored_ids().await;
-                ids.iter().all(|id| in_db.contains(id))
-            }
-        })
-    };
     let held_events = |n: f64| {
         let metrics_url = &metrics_url;
         eventually(Duration::from_secs(10), move || async move {
@@ -792,11 +797,8 @@ async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_work
     };
     let first = unique("evt_first");
     assert_eq!(post_stripe(&client, &gateway, &first).await.status, 202);
-    assert!(stored(vec![first], Duration::from_secs(10)).await, "migrated and writing");
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
-        .execute(&db.pool)
-        .await
-        .expect("a constraint that refuses some events");
+    assert!(stored_within(&db, &[first], Duration::from_secs(10)).await, "migrated and writing");
+    refuse_poison(&db).await;
 
     let mut posted = Vec::new();
     let mut post = |id: String| {
@@ -814,7 +816,7 @@ async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_work
     assert!(held_events(2.0).await, "both refused events are set aside");
     let after = post(unique("evt_after")).await;
     let posted_after = Instant::now();
-    assert!(stored(vec![after], Duration::from_secs(10)).await, "the worker writes on while the hold retries");
+    assert!(stored_within(&db, &[after], Duration::from_secs(10)).await, "the worker writes on while the hold retries");
     let after_stored = posted_after.elapsed();
 
     // The hold is full: the worker keeps the third refused event, and the event behind it waits.
@@ -822,13 +824,13 @@ async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_work
     // Posted once the worker has taken it alone (not in a batch with it, which would write its neighbour).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let behind = post(unique("evt_behind")).await;
-    assert!(!stored(vec![behind.clone()], Duration::from_secs(1)).await, "the worker keeps the third one");
+    assert!(!stored_within(&db, &[behind], Duration::from_secs(1)).await, "the worker keeps the third one");
     assert_eq!(scrape_metric(&metrics_url, "hookgate_held_events").await, Some(2.0));
     assert!(!db.stored_ids().await.iter().any(|id| id.starts_with("evt_poison")), "the constraint refuses them");
 
-    sqlx::query("ALTER TABLE events DROP CONSTRAINT refuse_poison").execute(&db.pool).await.expect("drop");
+    take_poison(&db).await;
     let dropped = Instant::now();
-    assert!(stored(posted.clone(), Duration::from_secs(10)).await, "an acknowledged event is lost");
+    assert!(stored_within(&db, &posted, Duration::from_secs(10)).await, "an acknowledged event is lost");
     let recovery = dropped.elapsed();
     assert!(held_events(0.0).await, "the hold is empty once they are written");
     assert_eq!(db.count().await, 1 + posted.len() as i64, "each stored once");
@@ -856,12 +858,8 @@ async fn at_shutdown_an_event_still_refused_is_given_up_when_the_drain_runs_out(
     let metrics_url = format!("http://{}/metrics", gateway.admin);
     let first = unique("evt_first");
     assert_eq!(post_stripe(&client, &gateway, &first).await.status, 202);
-    let migrated = eventually(Duration::from_secs(10), || async { db.stored_ids().await.contains(&first) });
-    assert!(migrated.await, "migrated and writing");
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
-        .execute(&db.pool)
-        .await
-        .expect("a constraint that refuses one event");
+    assert!(stored_within(&db, &[first], Duration::from_secs(10)).await, "migrated and writing");
+    refuse_poison(&db).await;
     assert_eq!(post_stripe(&client, &gateway, &unique("evt_poison")).await.status, 202);
     let set_aside = eventually(Duration::from_secs(10), || async {
         scrape_metric(&metrics_url, "hookgate_held_events").await == Some(1.0)
