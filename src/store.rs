@@ -59,11 +59,13 @@ impl StoreError {
     }
 
     /// Refused for what one of the rows holds (SQLSTATE class 22 data exception, 23 integrity constraint
-    /// violation: a `CHECK` or trigger of the operator's own, a value a column refuses), not for the statement
-    /// or the database: written apart, the other rows pass.
+    /// violation: a `CHECK` of the operator's own, a value a column refuses; P0, PL/pgSQL: a trigger of theirs
+    /// that raises an exception, `P0001` unless it names another code), not for the statement or the
+    /// database: written apart, the other rows pass. (Should a P0 error not be about one row after all, the
+    /// halves fail too, down to each event: the same outcome, for a few more statements.)
     pub fn blames_a_row(&self) -> bool {
         matches!(self, StoreError::Rejected(sqlx::Error::Database(db))
-            if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")))
+            if db.code().is_some_and(|code| ["22", "23", "P0"].iter().any(|class| code.starts_with(class))))
     }
 }
 

@@ -362,8 +362,9 @@ impl Writer {
     /// and those set aside for the hold:
     /// - what may pass later (a lost connection, a failover, a timeout: `StoreError::is_transient`) is
     ///   retried with capped backoff;
-    /// - a statement refused for one of its rows (a data or constraint error: `StoreError::blames_a_row`) is
-    ///   written again as two halves, down to the one event refused, so that it does not fail its neighbours;
+    /// - a statement refused for one of its rows (a data, constraint or PL/pgSQL error:
+    ///   `StoreError::blames_a_row`) is written again as two halves, down to the one event refused, so that it
+    ///   does not fail its neighbours;
     /// - a run holding an event already acknowledged (enqueue mode) is never given up while the process
     ///   runs: whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged
     ///   and tried again until it is written or the shutdown's drain runs out of time. A worker sets a

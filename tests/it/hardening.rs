@@ -625,11 +625,56 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
     let _ = std::fs::remove_file(log);
 }
 
-/// An event Postgres refuses for what it holds (here a `CHECK` of the operator's own; in general a data or
-/// constraint error) fails only itself: the batch it shares is written again in halves, its neighbours are
-/// acknowledged and stored, and it alone gets the 503 that its sender retries.
+/// An event Postgres refuses for what it holds (an operator's `CHECK`, a trigger of theirs that raises an
+/// exception; in general a data, constraint or PL/pgSQL error) fails only itself: the batch it shares is
+/// written again in halves, its neighbours are acknowledged and stored, and it alone gets the 503 that its
+/// sender retries.
 #[tokio::test]
-async fn an_event_postgres_refuses_fails_only_itself_and_not_the_batch_it_shares() {
+async fn an_event_a_check_refuses_fails_only_itself_and_not_the_batch_it_shares() {
+    refused_alone_in_durable_mode(Poison::Check).await;
+}
+
+#[tokio::test]
+async fn an_event_a_trigger_refuses_fails_only_itself_and_not_the_batch_it_shares() {
+    refused_alone_in_durable_mode(Poison::Trigger).await;
+}
+
+/// How the operator's database refuses the events whose ids start with `evt_poison`.
+#[derive(Debug, Clone, Copy)]
+enum Poison {
+    /// A `CHECK` constraint (SQLSTATE 23514).
+    Check,
+    /// A trigger that raises an exception (SQLSTATE P0001, PL/pgSQL's default).
+    Trigger,
+}
+
+impl Poison {
+    async fn refuse(self, db: &TestDb) {
+        let statements: &[&str] = match self {
+            Poison::Check => {
+                &["ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID"]
+            }
+            Poison::Trigger => &[
+                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.event_id LIKE 'evt_poison%' THEN RAISE EXCEPTION 'event % refused', NEW.event_id; END IF; \
+                 RETURN NEW; END $$",
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+            ],
+        };
+        for statement in statements {
+            sqlx::query(statement).execute(&db.pool).await.expect("a refusal of the operator's own");
+        }
+    }
+
+    fn how(self) -> &'static str {
+        match self {
+            Poison::Check => "refused by a `CHECK` constraint",
+            Poison::Trigger => "refused by a trigger's `RAISE EXCEPTION` (SQLSTATE P0001)",
+        }
+    }
+}
+
+async fn refused_alone_in_durable_mode(refusal: Poison) {
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     // One worker: the events queued behind the stalled write below are then written as one batch.
@@ -637,7 +682,7 @@ async fn an_event_postgres_refuses_fails_only_itself_and_not_the_batch_it_shares
     let gateway = Gateway::start(config).await;
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("evt_first")).await.status, 202);
-    refuse_poison(&db).await;
+    refusal.refuse(&db).await;
 
     let stall = pause_store(&db).await;
     let blocker = deliver_at_once(&gateway.url("stripe"), stripe_events(1));
@@ -670,18 +715,16 @@ async fn an_event_postgres_refuses_fails_only_itself_and_not_the_batch_it_shares
     assert_all_stored(&db, &acknowledged).await;
     assert!(!db.stored_ids().await.contains(&poison));
     println!(
-        "RELIABILITY | durable: one event of a 10-event batch refused by a `CHECK` constraint | 11 | 10 | 0 | its 9 \
-         neighbours acknowledged and stored, it alone answered 503 | -"
+        "RELIABILITY | durable: one event of a 10-event batch {} | 11 | 10 | 0 | its 9 neighbours acknowledged \
+         and stored, it alone answered 503 | -",
+        refusal.how()
     );
     gateway.stop().await;
 }
 
 /// Adds a `CHECK` of the operator's own that refuses every event whose id starts with `evt_poison`.
 async fn refuse_poison(db: &TestDb) {
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID")
-        .execute(&db.pool)
-        .await
-        .expect("a constraint that refuses some events");
+    Poison::Check.refuse(db).await;
 }
 
 /// Drops `refuse_poison`'s constraint.
