@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 use sqlx::{Connection, Executor as _, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::StoreConfig;
@@ -66,6 +66,27 @@ impl StoreError {
     pub fn blames_a_row(&self) -> bool {
         matches!(self, StoreError::Rejected(sqlx::Error::Database(db))
             if db.code().is_some_and(|code| ["22", "23", "P0"].iter().any(|class| code.starts_with(class))))
+    }
+
+    /// Which of `ids` (a refused statement's events) the refusal names, when it names exactly one: a `CHECK`'s
+    /// detail lists the failing row's values ("Failing row contains (stripe, evt_1, ...)", each value cut to
+    /// 64 bytes), and a trigger's message may name its event. An id found inside another id found is not
+    /// counted (`evt_1` in `evt_10`). Only a guess to split around: a wrong one costs statements, not events.
+    pub fn named_event<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Option<usize> {
+        let StoreError::Rejected(sqlx::Error::Database(db)) = self else { return None };
+        let detail = db.try_downcast_ref::<PgDatabaseError>().and_then(PgDatabaseError::detail).unwrap_or("");
+        let (message, detail) = (db.message(), detail);
+        let found: Vec<(usize, &str)> = ids
+            .into_iter()
+            .enumerate()
+            .filter(|(_, id)| !id.is_empty() && (detail.contains(id) || message.contains(id)))
+            .collect();
+        let mut named =
+            found.iter().filter(|(_, id)| !found.iter().any(|(_, other)| other.len() > id.len() && other.contains(id)));
+        match (named.next(), named.next()) {
+            (Some(&(index, _)), None) => Some(index),
+            _ => None,
+        }
     }
 }
 

@@ -363,8 +363,9 @@ impl Writer {
     /// - what may pass later (a lost connection, a failover, a timeout: `StoreError::is_transient`) is
     ///   retried with capped backoff;
     /// - a statement refused for one of its rows (a data, constraint or PL/pgSQL error:
-    ///   `StoreError::blames_a_row`) is written again as two halves, down to the one event refused, so that it
-    ///   does not fail its neighbours;
+    ///   `StoreError::blames_a_row`) is written again in parts, down to the one event refused, so that it does
+    ///   not fail its neighbours: before, the event and after it when the refusal names it
+    ///   (`StoreError::named_event`), in halves otherwise;
     /// - a run holding an event already acknowledged (enqueue mode) is never given up while the process
     ///   runs: whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged
     ///   and tried again until it is written or the shutdown's drain runs out of time. A worker sets a
@@ -403,10 +404,19 @@ impl Writer {
                     crate::metrics::record_store_error("aborted");
                 } else if e.blames_a_row() && events.len() > 1 {
                     crate::metrics::record_store_error("rejected");
-                    warn!(error = %error_chain(e), batch_size = events.len(), "batch refused for one of its rows; writing its halves apart");
-                    let middle = start + events.len() / 2;
-                    pending.push((middle, end));
-                    pending.push((start, middle));
+                    warn!(error = %error_chain(e), batch_size = events.len(), "batch refused for one of its rows; writing its parts apart");
+                    // Around the event the refusal names (a `CHECK`'s failing row), or else in halves. Pushed
+                    // last part first: the first is written next.
+                    if let Some(named) = e.named_event(events.iter().map(|event| event.id.as_str())) {
+                        let named = start + named;
+                        pending.extend(
+                            [(named + 1, end), (named, named + 1), (start, named)].into_iter().filter(|(a, b)| a < b),
+                        );
+                    } else {
+                        let middle = start + events.len() / 2;
+                        pending.push((middle, end));
+                        pending.push((start, middle));
+                    }
                     continue;
                 } else if acknowledged[start..end].contains(&true) {
                     crate::metrics::record_store_error("held");

@@ -629,6 +629,10 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
 /// exception; in general a data, constraint or PL/pgSQL error) fails only itself: the batch it shares is
 /// written again in halves, its neighbours are acknowledged and stored, and it alone gets the 503 that its
 /// sender retries.
+/// The tests of refusals take turns: the metrics recorder is one per test process, so every gateway they
+/// start shares `hookgate_held_events` and `hookgate_store_errors_total`, which they read.
+static REFUSALS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn an_event_a_check_refuses_fails_only_itself_and_not_the_batch_it_shares() {
     refused_alone_in_durable_mode(Poison::Check).await;
@@ -675,12 +679,16 @@ impl Poison {
 }
 
 async fn refused_alone_in_durable_mode(refusal: Poison) {
+    let _turn = REFUSALS.lock().await;
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     // One worker: the events queued behind the stalled write below are then written as one batch.
     config.workers.count = 1;
     let gateway = Gateway::start(config).await;
     let client = client();
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let rejected = || scrape_metric(&metrics_url, r#"hookgate_store_errors_total{kind="rejected"}"#);
+    let rejected_before = rejected().await.unwrap_or(0.0);
     assert_eq!(post_stripe(&client, &gateway, &unique("evt_first")).await.status, 202);
     refusal.refuse(&db).await;
 
@@ -714,6 +722,10 @@ async fn refused_alone_in_durable_mode(refusal: Poison) {
     assert_eq!(acknowledged.len(), 9);
     assert_all_stored(&db, &acknowledged).await;
     assert!(!db.stored_ids().await.contains(&poison));
+    // The refusal names the event (the `CHECK`'s failing row, the trigger's message): the batch is split
+    // around it at once, so Postgres refuses two statements, the batch and the event alone, not the ~5 of
+    // halving down to it.
+    assert_eq!(rejected().await.map(|n| n - rejected_before), Some(2.0), "split around the named event");
     println!(
         "RELIABILITY | durable: one event of a 10-event batch {} | 11 | 10 | 0 | its 9 neighbours acknowledged \
          and stored, it alone answered 503 | -",
@@ -741,16 +753,12 @@ async fn stored_within(db: &TestDb, ids: &[String], limit: Duration) -> bool {
     .await
 }
 
-/// The tests that set events aside take turns: the metrics recorder is one per test process, so every gateway
-/// they start shares `hookgate_held_events`.
-static HOLD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// In enqueue mode the 202 goes out before the write, so a batch Postgres refuses is never given up: with the
 /// table gone (a botched migration), and with a row a constraint refuses, the events wait in the queue and
 /// are stored once the operator puts things right, and the refused row's neighbours are stored meanwhile.
 #[tokio::test]
 async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_acknowledged_event_is_lost() {
-    let _turn = HOLD.lock().await;
+    let _turn = REFUSALS.lock().await;
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
@@ -822,7 +830,7 @@ async fn in_enqueue_mode_a_refused_batch_is_held_until_postgres_takes_it_and_no_
 /// the operator puts things right every one of them is stored.
 #[tokio::test]
 async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_worker() {
-    let _turn = HOLD.lock().await;
+    let _turn = REFUSALS.lock().await;
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
@@ -890,7 +898,7 @@ async fn in_enqueue_mode_a_refused_event_is_set_aside_and_does_not_keep_its_work
 /// still stops, and logs it lost, rather than wait for an operator who may not come.
 #[tokio::test]
 async fn at_shutdown_an_event_still_refused_is_given_up_when_the_drain_runs_out() {
-    let _turn = HOLD.lock().await;
+    let _turn = REFUSALS.lock().await;
     let db = TestDb::create().await;
     let mut config = test_config(&db.url);
     config.queue.ack_mode = hookgate::config::AckMode::Enqueue;
