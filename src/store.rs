@@ -75,7 +75,7 @@ impl StoreError {
     pub fn named_event<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Option<usize> {
         let StoreError::Rejected(sqlx::Error::Database(db)) = self else { return None };
         let detail = db.try_downcast_ref::<PgDatabaseError>().and_then(PgDatabaseError::detail).unwrap_or("");
-        let (message, detail) = (db.message(), detail);
+        let message = db.message();
         let found: Vec<(usize, &str)> = ids
             .into_iter()
             .enumerate()
