@@ -60,12 +60,15 @@ impl StoreError {
 
     /// Refused for what one of the rows holds (SQLSTATE class 22 data exception, 23 integrity constraint
     /// violation: a `CHECK` of the operator's own, a value a column refuses; P0, PL/pgSQL: a trigger of theirs
-    /// that raises an exception, `P0001` unless it names another code), not for the statement or the
-    /// database: written apart, the other rows pass. (Should a P0 error not be about one row after all, the
-    /// halves fail too, down to each event: the same outcome, for a few more statements.)
+    /// that raises an exception, `P0001` unless it names another code; a code in no class of Postgres's own,
+    /// which only the operator's code raises: `RAISE ... USING ERRCODE = 'HG001'` in a trigger), not for the
+    /// statement or the database: written apart, the other rows pass. (Should such an error not be about one
+    /// row after all, the halves fail too, down to each event: the same outcome, for a few more statements.)
     pub fn blames_a_row(&self) -> bool {
-        matches!(self, StoreError::Rejected(sqlx::Error::Database(db))
-            if db.code().is_some_and(|code| ["22", "23", "P0"].iter().any(|class| code.starts_with(class))))
+        matches!(self, StoreError::Rejected(sqlx::Error::Database(db)) if db.code().is_some_and(|code| {
+            ["22", "23", "P0"].iter().any(|class| code.starts_with(class))
+                || !POSTGRES_CLASSES.iter().any(|class| code.starts_with(class))
+        }))
     }
 
     /// Which of `ids` (a refused statement's events) the refusal names, when it names exactly one: a `CHECK`'s
@@ -89,6 +92,13 @@ impl StoreError {
         }
     }
 }
+
+/// The SQLSTATE classes Postgres itself raises (the sections of Postgres 15's `errcodes.txt`).
+const POSTGRES_CLASSES: [&str; 43] = [
+    "00", "01", "02", "03", "08", "09", "0A", "0B", "0F", "0L", "0P", "0Z", "20", "21", "22", "23", "24", "25", "26",
+    "27", "28", "2B", "2D", "2F", "34", "38", "39", "3B", "3D", "3F", "40", "42", "44", "53", "54", "55", "57", "58",
+    "72", "F0", "HV", "P0", "XX",
+];
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {

@@ -626,9 +626,9 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
 }
 
 /// An event Postgres refuses for what it holds (an operator's `CHECK`, a trigger of theirs that raises an
-/// exception; in general a data, constraint or PL/pgSQL error) fails only itself: the batch it shares is
-/// written again in halves, its neighbours are acknowledged and stored, and it alone gets the 503 that its
-/// sender retries.
+/// exception; in general a data, constraint or PL/pgSQL error, or a code of the operator's own) fails only
+/// itself: the batch it shares is written again around it, its neighbours are acknowledged and stored, and
+/// it alone gets the 503 that its sender retries.
 /// The tests of refusals take turns: the metrics recorder is one per test process, so every gateway they
 /// start shares `hookgate_held_events` and `hookgate_store_errors_total`, which they read.
 static REFUSALS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -643,6 +643,11 @@ async fn an_event_a_trigger_refuses_fails_only_itself_and_not_the_batch_it_share
     refused_alone_in_durable_mode(Poison::Trigger).await;
 }
 
+#[tokio::test]
+async fn an_event_a_trigger_refuses_with_a_code_of_its_own_fails_only_itself() {
+    refused_alone_in_durable_mode(Poison::TriggerWithItsOwnCode).await;
+}
+
 /// How the operator's database refuses the events whose ids start with `evt_poison`.
 #[derive(Debug, Clone, Copy)]
 enum Poison {
@@ -650,22 +655,29 @@ enum Poison {
     Check,
     /// A trigger that raises an exception (SQLSTATE P0001, PL/pgSQL's default).
     Trigger,
+    /// A trigger that raises an exception with a SQLSTATE of the operator's own, in no class of Postgres's.
+    TriggerWithItsOwnCode,
 }
 
 impl Poison {
     async fn refuse(self, db: &TestDb) {
-        let statements: &[&str] = match self {
+        let raise = match self {
             Poison::Check => {
-                &["ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID"]
+                let check = "ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') \
+                             NOT VALID";
+                sqlx::query(check).execute(&db.pool).await.expect("a refusal of the operator's own");
+                return;
             }
-            Poison::Trigger => &[
-                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NEW.event_id LIKE 'evt_poison%' THEN RAISE EXCEPTION 'event % refused', NEW.event_id; END IF; \
-                 RETURN NEW; END $$",
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
-            ],
+            Poison::Trigger => "RAISE EXCEPTION 'event % refused', NEW.event_id",
+            Poison::TriggerWithItsOwnCode => "RAISE EXCEPTION 'event % refused', NEW.event_id USING ERRCODE = 'HG001'",
         };
-        for statement in statements {
+        let function = format!(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.event_id LIKE 'evt_poison%' THEN {raise}; END IF; RETURN NEW; END $$"
+        );
+        let trigger =
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_poison()";
+        for statement in [function.as_str(), trigger] {
             sqlx::query(statement).execute(&db.pool).await.expect("a refusal of the operator's own");
         }
     }
@@ -674,6 +686,7 @@ impl Poison {
         match self {
             Poison::Check => "refused by a `CHECK` constraint",
             Poison::Trigger => "refused by a trigger's `RAISE EXCEPTION` (SQLSTATE P0001)",
+            Poison::TriggerWithItsOwnCode => "refused by a trigger's `RAISE EXCEPTION` with a code of its own (HG001)",
         }
     }
 }
