@@ -226,6 +226,8 @@ drop_test_databases() {
     admin_psql -qc "drop database if exists \"$db\" with (force)" >/dev/null
     n=$((n + 1))
   done
+  # The role a refusal test writes as (tests/it/hardening.rs): its grants went with the databases.
+  admin_psql -qc "drop role if exists hookgate_it_writer" >/dev/null 2>&1 || true
   echo "services.sh: dropped $n test databases" >&2
 }
 

@@ -61,14 +61,19 @@ impl StoreError {
     /// Refused for what one of the rows holds (SQLSTATE class 22 data exception, 23 integrity constraint
     /// violation: a `CHECK` of the operator's own, a value a column refuses; P0, PL/pgSQL: a trigger of theirs
     /// that raises an exception, `P0001` unless it names another code; a code in no class of Postgres's own,
-    /// which only the operator's code raises: `RAISE ... USING ERRCODE = 'HG001'` in a trigger), not for the
-    /// statement or the database: written apart, the other rows pass. (Should such an error not be about one
-    /// row after all, the halves fail too, down to each event: the same outcome, for a few more statements.)
+    /// which only the operator's code raises: `RAISE ... USING ERRCODE = 'HG001'` in a trigger; a row-level
+    /// security policy's `WITH CHECK`), not for the statement or the database: written apart, the other rows
+    /// pass. (Should such an error not be about one row after all, the halves fail too, down to each event:
+    /// the same outcome, for a few more statements.)
     pub fn blames_a_row(&self) -> bool {
-        matches!(self, StoreError::Rejected(sqlx::Error::Database(db)) if db.code().is_some_and(|code| {
-            ["22", "23", "P0"].iter().any(|class| code.starts_with(class))
-                || !POSTGRES_CLASSES.iter().any(|class| code.starts_with(class))
-        }))
+        let StoreError::Rejected(sqlx::Error::Database(db)) = self else { return false };
+        let Some(code) = db.code() else { return false };
+        ["22", "23", "P0"].iter().any(|class| code.starts_with(class))
+            || !POSTGRES_CLASSES.iter().any(|class| code.starts_with(class))
+            // A policy's refusal shares 42501 with a revoked privilege, which refuses every row: only the
+            // message tells them apart (in English, as the server answers unless its `lc_messages` names a
+            // translation; translated, the whole batch fails).
+            || (code == "42501" && db.message().starts_with("new row violates row-level security policy"))
     }
 
     /// Which of `ids` (a refused statement's events) the refusal names, when it names exactly one: a `CHECK`'s

@@ -626,8 +626,8 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
 }
 
 /// An event Postgres refuses for what it holds (an operator's `CHECK`, a trigger of theirs that raises an
-/// exception; in general a data, constraint or PL/pgSQL error, or a code of the operator's own) fails only
-/// itself: the batch it shares is written again around it, its neighbours are acknowledged and stored, and
+/// exception, a row-level security policy; in general a data, constraint or PL/pgSQL error, or a code of the
+/// operator's own) fails only itself: the batch it shares is written again around it, its neighbours are acknowledged and stored, and
 /// it alone gets the 503 that its sender retries.
 /// The tests of refusals take turns: the metrics recorder is one per test process, so every gateway they
 /// start shares `hookgate_held_events` and `hookgate_store_errors_total`, which they read.
@@ -648,6 +648,11 @@ async fn an_event_a_trigger_refuses_with_a_code_of_its_own_fails_only_itself() {
     refused_alone_in_durable_mode(Poison::TriggerWithItsOwnCode).await;
 }
 
+#[tokio::test]
+async fn an_event_a_row_level_security_policy_refuses_fails_only_itself() {
+    refused_alone_in_durable_mode(Poison::RowLevelSecurity).await;
+}
+
 /// How the operator's database refuses the events whose ids start with `evt_poison`.
 #[derive(Debug, Clone, Copy)]
 enum Poison {
@@ -657,15 +662,57 @@ enum Poison {
     Trigger,
     /// A trigger that raises an exception with a SQLSTATE of the operator's own, in no class of Postgres's.
     TriggerWithItsOwnCode,
+    /// A row-level security policy's `WITH CHECK` (SQLSTATE 42501, a revoked privilege's code too), on a
+    /// gateway whose role is not the tables' owner nor a superuser (both pass every policy).
+    RowLevelSecurity,
 }
 
+/// The role the gateway writes as under `Poison::RowLevelSecurity`: created once in the test cluster, and
+/// given the tables the migrations create through default privileges.
+const WRITER_ROLE: &str = "hookgate_it_writer";
+
 impl Poison {
+    /// Points the gateway at `db` as the operator would for this refusal: for row-level security, it writes
+    /// as a role of its own (`SET ROLE` at connection, so no password is needed) and migrates as the owner.
+    async fn configure(self, db: &TestDb, config: &mut hookgate::config::Config) {
+        if !matches!(self, Poison::RowLevelSecurity) {
+            return;
+        }
+        let create_role = format!(
+            "DO $$ BEGIN CREATE ROLE {WRITER_ROLE}; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        );
+        let grant = format!(
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {WRITER_ROLE}"
+        );
+        for statement in [create_role.as_str(), grant.as_str()] {
+            sqlx::query(statement).execute(&db.pool).await.expect("the writer's role");
+        }
+        config.store.migrate_url = Some(db.url.clone());
+        let separator = if db.url.contains('?') { '&' } else { '?' };
+        config.store.url = format!("{}{separator}options=-c%20role%3D{WRITER_ROLE}", db.url);
+    }
+
+    /// Whether the refusal's message names the event, so that the batch is split around it at once.
+    fn names_its_event(self) -> bool {
+        !matches!(self, Poison::RowLevelSecurity)
+    }
+
     async fn refuse(self, db: &TestDb) {
         let raise = match self {
             Poison::Check => {
                 let check = "ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') \
                              NOT VALID";
                 sqlx::query(check).execute(&db.pool).await.expect("a refusal of the operator's own");
+                return;
+            }
+            Poison::RowLevelSecurity => {
+                for statement in [
+                    "ALTER TABLE events ENABLE ROW LEVEL SECURITY",
+                    "CREATE POLICY refuse_poison ON events FOR INSERT WITH CHECK (event_id NOT LIKE 'evt_poison%')",
+                    "CREATE POLICY read_all ON events FOR SELECT USING (true)",
+                ] {
+                    sqlx::query(statement).execute(&db.pool).await.expect("a refusal of the operator's own");
+                }
                 return;
             }
             Poison::Trigger => "RAISE EXCEPTION 'event % refused', NEW.event_id",
@@ -687,6 +734,7 @@ impl Poison {
             Poison::Check => "refused by a `CHECK` constraint",
             Poison::Trigger => "refused by a trigger's `RAISE EXCEPTION` (SQLSTATE P0001)",
             Poison::TriggerWithItsOwnCode => "refused by a trigger's `RAISE EXCEPTION` with a code of its own (HG001)",
+            Poison::RowLevelSecurity => "refused by a row-level security policy (SQLSTATE 42501)",
         }
     }
 }
@@ -697,6 +745,7 @@ async fn refused_alone_in_durable_mode(refusal: Poison) {
     let mut config = test_config(&db.url);
     // One worker: the events queued behind the stalled write below are then written as one batch.
     config.workers.count = 1;
+    refusal.configure(&db, &mut config).await;
     let gateway = Gateway::start(config).await;
     let client = client();
     let metrics_url = format!("http://{}/metrics", gateway.admin);
@@ -735,10 +784,16 @@ async fn refused_alone_in_durable_mode(refusal: Poison) {
     assert_eq!(acknowledged.len(), 9);
     assert_all_stored(&db, &acknowledged).await;
     assert!(!db.stored_ids().await.contains(&poison));
-    // The refusal names the event (the `CHECK`'s failing row, the trigger's message): the batch is split
-    // around it at once, so Postgres refuses two statements, the batch and the event alone, not the ~5 of
-    // halving down to it.
-    assert_eq!(rejected().await.map(|n| n - rejected_before), Some(2.0), "split around the named event");
+    // A refusal that names the event (the `CHECK`'s failing row, the trigger's message) has the batch split
+    // around it at once: Postgres refuses two statements, the batch and the event alone. Otherwise (a
+    // policy's message names only the table) the batch is halved down to it: the batch and 3 or 4 parts.
+    let refused_statements = rejected().await.map(|n| n - rejected_before);
+    if refusal.names_its_event() {
+        assert_eq!(refused_statements, Some(2.0), "split around the named event");
+    } else {
+        let halved = refused_statements.is_some_and(|n| (4.0..=5.0).contains(&n));
+        assert!(halved, "halved down to the event: {refused_statements:?}");
+    }
     println!(
         "RELIABILITY | durable: one event of a 10-event batch {} | 11 | 10 | 0 | its 9 neighbours acknowledged \
          and stored, it alone answered 503 | -",
