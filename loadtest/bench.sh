@@ -12,7 +12,7 @@
 # and while the rate holds (and nothing was stepped down from) it tries 10% more (at most MAX_TRIES, 8, in
 # all). The table reports the highest rate that held, with that try's audit; RESULTS.md lists every try.
 # Then durable mode runs for SOAK (10m; SOAK= to skip) at 80% of its sustained rate, sampling the
-# gateway's RSS every 10 s (soak-rss.csv).
+# gateway's RSS every 10 s (soak-rss.csv, with the request bodies it holds and its slow commits so far).
 # During every sustained run it samples what the gateway's Postgres sessions wait on (every 50 ms) and probes
 # the disk's own write + fdatasync latency (`hookgate-load sync-probe`, every 20 ms), so that RESULTS.md
 # says where a durable request's time went and how much of its tail is the disk's.
@@ -418,9 +418,18 @@ TOML
     $PG -d postgres -c "DROP DATABASE IF EXISTS hookgate_bench" -c "CREATE DATABASE hookgate_bench"
     fresh_stream
     start_gateway "$mode" soak HOOKGATE__NOTIFY__STREAM_MAXLEN=1000000
-    echo "elapsed_s,rss_mib" > "$OUT/soak-rss.csv"
+    # Beside each RSS sample, what the gateway holds at that moment (request bodies, in MiB) and the commits
+    # so far that took over 50 ms: a sample taken during a stall, with requests piling up, reads higher
+    # without the gateway having grown, and these columns tell it from growth.
+    echo "elapsed_s,rss_mib,body_memory_mib,commits_over_50ms" > "$OUT/soak-rss.csv"
     ( t=0; while kill -0 "$GW" 2>/dev/null; do
-        echo "$t,$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$GW/status")" >> "$OUT/soak-rss.csv"; sleep 10; t=$((t + 10)); done ) &
+        held=$(curl -s --max-time 2 http://127.0.0.1:19464/metrics | awk '
+          /^hookgate_body_memory_bytes / {b = $2}
+          /^hookgate_store_commit_duration_seconds_bucket\{le="0.05"\}/ {fast = $2}
+          /^hookgate_store_commit_duration_seconds_count/ {all = $2}
+          END {printf "%.1f,%d", b / 1048576, all - fast}')
+        echo "$t,$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$GW/status"),$held" >> "$OUT/soak-rss.csv"
+        sleep 10; t=$((t + 10)); done ) &
     SAMPLER=$!
     $L attack --target http://127.0.0.1:18080/webhooks/stripe --secret "$SECRET" --rate "$SOAK_RATE" --duration "$SOAK" \
       --warmup 2s --connections "$CONNECTIONS" --no-progress --report-json "$OUT/soak.json" > "$OUT/soak.txt"
