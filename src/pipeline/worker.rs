@@ -362,9 +362,9 @@ impl Writer {
     /// and those set aside for the hold:
     /// - what may pass later (a lost connection, a failover, a timeout: `StoreError::is_transient`) is
     ///   retried with capped backoff;
-    /// - a statement refused for one of its rows (a data, constraint or PL/pgSQL error:
-    ///   `StoreError::blames_a_row`) is written again in parts, down to the one event refused, so that it does
-    ///   not fail its neighbours: before, the event and after it when the refusal names it
+    /// - a statement refused for one of its rows (a data, constraint or PL/pgSQL error, a code of the
+    ///   operator's own, a row-level security policy: `StoreError::blames_a_row`) is written again in parts,
+    ///   down to the one event refused, so that it does not fail its neighbours: before, the event and after it when the refusal names it
     ///   (`StoreError::named_event`), in halves otherwise;
     /// - a run holding an event already acknowledged (enqueue mode) is never given up while the process
     ///   runs: whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged
