@@ -15,6 +15,8 @@ mkdir -p .local
 # Each test makes its own database (hg_it_*, hg_e2e_*). Drop what an earlier run left (a failed run keeps
 # them for a post-mortem), and this run's own once it has passed.
 deploy/services.sh drop-test-databases
+# Likewise the config, secret and log files the tests write under cargo's scratch folder (target/tmp).
+rm -rf target/tmp/hookgate-it*
 echo "== cargo test"
 cargo test --workspace --all-targets 2>&1 | tee .local/test-output.log
 echo "== fuzz: parser properties, 50000 cases each"

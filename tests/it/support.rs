@@ -91,7 +91,8 @@ impl TestDb {
 /// A path for a file or folder of the test's own, under cargo's scratch folder for integration tests
 /// (`target/tmp`), so that the runs leave nothing in the system's temporary folder. Only for what the tests
 /// and the gateways they start (both as the invoking user) read and write: a server that runs as another
-/// user (Postgres, PgBouncer) gets a folder under `std::env::temp_dir()`.
+/// user (Postgres, PgBouncer) gets a folder under `std::env::temp_dir()`. They stay after the run, for a
+/// post-mortem; `deploy/test.sh` removes them before the next (every prefix starts `hookgate-it`).
 pub fn scratch(prefix: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix))
 }
