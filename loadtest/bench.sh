@@ -5,7 +5,8 @@
 #      find-max, then a sustained run at the rate found, audited with `hookgate-load verify`;
 #   3. the baseline again, from the rate found first: the host's speed drifts, so the ratios are given to both;
 #   4. the raw Postgres limit for the same rows: the gateway's batched insert run by pgbench;
-# and writes loadtest/results/<timestamp>/RESULTS.md (a Markdown table) with the plots beside it.
+# and writes loadtest/results/<timestamp>/RESULTS.md (a Markdown table, ending with the run's line for the
+# README's table of every run) with the plots beside it.
 #
 # A find-max step is short, and a failed one is run again once before it counts. The sustained run then
 # checks the rate for SUSTAIN; while its P99 misses the SLO twice at a rate, it retries at 90% of the rate,
@@ -156,6 +157,16 @@ missed() { case "$1" in "not held"*) return 0 ;; *) return 1 ;; esac; }
 # gives the share of that last, failed try only in brackets.
 held_share() {
   if missed "$3"; then echo "none held (its last try: $(percent "$1" "$2"))"; else percent "$1" "$2"; fi
+}
+thousands() { python3 -c "print(f'{int($1):,}')"; }
+# A rate ($1, its search's HELD in $2) as the README's run table writes it: in bold when it held, else
+# "none (the last try)"; then its share of each baseline given after them.
+run_cell() {
+  local rate=$1 held=$2 shares="" base
+  shift 2
+  for base in "$@"; do shares="${shares:+$shares / }$(percent "$rate" "$base")"; done
+  if missed "$held"; then echo "none ($(thousands "$rate")${shares:+: $shares})"
+  else echo "**$(thousands "$rate")**${shares:+ ($shares)}"; fi
 }
 
 # Runs find-max against $1 (label $2); records its CPU use via the pids in $3. Sets RATE to the rate to
@@ -342,7 +353,7 @@ sleep 0.5
 find_max http://127.0.0.1:18090/webhooks/stripe sink "$SINK"
 FOUND_sink=$FOUND
 sustain_search http://127.0.0.1:18090/webhooks/stripe sink "$SINK"
-BASE=$RATE
+BASE=$RATE HELD_sink=$HELD
 row "| sink (baseline) | $BASE, $HELD (find-max: $FOUND_sink) | 100% | $(summary_cells "$OUT/run-sink.json") | $GW_CPU / $GW_RSS MiB | - | - | $GEN_CPU / $GEN_RSS MiB | - |"
 kill $SINK; wait $SINK 2>/dev/null || true
 
@@ -405,7 +416,7 @@ TOML
   PROFILES+=("- $mode at $RATE/s: $(tail -n 1 "$OUT/background-$mode.txt");$(disk_sync "$mode" " disk write + fdatasync meanwhile:")")
   RATIO=$(held_share "$RATE" "$BASE" "$HELD")
   row "| gateway, $mode | $RATE, $HELD (find-max: $FOUND) | $RATIO | $(summary_cells "$OUT/run-$mode.json") | $GW_CPU / $GW_RSS MiB | $PG_CPU | $RD_CPU | $GEN_CPU / $GEN_RSS MiB | $VERIFY |"
-  eval "RATE_$mode=$RATE HELD_$mode=\"$HELD\""
+  eval "RATE_$mode=$RATE HELD_$mode=\"$HELD\" VERIFY_$mode=\"$VERIFY\""
   curl -s http://127.0.0.1:19464/metrics > "$OUT/metrics-$mode.txt"
   if [ "$mode" = durable ] && [ -n "${SOAK:-}" ]; then
     SOAK_RATE=$(python3 -c "print(int($RATE * 0.8))")
@@ -437,6 +448,9 @@ TOML
     SOAK_LINE="Soak: durable at $SOAK_RATE/s (80%) for $SOAK: $(summary_cells "$OUT/soak.json" | awk -F' [|] ' '{printf "P50 %s, P99 %s, P99.9 %s, success %s", $2, $3, $4, $5}'); gateway RSS $(python3 -c "
 import csv; r=[float(x['rss_mib']) for x in csv.DictReader(open('$OUT/soak-rss.csv'))]
 print(f'{r[1]:.0f} MiB after 10 s, {r[-1]:.0f} MiB at the end, {max(r):.0f} MiB at most')")."
+    SOAK_CELL="$(thousands "$SOAK_RATE")/s: P99 $(json "$OUT/soak.json" "'%.1f' % (d['latency_corrected']['p99_us'] / 1000)") ms, $(python3 -c "
+import csv; r=[float(x['rss_mib']) for x in csv.DictReader(open('$OUT/soak-rss.csv'))]
+print(f'{r[1]:.0f}→{r[-1]:.0f} MiB (max {max(r):.0f})')")"
   fi
   BATCHES+=("$mode: mean batch $(awk '/^hookgate_batch_size_sum/ {s=$2} /^hookgate_batch_size_count/ {c=$2} END {printf "%.1f", s / (c ? c : 1)}' "$OUT/metrics-$mode.txt") events, mean commit $(awk '/^hookgate_store_commit_duration_seconds_sum/ {s=$2} /^hookgate_store_commit_duration_seconds_count/ {c=$2} END {printf "%.2f", s / (c ? c : 1) * 1000}' "$OUT/metrics-$mode.txt") ms")
   kill -TERM $GW; wait $GW 2>/dev/null || true
@@ -455,7 +469,7 @@ SINK=$!
 sleep 0.5
 RATE=$BASE
 sustain_search http://127.0.0.1:18090/webhooks/stripe sink-again "$SINK"
-BASE_AGAIN=$RATE
+BASE_AGAIN=$RATE HELD_sink_again=$HELD
 row "| sink, again after the gateway | $BASE_AGAIN, $HELD (from the first baseline's rate) | $(percent "$BASE_AGAIN" "$BASE") | $(summary_cells "$OUT/run-sink-again.json") | $GW_CPU / $GW_RSS MiB | - | - | $GEN_CPU / $GEN_RSS MiB | - |"
 kill $SINK; wait $SINK 2>/dev/null || true
 
@@ -504,6 +518,21 @@ if [ "$WAL_FS" = tmpfs ]; then
   WAL_NOTE="$WAL_NOTE: in memory, so a commit's flush costs nothing and is lost with the host; this run measures what the disk's flush costs, not a setting to deploy"
 fi
 
+# This run's line for the README's "Every benchmark run" table (its host column is the CPU model, to be named
+# by hand), so that the table is copied, not retyped. The audit adds up what each mode's reported try acknowledged.
+RUN_ID=$(basename "$OUT")
+MODE_CELLS=""
+AUDIT_ACK=0 AUDIT_OK=1
+for mode in enqueue durable; do
+  eval "r=\${RATE_$mode:-} h=\${HELD_$mode:-} v=\${VERIFY_$mode:-}"
+  if [ -z "$r" ]; then MODE_CELLS="$MODE_CELLS - |"; continue; fi
+  MODE_CELLS="$MODE_CELLS $(run_cell "$r" "$h" "$BASE" "$BASE_AGAIN") |"
+  case "$v" in "ok: "*) n=${v#ok: }; AUDIT_ACK=$((AUDIT_ACK + ${n%% *})) ;; *) AUDIT_OK=0 ;; esac
+done
+AUDIT_CELL="$(thousands "$AUDIT_ACK"), 0 lost"
+[ "$AUDIT_OK" = 1 ] || AUDIT_CELL="FAILED: see the verify column above"
+RUN_LINE="| [$RUN_ID](loadtest/results/$RUN_ID/RESULTS.md) | $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}') | $(run_cell "$BASE" "$HELD_sink"); $(run_cell "$BASE_AGAIN" "$HELD_sink_again") |$MODE_CELLS $(thousands "$PG_RATE") / $(thousands "$PG_RATE_MEAN") ($MEAN_BATCH) | ${SOAK_CELL:--} | $AUDIT_CELL |"
+
 # --- the table --------------------------------------------------------------------------------------------
 {
   echo "# hookgate benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -546,6 +575,10 @@ fi
   echo
   [ -n "${SOAK_LINE:-}" ] && { echo "$SOAK_LINE"; echo; }
   echo "Plots: $(cd "$OUT" && ls plot-*.html | tr '\n' ' ')"
+  echo
+  echo "This run's line for the README's \"Every benchmark run\" table (name the host in its second column):"
+  echo
+  echo "$RUN_LINE"
   echo
   echo "Reproduce: \`loadtest/bench.sh\` (settings: SLO=$SLO STEP=$STEP SUSTAIN=$SUSTAIN CONNECTIONS=$CONNECTIONS SOAK=$SOAK${WORKERS:+ WORKERS=$WORKERS}${BATCH_MAX:+ BATCH_MAX=$BATCH_MAX}${LINGER_MS:+ LINGER_MS=$LINGER_MS} MODES=\"$MODES\" MAX_TRIES=$MAX_TRIES${HOOKGATE_PG_WAL_DIR:+ HOOKGATE_STATE_DIR=${HOOKGATE_STATE_DIR:-} HOOKGATE_PG_WAL_DIR=$HOOKGATE_PG_WAL_DIR})."
 } > "$OUT/RESULTS.md"
