@@ -445,12 +445,12 @@ TOML
     $L attack --target http://127.0.0.1:18080/webhooks/stripe --secret "$SECRET" --rate "$SOAK_RATE" --duration "$SOAK" \
       --warmup 2s --connections "$CONNECTIONS" --no-progress --report-json "$OUT/soak.json" > "$OUT/soak.txt"
     kill $SAMPLER 2>/dev/null || true
-    SOAK_LINE="Soak: durable at $SOAK_RATE/s (80%) for $SOAK: $(summary_cells "$OUT/soak.json" | awk -F' [|] ' '{printf "P50 %s, P99 %s, P99.9 %s, success %s", $2, $3, $4, $5}'); gateway RSS $(python3 -c "
+    # The gateway's RSS after 10 s, at the end and at most, in MiB.
+    read -r RSS_10S RSS_END RSS_MAX < <(python3 -c "
 import csv; r=[float(x['rss_mib']) for x in csv.DictReader(open('$OUT/soak-rss.csv'))]
-print(f'{r[1]:.0f} MiB after 10 s, {r[-1]:.0f} MiB at the end, {max(r):.0f} MiB at most')")."
-    SOAK_CELL="$(thousands "$SOAK_RATE")/s: P99 $(json "$OUT/soak.json" "'%.1f' % (d['latency_corrected']['p99_us'] / 1000)") ms, $(python3 -c "
-import csv; r=[float(x['rss_mib']) for x in csv.DictReader(open('$OUT/soak-rss.csv'))]
-print(f'{r[1]:.0f}→{r[-1]:.0f} MiB (max {max(r):.0f})')")"
+print(f'{r[1]:.0f} {r[-1]:.0f} {max(r):.0f}')")
+    SOAK_LINE="Soak: durable at $SOAK_RATE/s (80%) for $SOAK: $(summary_cells "$OUT/soak.json" | awk -F' [|] ' '{printf "P50 %s, P99 %s, P99.9 %s, success %s", $2, $3, $4, $5}'); gateway RSS $RSS_10S MiB after 10 s, $RSS_END MiB at the end, $RSS_MAX MiB at most."
+    SOAK_CELL="$(thousands "$SOAK_RATE")/s: P99 $(json "$OUT/soak.json" "'%.1f' % (d['latency_corrected']['p99_us'] / 1000)") ms, $RSS_10S→$RSS_END MiB (max $RSS_MAX)"
   fi
   BATCHES+=("$mode: mean batch $(awk '/^hookgate_batch_size_sum/ {s=$2} /^hookgate_batch_size_count/ {c=$2} END {printf "%.1f", s / (c ? c : 1)}' "$OUT/metrics-$mode.txt") events, mean commit $(awk '/^hookgate_store_commit_duration_seconds_sum/ {s=$2} /^hookgate_store_commit_duration_seconds_count/ {c=$2} END {printf "%.2f", s / (c ? c : 1) * 1000}' "$OUT/metrics-$mode.txt") ms")
   kill -TERM $GW; wait $GW 2>/dev/null || true
