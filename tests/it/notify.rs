@@ -118,6 +118,68 @@ async fn a_redis_outage_during_load_loses_no_notification_and_causes_no_5xx() {
     gateway.stop().await;
 }
 
+/// README, Deploy: with `maxmemory-policy noeviction` (Redis's default) a full Redis refuses the `XADD`s; the
+/// events are acknowledged all the same, wait in the outbox, and reach the stream once Redis has room.
+#[tokio::test]
+async fn a_full_redis_refuses_the_publish_and_the_events_wait_in_the_outbox_until_it_has_room() {
+    let db = TestDb::create().await;
+    let redis_server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let mut config = test_config(&db.url);
+    config.notify.redis_url = redis_server.url();
+    config.notify.catchup_interval_ms = 100;
+    config.notify.catchup_grace_ms = 500;
+    let key = config.notify.stream_for("stripe");
+    let gateway = Gateway::start(config).await;
+    let client = client();
+    assert_eq!(post_stripe(&client, &gateway, &unique("warm")).await.status, 202);
+
+    // Past a `maxmemory` of one byte, every command that adds data is refused with OOM; reads still answer.
+    set_redis_maxmemory(&redis_server, 1).await;
+    let mut acknowledged = Vec::new();
+    for _ in 0..20 {
+        let id = unique("evt_oom");
+        assert_eq!(post_stripe(&client, &gateway, &id).await.status, 202, "Redis is not on the ack path");
+        acknowledged.push(id);
+    }
+    // Longer than the grace: the catch-up has tried these rows too, and Redis refused them again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let redis = redis_server.url();
+    let on_stream = stream_ids(&redis, &key).await;
+    assert!(acknowledged.iter().all(|id| !on_stream.contains_key(id)), "a full Redis added entries");
+    assert!(outbox_rows(&db).await > 0, "the refused batches wait in the outbox");
+
+    set_redis_maxmemory(&redis_server, 0).await;
+    let room = std::time::Instant::now();
+    let published = eventually(Duration::from_secs(10), || async {
+        let on_stream = stream_ids(&redis, &key).await;
+        acknowledged.iter().all(|id| on_stream.contains_key(id))
+    });
+    assert!(published.await, "the events did not reach the stream once Redis had room");
+    let caught_up = room.elapsed();
+    let on_stream = stream_ids(&redis, &key).await;
+    for id in &acknowledged {
+        assert_eq!(on_stream.get(id), Some(&1), "{id} is not on the stream exactly once");
+    }
+    assert!(outbox_empties(&db).await, "every published batch leaves the outbox");
+    println!(
+        "RELIABILITY | Redis full (`maxmemory` reached, `noeviction`) for 1.5 s | {n} | {n} | 0 | every `XADD` refused meanwhile, the events kept in the outbox; all on the stream once, {caught_up:.1?} after Redis had room | -",
+        n = acknowledged.len()
+    );
+    gateway.stop().await;
+}
+
+/// `CONFIG SET maxmemory` on `server` (0: no limit).
+async fn set_redis_maxmemory(server: &RedisServer, bytes: u64) {
+    use deadpool_redis::redis;
+    let mut redis = redis::Client::open(server.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(bytes).query_async(&mut redis).await.expect("maxmemory");
+}
+
 #[tokio::test]
 async fn events_stored_but_never_published_are_published_after_the_next_start() {
     let db = TestDb::create().await;
