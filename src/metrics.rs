@@ -133,7 +133,7 @@ fn describe() {
     describe_counter!(NOTIFY_DEFERRED, "Batches left to the catch-up because the notifier was busy.");
     describe_gauge!(
         NOTIFY_REDIS_DURABLE,
-        "1 when Redis runs appendonly yes with appendfsync always, 0 when it can lose acknowledged entries."
+        "1 when Redis keeps what it acknowledges (appendfsync always, no allkeys-* eviction); 0 when it may not."
     );
     describe_counter!(
         SECRET_RELOADS,

@@ -111,24 +111,35 @@ fn round_trips(batches: impl IntoIterator<Item = OutboxBatch>) -> Vec<RoundTrip>
 /// Whether Redis keeps what it acknowledges, as its `CONFIG GET` reports it. The outbox row of an event
 /// is deleted once Redis acknowledges the `XADD`, so at-least-once delivery holds only if Redis has the
 /// entry on disk by then: `appendonly yes` with `appendfsync always`. With `everysec`, Redis answers
-/// writes it has not yet written while a background fsync is slow, and a crash loses them.
+/// writes it has not yet written while a background fsync is slow, and a crash loses them. And only if
+/// Redis keeps the stream: with a `maxmemory` and an `allkeys-*` eviction policy, a full Redis evicts
+/// whole keys, a stream and its unread entries included (the `volatile-*` policies evict only keys with
+/// a time to live, which streams do not have; `noeviction`, the default, refuses the `XADD` instead, and
+/// the events wait in the outbox).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisPersistence {
-    /// `appendonly yes` and `appendfsync always`.
+    /// `appendonly yes` and `appendfsync always`, and no eviction of streams.
     Durable,
-    /// Anything weaker, as Redis reported it (e.g. `appendonly yes, appendfsync everysec`).
+    /// Anything weaker, as Redis reported it (e.g. `appendonly yes, appendfsync everysec`, or
+    /// `..., maxmemory 104857600, maxmemory-policy allkeys-lru`).
     Weaker(String),
     /// Redis did not answer `CONFIG GET` (down, or the command is disabled, as on some managed Redis).
     Unknown,
 }
 
 impl RedisPersistence {
-    /// Classifies the `append*` settings of a `CONFIG GET append*` reply.
+    /// Classifies the settings of `CONFIG GET append*` and `CONFIG GET maxmemory*` replies, merged.
     fn from_config(config: &HashMap<String, String>) -> Self {
         let setting = |name: &str| config.get(name).map_or("unset", String::as_str);
-        match (setting("appendonly"), setting("appendfsync")) {
-            ("yes", "always") => Self::Durable,
-            (appendonly, appendfsync) => Self::Weaker(format!("appendonly {appendonly}, appendfsync {appendfsync}")),
+        let (appendonly, appendfsync) = (setting("appendonly"), setting("appendfsync"));
+        let (maxmemory, policy) = (setting("maxmemory"), setting("maxmemory-policy"));
+        let evicts_streams = !matches!(maxmemory, "0" | "unset") && policy.starts_with("allkeys-");
+        match (appendonly, appendfsync, evicts_streams) {
+            ("yes", "always", false) => Self::Durable,
+            (_, _, false) => Self::Weaker(format!("appendonly {appendonly}, appendfsync {appendfsync}")),
+            (_, _, true) => Self::Weaker(format!(
+                "appendonly {appendonly}, appendfsync {appendfsync}, maxmemory {maxmemory}, maxmemory-policy {policy}"
+            )),
         }
     }
 }
@@ -346,14 +357,20 @@ impl Notifier {
         tokio::time::timeout(timeout, attempt).await.ok()?.ok()
     }
 
-    /// Asks Redis how it persists (`CONFIG GET append*`: one pattern, which Redis before 7 also accepts).
+    /// Asks Redis how it persists and whether it evicts (`CONFIG GET append*`, then `maxmemory*`: one pattern
+    /// each, as Redis before 7 accepts no more).
     pub async fn redis_persistence(&self) -> RedisPersistence {
-        let mut command = redis::cmd("CONFIG");
-        command.arg("GET").arg("append*");
-        match self.query::<HashMap<String, String>>(&command).await {
-            Some(config) => RedisPersistence::from_config(&config),
-            None => RedisPersistence::Unknown,
-        }
+        let config_get = |pattern: &str| {
+            let mut command = redis::cmd("CONFIG");
+            command.arg("GET").arg(pattern);
+            command
+        };
+        let Some(mut config) = self.query::<HashMap<String, String>>(&config_get("append*")).await else {
+            return RedisPersistence::Unknown;
+        };
+        // Redis answered the first: should the second fail, its settings read as unset (no eviction).
+        config.extend(self.query::<HashMap<String, String>>(&config_get("maxmemory*")).await.unwrap_or_default());
+        RedisPersistence::from_config(&config)
     }
 
     /// How Redis persisted when the catch-up last read it; None until Redis has answered.
@@ -371,9 +388,9 @@ impl Notifier {
                 crate::metrics::record_notify_redis_durable(false);
                 warn!(
                     redis = %settings,
-                    "Redis can lose acknowledged stream entries on a crash, after hookgate has deleted them from \
-                     the outbox; run it with appendonly yes and appendfsync always (`hookgate replay --since` \
-                     republishes from Postgres)"
+                    "Redis can lose acknowledged stream entries, on a crash or by evicting a stream, after \
+                     hookgate has deleted them from the outbox; run it with appendonly yes, appendfsync always \
+                     and no allkeys-* eviction policy (`hookgate replay --since` republishes from Postgres)"
                 );
             }
             RedisPersistence::Unknown if self.ping().await => {
@@ -743,6 +760,28 @@ mod tests {
             RedisPersistence::from_config(&HashMap::new()),
             RedisPersistence::Weaker("appendonly unset, appendfsync unset".into())
         );
+    }
+
+    #[test]
+    fn only_an_allkeys_eviction_policy_under_a_memory_limit_can_evict_a_stream() {
+        let with = |maxmemory: &str, policy: &str| {
+            let pairs = [("appendonly", "yes"), ("appendfsync", "always"), ("maxmemory", maxmemory)];
+            let mut config = redis_config(&pairs);
+            config.insert("maxmemory-policy".into(), policy.into());
+            RedisPersistence::from_config(&config)
+        };
+        assert_eq!(
+            with("104857600", "allkeys-lru"),
+            RedisPersistence::Weaker(
+                "appendonly yes, appendfsync always, maxmemory 104857600, maxmemory-policy allkeys-lru".into()
+            )
+        );
+        assert!(matches!(with("104857600", "allkeys-random"), RedisPersistence::Weaker(_)));
+        // No limit: nothing is evicted, whatever the policy.
+        assert_eq!(with("0", "allkeys-lru"), RedisPersistence::Durable);
+        // Streams have no time to live, and a full Redis under noeviction refuses the write instead.
+        assert_eq!(with("104857600", "volatile-lru"), RedisPersistence::Durable);
+        assert_eq!(with("104857600", "noeviction"), RedisPersistence::Durable);
     }
 
     #[tokio::test(start_paused = true)]

@@ -316,8 +316,9 @@ async fn a_graceful_stop_after_a_redis_outage_publishes_what_failed_during_it() 
 }
 
 /// The start-up check reads how Redis persists: the test's Redis (`appendfsync always`, as the gateway
-/// requires) is durable, `everysec` or no append-only file is named as weaker, and a Redis that does not
-/// answer is unknown.
+/// requires) is durable, `everysec`, no append-only file or an `allkeys-*` eviction policy under a memory
+/// limit is named as weaker (`noeviction` under the same limit is not), and a Redis that does not answer is
+/// unknown.
 #[tokio::test]
 async fn the_start_up_check_tells_a_durable_redis_from_one_that_can_lose_entries() {
     use hookgate::notify::RedisPersistence::{Durable, Unknown, Weaker};
@@ -335,6 +336,13 @@ async fn the_start_up_check_tells_a_durable_redis_from_one_that_can_lose_entries
     assert_eq!(persistence(everysec.url()).await, Weaker("appendonly yes, appendfsync everysec".into()));
     let no_aof = RedisServer::start_with(&["--appendonly", "no"]);
     assert_eq!(persistence(no_aof.url()).await, Weaker("appendonly no, appendfsync always".into()));
+    let evicting = RedisServer::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"]);
+    assert_eq!(
+        persistence(evicting.url()).await,
+        Weaker("appendonly yes, appendfsync always, maxmemory 104857600, maxmemory-policy allkeys-lru".into())
+    );
+    let refusing = RedisServer::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "noeviction"]);
+    assert_eq!(persistence(refusing.url()).await, Durable);
     let mut gone = RedisServer::start();
     gone.stop();
     assert_eq!(persistence(gone.url()).await, Unknown);
