@@ -364,8 +364,8 @@ impl Writer {
     ///   retried with capped backoff;
     /// - a statement refused for one of its rows (a data, constraint or PL/pgSQL error, a code of the
     ///   operator's own, a row-level security policy: `StoreError::blames_a_row`) is written again in parts,
-    ///   down to the one event refused, so that it does not fail its neighbours: before, the event and after it when the refusal names it
-    ///   (`StoreError::named_event`), in halves otherwise;
+    ///   down to the one event refused, so that it does not fail its neighbours: before, the event and after
+    ///   it when the refusal names it (`StoreError::named_event`), in halves otherwise;
     /// - a run holding an event already acknowledged (enqueue mode) is never given up while the process
     ///   runs: whatever Postgres answers (a dropped table, a revoked privilege, a refused row), it is logged
     ///   and tried again until it is written or the shutdown's drain runs out of time. A worker sets a

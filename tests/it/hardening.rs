@@ -627,8 +627,8 @@ async fn logs_cannot_be_forged_and_never_contain_a_secret() {
 
 /// An event Postgres refuses for what it holds (an operator's `CHECK`, a trigger of theirs that raises an
 /// exception, a row-level security policy; in general a data, constraint or PL/pgSQL error, or a code of the
-/// operator's own) fails only itself: the batch it shares is written again around it, its neighbours are acknowledged and stored, and
-/// it alone gets the 503 that its sender retries.
+/// operator's own) fails only itself: the batch it shares is written again around it, its neighbours are
+/// acknowledged and stored, and it alone gets the 503 that its sender retries.
 /// The tests of refusals take turns: the metrics recorder is one per test process, so every gateway they
 /// start shares `hookgate_held_events` and `hookgate_store_errors_total`, which they read.
 static REFUSALS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -698,33 +698,35 @@ impl Poison {
     }
 
     async fn refuse(self, db: &TestDb) {
-        let raise = match self {
-            Poison::Check => {
-                let check = "ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') \
-                             NOT VALID";
-                sqlx::query(check).execute(&db.pool).await.expect("a refusal of the operator's own");
-                return;
-            }
-            Poison::RowLevelSecurity => {
-                for statement in [
-                    "ALTER TABLE events ENABLE ROW LEVEL SECURITY",
-                    "CREATE POLICY refuse_poison ON events FOR INSERT WITH CHECK (event_id NOT LIKE 'evt_poison%')",
-                    "CREATE POLICY read_all ON events FOR SELECT USING (true)",
-                ] {
-                    sqlx::query(statement).execute(&db.pool).await.expect("a refusal of the operator's own");
-                }
-                return;
-            }
-            Poison::Trigger => "RAISE EXCEPTION 'event % refused', NEW.event_id",
-            Poison::TriggerWithItsOwnCode => "RAISE EXCEPTION 'event % refused', NEW.event_id USING ERRCODE = 'HG001'",
+        // A trigger function that raises with `raise` for the poisoned events, and the trigger calling it.
+        let trigger_raising = |raise: &str| {
+            vec![
+                format!(
+                    "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF NEW.event_id LIKE 'evt_poison%' THEN {raise}; END IF; RETURN NEW; END $$"
+                ),
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+                    .to_owned(),
+            ]
         };
-        let function = format!(
-            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             IF NEW.event_id LIKE 'evt_poison%' THEN {raise}; END IF; RETURN NEW; END $$"
-        );
-        let trigger =
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_poison()";
-        for statement in [function.as_str(), trigger] {
+        let statements = match self {
+            Poison::Check => vec![
+                "ALTER TABLE events ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'evt_poison%') NOT VALID"
+                    .to_owned(),
+            ],
+            Poison::RowLevelSecurity => [
+                "ALTER TABLE events ENABLE ROW LEVEL SECURITY",
+                "CREATE POLICY refuse_poison ON events FOR INSERT WITH CHECK (event_id NOT LIKE 'evt_poison%')",
+                "CREATE POLICY read_all ON events FOR SELECT USING (true)",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            Poison::Trigger => trigger_raising("RAISE EXCEPTION 'event % refused', NEW.event_id"),
+            Poison::TriggerWithItsOwnCode => {
+                trigger_raising("RAISE EXCEPTION 'event % refused', NEW.event_id USING ERRCODE = 'HG001'")
+            }
+        };
+        for statement in &statements {
             sqlx::query(statement).execute(&db.pool).await.expect("a refusal of the operator's own");
         }
     }
