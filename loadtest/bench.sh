@@ -521,6 +521,7 @@ fi
 # This run's line for the README's "Every benchmark run" table (its host column is the CPU model, to be named
 # by hand), so that the table is copied, not retyped. The audit adds up what each mode's reported try acknowledged.
 RUN_ID=$(basename "$OUT")
+CPU_MODEL=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}')
 MODE_CELLS=""
 AUDIT_ACK=0 AUDIT_OK=1
 for mode in enqueue durable; do
@@ -531,13 +532,13 @@ for mode in enqueue durable; do
 done
 AUDIT_CELL="$(thousands "$AUDIT_ACK"), 0 lost"
 [ "$AUDIT_OK" = 1 ] || AUDIT_CELL="FAILED: see the verify column above"
-RUN_LINE="| [$RUN_ID](loadtest/results/$RUN_ID/RESULTS.md) | $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}') | $(run_cell "$BASE" "$HELD_sink"); $(run_cell "$BASE_AGAIN" "$HELD_sink_again") |$MODE_CELLS $(thousands "$PG_RATE") / $(thousands "$PG_RATE_MEAN") ($MEAN_BATCH) | ${SOAK_CELL:--} | $AUDIT_CELL |"
+RUN_LINE="| [$RUN_ID](loadtest/results/$RUN_ID/RESULTS.md) | $CPU_MODEL | $(run_cell "$BASE" "$HELD_sink"); $(run_cell "$BASE_AGAIN" "$HELD_sink_again") |$MODE_CELLS $(thousands "$PG_RATE") / $(thousands "$PG_RATE_MEAN") ($MEAN_BATCH) | ${SOAK_CELL:--} | $AUDIT_CELL |"
 
 # --- the table --------------------------------------------------------------------------------------------
 {
   echo "# hookgate benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
-  echo "Machine: $(nproc) cores, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(free -g | awk '/Mem:/ {print $2}') GiB;"
+  echo "Machine: $(nproc) cores, $CPU_MODEL, $(free -g | awk '/Mem:/ {print $2}') GiB;"
   echo "gateway, Postgres $($PG -d postgres -Atc 'show server_version'), Redis and the load generator all on this machine."
   echo "Host: $HOST_NOTE; Redis append-only with appendfsync always (deploy/services.sh)."
   # As the server ran them (deploy/services.sh sets them at start; a Postgres started otherwise may differ).
