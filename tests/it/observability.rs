@@ -204,7 +204,7 @@ async fn two_replicas_share_one_database_and_redis_and_store_each_event_once() {
 }
 
 #[tokio::test]
-async fn the_grafana_dashboard_names_only_exported_metrics_and_the_readme_documents_every_one() {
+async fn the_grafana_dashboard_shows_exported_metrics_only_and_every_alerted_one_and_the_readme_documents_all() {
     let path = repo_root().join("deploy/grafana/hookgate.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("dashboard is JSON");
@@ -265,6 +265,28 @@ async fn the_grafana_dashboard_names_only_exported_metrics_and_the_readme_docume
     let missing: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(used.len() >= 8, "{used:?}");
     assert!(missing.is_empty(), "the dashboard names metrics the gateway does not export: {missing:?}");
+    // Every series a shipped alert fires on has a panel, so that whoever it pages sees its history. Only the
+    // rules' expressions count (annotations name metrics in prose), and only the gateway's own series (not `up`).
+    let family = |name: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| families.contains(*f)))
+            .unwrap_or(name)
+            .to_owned()
+    };
+    let on_dashboard: HashSet<String> = used.iter().map(|name| family(name)).collect();
+    let alerts = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.yml")).expect("alerts.yml");
+    let alerted: HashSet<String> = alerts
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("summary:") && !line.trim_start().starts_with("description:"))
+        .flat_map(&metric)
+        .map(|name| family(&name))
+        .filter(|name| families.contains(name))
+        .collect();
+    let mut without_panel: Vec<&String> = alerted.difference(&on_dashboard).collect();
+    without_panel.sort();
+    assert!(alerted.len() >= 10, "{alerted:?}");
+    assert!(without_panel.is_empty(), "alerts fire on series the dashboard does not show: {without_panel:?}");
     // And the README's metrics table documents every one, so that an operator finds what a series means.
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
     let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
