@@ -108,8 +108,8 @@ fn round_trips(batches: impl IntoIterator<Item = OutboxBatch>) -> Vec<RoundTrip>
     trips
 }
 
-/// Whether Redis keeps what it acknowledges, as its `CONFIG GET` reports it. The outbox row of an event
-/// is deleted once Redis acknowledges the `XADD`, so at-least-once delivery holds only if Redis has the
+/// Whether Redis keeps what it acknowledges, as its `INFO` and `CONFIG GET` report it. The outbox row of an
+/// event is deleted once Redis acknowledges the `XADD`, so at-least-once delivery holds only if Redis has the
 /// entry on disk by then: `appendonly yes` with `appendfsync always`. With `everysec`, Redis answers
 /// writes it has not yet written while a background fsync is slow, and a crash loses them. And only if
 /// Redis keeps the stream: with a `maxmemory` and an `allkeys-*` eviction policy, a full Redis evicts
@@ -121,26 +121,51 @@ pub enum RedisPersistence {
     /// `appendonly yes` and `appendfsync always`, and no eviction of streams.
     Durable,
     /// Anything weaker, as Redis reported it (e.g. `appendonly yes, appendfsync everysec`, or
-    /// `..., maxmemory 104857600, maxmemory-policy allkeys-lru`).
+    /// `..., maxmemory 104857600, maxmemory-policy allkeys-lru`; `appendfsync unknown` where `CONFIG` is
+    /// refused but `INFO` tells enough).
     Weaker(String),
-    /// Redis did not answer `CONFIG GET` (down, or the command is disabled, as on some managed Redis).
+    /// Redis did not answer, or refuses `CONFIG` (as managed Redis services do) while `INFO` shows nothing
+    /// weaker: the fsync policy, which only `CONFIG` tells, decides.
     Unknown,
 }
 
 impl RedisPersistence {
-    /// Classifies the settings of `CONFIG GET append*` and `CONFIG GET maxmemory*` replies, merged.
+    /// Classifies Redis's settings under their `CONFIG` names (`appendonly`, `appendfsync`, `maxmemory`,
+    /// `maxmemory-policy`); a setting Redis did not tell is absent.
     fn from_config(config: &HashMap<String, String>) -> Self {
-        let setting = |name: &str| config.get(name).map_or("unset", String::as_str);
+        let setting = |name: &str| config.get(name).map(String::as_str);
         let (appendonly, appendfsync) = (setting("appendonly"), setting("appendfsync"));
-        let (maxmemory, policy) = (setting("maxmemory"), setting("maxmemory-policy"));
-        let evicts_streams = !matches!(maxmemory, "0" | "unset") && policy.starts_with("allkeys-");
+        let (maxmemory, policy) = (setting("maxmemory").unwrap_or("0"), setting("maxmemory-policy").unwrap_or(""));
+        let evicts_streams = maxmemory != "0" && policy.starts_with("allkeys-");
         match (appendonly, appendfsync, evicts_streams) {
-            ("yes", "always", false) => Self::Durable,
-            (_, _, false) => Self::Weaker(format!("appendonly {appendonly}, appendfsync {appendfsync}")),
-            (_, _, true) => Self::Weaker(format!(
-                "appendonly {appendonly}, appendfsync {appendfsync}, maxmemory {maxmemory}, maxmemory-policy {policy}"
-            )),
+            (Some("yes"), Some("always"), false) => Self::Durable,
+            // Nothing known to be weaker, but not all of it known.
+            (None | Some("yes"), None | Some("always"), false) => Self::Unknown,
+            _ => {
+                let told = |value: Option<&str>| value.unwrap_or("unknown").to_owned();
+                let eviction = if evicts_streams {
+                    format!(", maxmemory {maxmemory}, maxmemory-policy {policy}")
+                } else {
+                    String::new()
+                };
+                Self::Weaker(format!("appendonly {}, appendfsync {}{eviction}", told(appendonly), told(appendfsync)))
+            }
         }
+    }
+
+    /// The settings an `INFO` reply tells, under their `CONFIG` names: whether the append-only file is on,
+    /// and the memory limit and eviction policy (its fsync policy is only in `CONFIG`).
+    fn settings_from_info(info: &redis::InfoDict) -> HashMap<String, String> {
+        let mut settings = HashMap::new();
+        if let Some(enabled) = info.get::<String>("aof_enabled") {
+            settings.insert("appendonly".to_owned(), if enabled == "1" { "yes" } else { "no" }.to_owned());
+        }
+        for (field, name) in [("maxmemory", "maxmemory"), ("maxmemory_policy", "maxmemory-policy")] {
+            if let Some(value) = info.get::<String>(field) {
+                settings.insert(name.to_owned(), value);
+            }
+        }
+        settings
     }
 }
 
@@ -357,20 +382,18 @@ impl Notifier {
         tokio::time::timeout(timeout, attempt).await.ok()?.ok()
     }
 
-    /// Asks Redis how it persists and whether it evicts (`CONFIG GET append*`, then `maxmemory*`: one pattern
-    /// each, as Redis before 7 accepts no more).
+    /// Asks Redis how it persists and whether it evicts: `INFO` (the append-only file on or off, the memory
+    /// limit and eviction policy), which managed Redis services answer, then `CONFIG GET append*` for the fsync
+    /// policy, which they may refuse.
     pub async fn redis_persistence(&self) -> RedisPersistence {
-        let config_get = |pattern: &str| {
-            let mut command = redis::cmd("CONFIG");
-            command.arg("GET").arg(pattern);
-            command
-        };
-        let Some(mut config) = self.query::<HashMap<String, String>>(&config_get("append*")).await else {
-            return RedisPersistence::Unknown;
-        };
-        // Redis answered the first: should the second fail, its settings read as unset (no eviction).
-        config.extend(self.query::<HashMap<String, String>>(&config_get("maxmemory*")).await.unwrap_or_default());
-        RedisPersistence::from_config(&config)
+        let info = self.query::<redis::InfoDict>(&redis::cmd("INFO")).await;
+        let mut settings = info.as_ref().map(RedisPersistence::settings_from_info).unwrap_or_default();
+        let mut config_get = redis::cmd("CONFIG");
+        config_get.arg("GET").arg("append*");
+        if let Some(config) = self.query::<HashMap<String, String>>(&config_get).await {
+            settings.extend(config);
+        }
+        RedisPersistence::from_config(&settings)
     }
 
     /// How Redis persisted when the catch-up last read it; None until Redis has answered.
@@ -395,7 +418,7 @@ impl Notifier {
             }
             RedisPersistence::Unknown if self.ping().await => {
                 // Redis answers but refuses CONFIG (as some managed services do): asking again tells no more.
-                debug!("Redis refuses CONFIG GET append*; cannot tell whether it keeps what it acknowledges");
+                debug!("Redis refuses CONFIG GET append*; cannot tell whether it fsyncs what it acknowledges");
             }
             RedisPersistence::Unknown => return false,
         }
@@ -756,10 +779,34 @@ mod tests {
         );
         let no_aof = redis_config(&[("appendonly", "no"), ("appendfsync", "always")]);
         assert!(matches!(RedisPersistence::from_config(&no_aof), RedisPersistence::Weaker(_)));
+        assert_eq!(RedisPersistence::from_config(&HashMap::new()), RedisPersistence::Unknown);
+    }
+
+    /// Where `CONFIG` is refused (managed Redis services), `INFO` still tells an append-only file that is off
+    /// and an eviction policy that can drop a stream; an append-only file that is on leaves it unknown.
+    #[test]
+    fn info_alone_tells_what_is_weaker_and_leaves_the_fsync_policy_unknown() {
+        let info = |text: &str| RedisPersistence::settings_from_info(&redis::InfoDict::new(text));
+        let memory = "# Memory\r\nused_memory:1000\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\n";
+        let on = info(&format!("{memory}# Persistence\r\naof_enabled:1\r\n"));
+        assert_eq!(on["appendonly"], "yes");
+        assert_eq!(RedisPersistence::from_config(&on), RedisPersistence::Unknown);
+        let off = info(&format!("{memory}# Persistence\r\naof_enabled:0\r\n"));
         assert_eq!(
-            RedisPersistence::from_config(&HashMap::new()),
-            RedisPersistence::Weaker("appendonly unset, appendfsync unset".into())
+            RedisPersistence::from_config(&off),
+            RedisPersistence::Weaker("appendonly no, appendfsync unknown".into())
         );
+        let evicting = info("maxmemory:104857600\r\nmaxmemory_policy:allkeys-lru\r\naof_enabled:1\r\n");
+        assert_eq!(
+            RedisPersistence::from_config(&evicting),
+            RedisPersistence::Weaker(
+                "appendonly yes, appendfsync unknown, maxmemory 104857600, maxmemory-policy allkeys-lru".into()
+            )
+        );
+        // CONFIG's answer, merged over INFO's, completes it.
+        let mut both = on;
+        both.insert("appendfsync".into(), "always".into());
+        assert_eq!(RedisPersistence::from_config(&both), RedisPersistence::Durable);
     }
 
     #[test]

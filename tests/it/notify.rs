@@ -318,7 +318,8 @@ async fn a_graceful_stop_after_a_redis_outage_publishes_what_failed_during_it() 
 /// The start-up check reads how Redis persists: the test's Redis (`appendfsync always`, as the gateway
 /// requires) is durable, `everysec`, no append-only file or an `allkeys-*` eviction policy under a memory
 /// limit is named as weaker (`noeviction` under the same limit is not), and a Redis that does not answer is
-/// unknown.
+/// unknown. A Redis that refuses `CONFIG` is named weaker from its `INFO` alone (the append-only file off, an
+/// `allkeys-*` policy under a limit), and is unknown otherwise.
 #[tokio::test]
 async fn the_start_up_check_tells_a_durable_redis_from_one_that_can_lose_entries() {
     use hookgate::notify::RedisPersistence::{Durable, Unknown, Weaker};
@@ -343,6 +344,19 @@ async fn the_start_up_check_tells_a_durable_redis_from_one_that_can_lose_entries
     );
     let refusing = RedisServer::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "noeviction"]);
     assert_eq!(persistence(refusing.url()).await, Durable);
+    // CONFIG disabled, as managed Redis services do: INFO still tells what is weaker, and only what it tells.
+    let no_config = ["--rename-command", "CONFIG", ""];
+    let managed = RedisServer::start_with(&no_config);
+    assert_eq!(persistence(managed.url()).await, Unknown, "the fsync policy is only in CONFIG");
+    let managed_no_aof = RedisServer::start_with(&[&no_config[..], &["--appendonly", "no"]].concat());
+    assert_eq!(persistence(managed_no_aof.url()).await, Weaker("appendonly no, appendfsync unknown".into()));
+    let managed_evicting = RedisServer::start_with(
+        &[&no_config[..], &["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"]].concat(),
+    );
+    assert_eq!(
+        persistence(managed_evicting.url()).await,
+        Weaker("appendonly yes, appendfsync unknown, maxmemory 104857600, maxmemory-policy allkeys-lru".into())
+    );
     let mut gone = RedisServer::start();
     gone.stop();
     assert_eq!(persistence(gone.url()).await, Unknown);
