@@ -13,7 +13,8 @@
 # and while the rate holds (and nothing was stepped down from) it tries 10% more (at most MAX_TRIES, 8, in
 # all). The table reports the highest rate that held, with that try's audit; RESULTS.md lists every try.
 # Then durable mode runs for SOAK (10m; SOAK= to skip) at 80% of its sustained rate, sampling the
-# gateway's RSS every 10 s (soak-rss.csv, with the request bodies it holds and its slow commits so far).
+# gateway's RSS every 10 s (soak-rss.csv, with the request bodies it holds and its slow commits so far) and
+# once more 30 s after the load.
 # During every sustained run it samples what the gateway's Postgres sessions wait on (every 50 ms) and probes
 # the disk's own write + fdatasync latency (`hookgate-load sync-probe`, every 20 ms), so that RESULTS.md
 # says where a durable request's time went and how much of its tail is the disk's.
@@ -445,12 +446,18 @@ TOML
     $L attack --target http://127.0.0.1:18080/webhooks/stripe --secret "$SECRET" --rate "$SOAK_RATE" --duration "$SOAK" \
       --warmup 2s --connections "$CONNECTIONS" --no-progress --report-json "$OUT/soak.json" > "$OUT/soak.txt"
     kill $SAMPLER 2>/dev/null || true
+    # And once the load has stopped, when no request is in flight: a sample under load includes the requests
+    # of the moment (more of them during a stall), this one only what the gateway kept. After a 20-minute
+    # soak it read 39.2 MiB against 39.3-63.8 under load (PERFORMANCE.md, 20261207T135700Z); after a 20 s
+    # one, 58 against 42-54 (the process still warming up): read it against the run's length.
+    sleep 30
+    RSS_IDLE=$(awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$GW/status")
     # The gateway's RSS after 10 s, at the end and at most, in MiB.
     read -r RSS_10S RSS_END RSS_MAX < <(python3 -c "
 import csv; r=[float(x['rss_mib']) for x in csv.DictReader(open('$OUT/soak-rss.csv'))]
 print(f'{r[1]:.0f} {r[-1]:.0f} {max(r):.0f}')")
-    SOAK_LINE="Soak: durable at $SOAK_RATE/s (80%) for $SOAK: $(summary_cells "$OUT/soak.json" | awk -F' [|] ' '{printf "P50 %s, P99 %s, P99.9 %s, success %s", $2, $3, $4, $5}'); gateway RSS $RSS_10S MiB after 10 s, $RSS_END MiB at the end, $RSS_MAX MiB at most."
-    SOAK_CELL="$(thousands "$SOAK_RATE")/s: P99 $(json "$OUT/soak.json" "'%.1f' % (d['latency_corrected']['p99_us'] / 1000)") ms, $RSS_10S→$RSS_END MiB (max $RSS_MAX)"
+    SOAK_LINE="Soak: durable at $SOAK_RATE/s (80%) for $SOAK: $(summary_cells "$OUT/soak.json" | awk -F' [|] ' '{printf "P50 %s, P99 %s, P99.9 %s, success %s", $2, $3, $4, $5}'); gateway RSS $RSS_10S MiB after 10 s, $RSS_END MiB at the end, $RSS_MAX MiB at most, $RSS_IDLE MiB 30 s after the load."
+    SOAK_CELL="$(thousands "$SOAK_RATE")/s: P99 $(json "$OUT/soak.json" "'%.1f' % (d['latency_corrected']['p99_us'] / 1000)") ms, $RSS_10S→$RSS_END MiB (max $RSS_MAX, idle $RSS_IDLE)"
   fi
   BATCHES+=("$mode: mean batch $(awk '/^hookgate_batch_size_sum/ {s=$2} /^hookgate_batch_size_count/ {c=$2} END {printf "%.1f", s / (c ? c : 1)}' "$OUT/metrics-$mode.txt") events, mean commit $(awk '/^hookgate_store_commit_duration_seconds_sum/ {s=$2} /^hookgate_store_commit_duration_seconds_count/ {c=$2} END {printf "%.2f", s / (c ? c : 1) * 1000}' "$OUT/metrics-$mode.txt") ms")
   kill -TERM $GW; wait $GW 2>/dev/null || true
