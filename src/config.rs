@@ -277,6 +277,10 @@ impl RetentionConfig {
 pub struct ShutdownConfig {
     pub requests_grace_ms: u64,
     pub drain_grace_ms: u64,
+    /// Where acknowledged events (enqueue mode) that the drain could not store are written, and imported from at
+    /// the next start (`crate::spill`). None: they are lost, each named in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -16,6 +16,7 @@
 //! - [`reload`]: secrets and the TLS certificate read again on an interval and on SIGHUP.
 //! - [`retention`]: old events deleted in small batches, never one still waiting for its stream.
 //! - [`shutdown`]: signals and time-bounded drain steps.
+//! - [`spill`]: acknowledged events the drain could not store, kept in a file and stored at the next start.
 //!
 //! [`run`] wires them together on listeners the caller has bound (port 0 in tests).
 
@@ -30,6 +31,7 @@ pub mod reload;
 pub mod retention;
 pub mod shutdown;
 pub mod signature;
+pub mod spill;
 pub mod store;
 
 use std::sync::Arc;
@@ -38,7 +40,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::http::admin::{serve_admin, AdminState};
@@ -156,6 +158,8 @@ pub enum RunError {
     Notify(#[from] notify::NotifyError),
     #[error("server.tls: {0}")]
     Tls(#[from] http::tls::TlsError),
+    #[error("shutdown.spill_dir {}: cannot write a file there", .0.display())]
+    SpillDir(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
@@ -168,6 +172,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     // Loaded before anything connects, so a bad certificate stops start-up at once with its file named.
     let tls = config.server.tls.as_ref().map(http::tls::TlsTermination::new).transpose()?;
+    let spill = match &config.shutdown.spill_dir {
+        Some(dir) => Some(Arc::new(spill::Spill::open(dir).map_err(|e| RunError::SpillDir(dir.clone(), e))?)),
+        None => None,
+    };
     let store = Store::new(&config.store, config.notify.enabled)?;
     if config.store.migrate_on_start {
         store.migrate().await?;
@@ -205,6 +213,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         config.linger_until_idle(),
         &store,
         notify_tx.as_ref(),
+        spill.clone(),
         &workers,
     );
     // Only the workers hold senders now: the publisher ends once they have all exited.
@@ -220,6 +229,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     });
 
     let admin_stop = CancellationToken::new();
+    if let Some(spill) = &spill {
+        // Stops with the listener: the shutdown's own spill file is finished only after it.
+        let chunk = config.workers.batch_max;
+        tokio::spawn(spill::watch(spill.dir().to_path_buf(), pipeline.clone(), chunk, shutdown.clone()));
+    }
     if let Some(tls) = &tls {
         metrics::init_tls_series();
         metrics::record_tls_not_after(tls.not_after_unix());
@@ -261,6 +275,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if !shutdown::bounded("drain queue", drain_grace, workers.wait()).await {
         control.abort.cancel();
         shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
+    }
+    if let Some(spill) = &spill {
+        match spill.finish() {
+            Ok(Some((file, events))) => {
+                warn!(events, file = %file.display(), "acknowledged events spilled; they are stored from the file at the next start");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!(dir = %spill.dir().display(), error = %e, "cannot finish the spill file: rename its .jsonl.partial to .jsonl by hand");
+            }
+        }
     }
     notifier_stop.cancel();
     shutdown::bounded("flush notifications", Duration::from_secs(5), notifier_tasks.wait()).await;

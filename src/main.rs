@@ -284,6 +284,10 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
         let expires = hookgate::format_unix_us(loaded.not_after_unix.saturating_mul(1_000_000));
         writeln!(out, "# tls: {} with its key; the certificate expires {expires}", tls.cert_file.display())?;
     }
+    if let Some(dir) = &config.shutdown.spill_dir {
+        hookgate::spill::Spill::open(dir).with_context(|| format!("shutdown.spill_dir {}", dir.display()))?;
+        writeln!(out, "# spill_dir: {} can be written", dir.display())?;
+    }
     if sources.is_empty() {
         writeln!(out, "# warning: no sources configured; `serve` refuses to start without one")?;
     }

@@ -44,6 +44,9 @@ pub const PROXY_HEADER_FAILURES: &str = "hookgate_proxy_header_failures_total";
 pub const RETENTION_DELETED: &str = "hookgate_retention_deleted_events_total";
 pub const RETENTION_RUNS: &str = "hookgate_retention_runs_total";
 pub const RETENTION_LAST_COMPLETED: &str = "hookgate_retention_last_completed_timestamp_seconds";
+pub const SPILLED: &str = "hookgate_spilled_events_total";
+pub const SPILL_IMPORTED: &str = "hookgate_spill_imported_events_total";
+pub const SPILL_PENDING: &str = "hookgate_spill_pending_events";
 
 /// Latency buckets (seconds): fine around the few-millisecond group commit, up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -175,6 +178,17 @@ fn describe() {
         Unit::Seconds,
         "When this gateway's last retention run completed (unix seconds)."
     );
+    describe_counter!(
+        SPILLED,
+        "Acknowledged events (enqueue mode) the shutdown's drain could not store, by result: spilled to a file \
+         in shutdown.spill_dir, or lost (no spill_dir, or the file could not be written)."
+    );
+    describe_counter!(SPILL_IMPORTED, "Events from spill files stored in Postgres (new, or already there).");
+    describe_gauge!(
+        SPILL_PENDING,
+        "Events left in spill files at the last look at shutdown.spill_dir: refused again by Postgres, or lines \
+         that do not parse. Tried again every minute."
+    );
 }
 
 /// Exports every labelled series of the gateway as a whole at zero from the start: `rate()` and alerts over a
@@ -195,6 +209,11 @@ pub fn init_series() {
     gauge!(QUEUE_DEPTH).set(0.0);
     gauge!(BODY_MEMORY).set(0.0);
     gauge!(HELD_EVENTS).set(0.0);
+    for result in ["spilled", "lost"] {
+        counter!(SPILLED, "result" => result).increment(0);
+    }
+    counter!(SPILL_IMPORTED).increment(0);
+    gauge!(SPILL_PENDING).set(0.0);
 }
 
 /// One source's series at zero, at start-up or when a reload adds it: its refusals, events, events held in
@@ -367,6 +386,18 @@ pub fn record_notify_deferred() {
 
 pub fn record_notify_redis_durable(durable: bool) {
     gauge!(NOTIFY_REDIS_DURABLE).set(if durable { 1.0 } else { 0.0 });
+}
+
+pub fn record_spilled(events: usize, spilled: bool) {
+    counter!(SPILLED, "result" => if spilled { "spilled" } else { "lost" }).increment(events as u64);
+}
+
+pub fn record_spill_imported(events: usize) {
+    counter!(SPILL_IMPORTED).increment(events as u64);
+}
+
+pub fn record_spill_pending(events: usize) {
+    gauge!(SPILL_PENDING).set(events as f64);
 }
 
 pub fn record_secret_reload(source: &str, result: &'static str) {

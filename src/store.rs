@@ -44,6 +44,9 @@ pub enum StoreError {
     PoolerInTransactionMode(#[source] sqlx::Error),
     #[error("migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The shutdown's drain ran out of time before the statement could be written.
+    #[error("not written: the shutdown's drain ran out of time")]
+    Aborted,
     /// Migrations hold a session-level advisory lock and prepare named statements: not through a transaction
     /// pooler.
     #[error(

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{QueueConfig, WorkersConfig};
 use crate::notify::NotifyQueue;
+use crate::spill::Spill;
 use crate::store::{NewEvent, Store};
 
 pub use memory::BodyMemory;
@@ -122,13 +123,15 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Creates the queue and starts `config.count` workers on `tracker`, with group commit or a fixed linger,
-    /// and the hold that retries the acknowledged events Postgres refuses (`worker::Hold`).
+    /// and the hold that retries the acknowledged events Postgres refuses (`worker::Hold`). Acknowledged events
+    /// still unwritten when the shutdown's drain runs out go to `spill`, when there is one.
     pub fn start(
         queue: &QueueConfig,
         config: &WorkersConfig,
         group_commit: bool,
         store: &Store,
         notify: Option<&NotifyQueue>,
+        spill: Option<Arc<Spill>>,
         tracker: &TaskTracker,
     ) -> (Self, WorkerControl) {
         let capacity = queue.capacity;
@@ -141,6 +144,7 @@ impl Pipeline {
             config: config.clone(),
             control: control.clone(),
             notify: notify.cloned(),
+            spill,
             // As many refused events as the queue holds: past that the workers keep them (see `Hold`).
             hold: Arc::new(worker::Hold::new(capacity, config.count)),
         };
@@ -165,7 +169,7 @@ impl Pipeline {
         slot: QueueSlot,
         want_ack: bool,
     ) -> Result<Option<oneshot::Receiver<Ack>>, SubmitError> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             return Err(SubmitError::Closed);
         }
         let (ack, receiver) = if want_ack {
@@ -179,6 +183,25 @@ impl Pipeline {
             Err(mpsc::error::TrySendError::Full(_)) => Err(SubmitError::Full),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SubmitError::Closed),
         }
+    }
+
+    /// Queues an event that is no request's (a spilled one, stored again), waiting for room in the queue where
+    /// a request would be refused, and returns the receiver of its outcome.
+    pub async fn submit_waiting(
+        &self,
+        event: NewEvent,
+        slot: QueueSlot,
+    ) -> Result<oneshot::Receiver<Ack>, SubmitError> {
+        if self.is_closed() {
+            return Err(SubmitError::Closed);
+        }
+        let (ack, receiver) = oneshot::channel();
+        self.tx.send(Job { event, ack: Some(ack), _slot: slot }).await.map_err(|_| SubmitError::Closed)?;
+        Ok(receiver)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Refuses every later submit; the workers keep draining what is queued.

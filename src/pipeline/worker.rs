@@ -17,6 +17,7 @@ use super::{Job, Outcome, StoreFailed};
 use crate::config::WorkersConfig;
 use crate::error_chain;
 use crate::notify::NotifyQueue;
+use crate::spill::Spill;
 use crate::store::{Inserted, NewEvent, OutboxBatch, Store, StoreError, StoredEvent, Written};
 
 /// How the shutdown sequence steers the workers.
@@ -68,6 +69,8 @@ pub(super) struct Writer {
     pub(super) control: WorkerControl,
     pub(super) notify: Option<NotifyQueue>,
     pub(super) hold: Arc<Hold>,
+    /// Where acknowledged events go that the shutdown's drain had no time to write (`shutdown.spill_dir`).
+    pub(super) spill: Option<Arc<Spill>>,
 }
 
 /// Who writes a batch, which decides what `write_runs` sets aside instead of retrying in place.
@@ -393,7 +396,8 @@ impl Writer {
         loop {
             while let Some((start, end)) = pending.pop() {
                 let events = &unique[start..end];
-                let written = write_with_retry(&self.store, events, &self.config, &self.control).await;
+                let written =
+                    write_with_retry(&self.store, events, &self.config, &self.control, self.spill.is_some()).await;
                 let Err(e) = &written else {
                     runs.push(Run { start, written });
                     continue;
@@ -402,6 +406,11 @@ impl Writer {
                 if e.is_transient() || aborted {
                     // Retried until the drain ran out of time.
                     crate::metrics::record_store_error("aborted");
+                    if acknowledged[start..end].contains(&true) {
+                        self.spill_acknowledged(events, &acknowledged[start..end], e);
+                        runs.push(Run { start, written });
+                        continue;
+                    }
                 } else if e.blames_a_row() && events.len() > 1 {
                     crate::metrics::record_store_error("rejected");
                     warn!(error = %error_chain(e), batch_size = events.len(), "batch refused for one of its rows; writing its parts apart");
@@ -450,6 +459,43 @@ impl Writer {
             pending.extend(held.drain(..).rev());
         }
     }
+
+    /// The drain ran out of time before these acknowledged events (those of `events` marked in `acknowledged`)
+    /// were written, and their senders will not send them again: they go to the spill file, stored from it at
+    /// the next start. Without one (no `shutdown.spill_dir`, or a write that failed) they are lost, and each is
+    /// named in the log, for the operator to fetch from the sender (Stripe's events API, its dashboard).
+    fn spill_acknowledged(&self, events: &[&NewEvent], acknowledged: &[bool], cause: &StoreError) {
+        let events: Vec<&NewEvent> = events
+            .iter()
+            .zip(acknowledged)
+            .filter(|(_, &acknowledged)| acknowledged)
+            .map(|(event, _)| *event)
+            .collect();
+        let spilled = match &self.spill {
+            Some(spill) => spill.write(&events).map_err(|e| format!("cannot write to {}: {e}", spill.dir().display())),
+            None => Err("no shutdown.spill_dir".to_owned()),
+        };
+        crate::metrics::record_spilled(events.len(), spilled.is_ok());
+        match spilled {
+            Ok(file) => warn!(
+                events = events.len(),
+                file = %file.display(),
+                error = %error_chain(cause),
+                "acknowledged events not stored when the drain ran out; written to the spill file, to be stored \
+                 from it at the next start"
+            ),
+            Err(why) => {
+                let ids: Vec<String> = events.iter().map(|event| format!("{}/{}", event.source, event.id)).collect();
+                error!(
+                    events = events.len(),
+                    ids = %ids.join(" "),
+                    spill = %why,
+                    error = %error_chain(cause),
+                    "acknowledged events LOST: not stored when the drain ran out, and not spilled"
+                );
+            }
+        }
+    }
 }
 
 /// A run of a deduplicated batch written in one statement, and what came of it.
@@ -459,18 +505,31 @@ struct Run {
 }
 
 /// Writes one statement's events, retrying what may pass later (`StoreError::is_transient`) until the
-/// shutdown's drain runs out of time; any other error is returned at once, for `write_runs` to decide.
+/// shutdown's drain runs out of time; any other error is returned at once, for `write_runs` to decide. With a
+/// spill file (`spill`), a statement the drain's end finds in flight is left (it may still commit: the
+/// spilled copy is then a duplicate), and none starts after it: what is unwritten goes to the file at once,
+/// rather than wait on a database that may not answer. Without one, each batch still gets its one try.
 async fn write_with_retry(
     store: &Store,
     events: &[&NewEvent],
     config: &WorkersConfig,
     control: &WorkerControl,
+    spill: bool,
 ) -> Result<Written, StoreError> {
     let mut backoff = INITIAL_BACKOFF;
     let max_backoff = Duration::from_millis(config.retry_backoff_max_ms);
     loop {
         let started = Instant::now();
-        match store.insert_batch(events).await {
+        let attempt = if spill {
+            tokio::select! {
+                biased;
+                () = control.abort.cancelled() => Err(StoreError::Aborted),
+                written = store.insert_batch(events) => written,
+            }
+        } else {
+            store.insert_batch(events).await
+        };
+        match attempt {
             Ok(written) => {
                 crate::metrics::record_batch(events.len(), started.elapsed());
                 return Ok(written);

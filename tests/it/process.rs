@@ -308,6 +308,25 @@ fn check_config_names_the_bad_key_and_redacts() {
     assert!(!text.contains("hunter2") && !text.contains("topsecret"), "{text}");
 }
 
+#[test]
+fn check_config_tells_whether_the_spill_dir_can_be_written() {
+    let check = |dir: &std::path::Path| {
+        hookgate().arg("check-config").env("HOOKGATE__SHUTDOWN__SPILL_DIR", dir).output().expect("run check-config")
+    };
+    let dir = scratch("spill-check");
+    let out = check(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("spill_dir") && text.contains("can be written") && dir.is_dir(), "{text}");
+    // A file where the directory should be (as root, permissions would not stop the write).
+    let file = scratch("spill-not-a-dir");
+    std::fs::write(&file, b"").expect("file");
+    let out = check(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("shutdown.spill_dir"), "{err}");
+    let _ = (std::fs::remove_dir_all(&dir), std::fs::remove_file(&file));
+}
+
 #[tokio::test]
 async fn sign_prints_headers_the_gateway_accepts() {
     let db = TestDb::create().await;

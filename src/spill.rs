@@ -1,0 +1,379 @@
+//! The spill file: acknowledged events (enqueue mode) that the shutdown's drain could not store are written to
+//! a file in `shutdown.spill_dir` instead of being dropped, and stored from there at the next start.
+//!
+//! In enqueue mode the 202 goes out before the write, so the sender will not send those events again: a
+//! shutdown while Postgres is down or refusing them (a failover during a rolling deploy) would otherwise lose
+//! every one still queued or set aside. A file is written as `spill-<unix ms>-<pid>.jsonl.partial`, one event a
+//! line, synced after each write, and renamed to `.jsonl` once the workers are done: only finished files are
+//! imported. The import queues their events like requests' and waits for their batches; what is stored leaves
+//! the file, and what Postgres still refuses (or a line that does not parse) stays in it for the next try.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead as _, BufReader, BufWriter, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::pipeline::{Pipeline, SourceQueue, SubmitError};
+use crate::store::NewEvent;
+
+const FINISHED: &str = ".jsonl";
+const PARTIAL: &str = ".jsonl.partial";
+/// How often the directory is looked at again while the gateway runs: files an operator copies in (from a
+/// replica that is gone) and events Postgres refused at the last try.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One line of a spill file: an event with the columns the store takes, and its body in base64 (the exact bytes
+/// the sender signed, whatever they hold).
+#[derive(Debug, Serialize, Deserialize)]
+struct SpilledEvent {
+    source: String,
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    livemode: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
+    body: String,
+}
+
+impl SpilledEvent {
+    fn of(event: &NewEvent) -> Self {
+        Self {
+            source: event.source.to_string(),
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            created: event.created,
+            livemode: event.livemode,
+            api_version: event.api_version.clone(),
+            account: event.account.clone(),
+            body: base64::engine::general_purpose::STANDARD.encode(&event.body),
+        }
+    }
+
+    /// The event, its body decoded into `body` (taken from the body memory budget by the caller).
+    fn into_event(self, body: Bytes) -> NewEvent {
+        NewEvent {
+            source: Arc::from(self.source),
+            id: self.id,
+            event_type: self.event_type,
+            created: self.created,
+            livemode: self.livemode,
+            api_version: self.api_version,
+            account: self.account,
+            body,
+        }
+    }
+}
+
+/// This process's spill file, opened at the first event spilled.
+#[derive(Debug)]
+pub struct Spill {
+    dir: PathBuf,
+    file: Mutex<Option<OpenFile>>,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    partial: PathBuf,
+    writer: BufWriter<File>,
+    events: usize,
+}
+
+impl Spill {
+    /// Creates the directory if needed and checks that a file can be written in it, so that a bad path stops
+    /// the start rather than the shutdown that needs it.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let probe = dir.join(format!(".probe-{}", std::process::id()));
+        File::create(&probe)?;
+        fs::remove_file(&probe)?;
+        Ok(Self { dir: dir.to_path_buf(), file: Mutex::new(None) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends `events` to the file and syncs it; returns the name it will have once finished.
+    pub fn write(&self, events: &[&NewEvent]) -> io::Result<PathBuf> {
+        let mut file = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if file.is_none() {
+            let millis =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis());
+            let partial = self.dir.join(format!("spill-{millis}-{}{PARTIAL}", std::process::id()));
+            let opened = OpenOptions::new().write(true).create_new(true).open(&partial)?;
+            *file = Some(OpenFile { partial, writer: BufWriter::new(opened), events: 0 });
+        }
+        let Some(open) = file.as_mut() else { return Err(io::Error::other("the spill file is not open")) };
+        for event in events {
+            serde_json::to_writer(&mut open.writer, &SpilledEvent::of(event))?;
+            open.writer.write_all(b"\n")?;
+        }
+        open.writer.flush()?;
+        open.writer.get_ref().sync_data()?;
+        open.events += events.len();
+        Ok(finished_name(&open.partial))
+    }
+
+    /// Finishes the file, if one was started: renamed to `.jsonl` (only then is it imported) and the directory
+    /// synced, so that the rename survives a crash. Returns its name and how many events it holds.
+    pub fn finish(&self) -> io::Result<Option<(PathBuf, usize)>> {
+        let open = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let Some(mut open) = open else { return Ok(None) };
+        open.writer.flush()?;
+        open.writer.get_ref().sync_all()?;
+        let finished = finished_name(&open.partial);
+        fs::rename(&open.partial, &finished)?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(Some((finished, open.events)))
+    }
+}
+
+fn finished_name(partial: &Path) -> PathBuf {
+    let name = partial.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    partial.with_file_name(format!("{}{FINISHED}", name.strip_suffix(PARTIAL).unwrap_or(name)))
+}
+
+/// The finished spill files in `dir`, oldest name first.
+fn finished_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|name| name.starts_with("spill-") && name.ends_with(FINISHED))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// What one import of the directory did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// Events stored (new, or already there).
+    pub stored: usize,
+    /// Events left in their files: refused again, not written before a shutdown, or lines that do not parse.
+    pub kept: usize,
+}
+
+/// Imports every finished file in `dir` through `pipeline`, `chunk` events at a time, each chunk's batches
+/// waited for before the next is read. A file is removed once all of it is stored, and otherwise rewritten
+/// (through a temporary file and a rename) with the lines still to store.
+pub async fn import(dir: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
+    let mut total = Imported::default();
+    for file in finished_files(dir)? {
+        let imported = import_file(&file, pipeline, chunk.max(1)).await?;
+        total.stored += imported.stored;
+        total.kept += imported.kept;
+    }
+    crate::metrics::record_spill_pending(total.kept);
+    Ok(total)
+}
+
+async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
+    let mut lines = BufReader::new(File::open(path)?).lines();
+    let mut kept: Vec<String> = Vec::new();
+    let mut stored = 0;
+    // The queue slots of the import's events, apart from any source's share (their source may be gone).
+    let slots = Arc::new(SourceQueue::default());
+    let mut number = 0;
+    loop {
+        let mut waiting = Vec::with_capacity(chunk);
+        while waiting.len() < chunk {
+            let Some(line) = lines.next().transpose()? else { break };
+            number += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let spilled = match serde_json::from_str::<SpilledEvent>(&line) {
+                Ok(spilled) => spilled,
+                Err(e) => {
+                    error!(file = %path.display(), line = number, error = %e, "spill file line is not an event; kept in the file");
+                    kept.push(line);
+                    continue;
+                }
+            };
+            let body = match base64::engine::general_purpose::STANDARD.decode(&spilled.body) {
+                Ok(body) => body,
+                Err(e) => {
+                    error!(file = %path.display(), line = number, error = %e, "spilled event's body is not base64; kept in the file");
+                    kept.push(line);
+                    continue;
+                }
+            };
+            let Some(body) = reserve(pipeline, body).await else {
+                kept.push(line);
+                continue;
+            };
+            let slot = slots.take(0).map_err(io::Error::other)?;
+            match pipeline.submit_waiting(spilled.into_event(body), slot).await {
+                Ok(ack) => waiting.push((line, ack)),
+                Err(SubmitError::Closed | SubmitError::Full) => kept.push(line),
+            }
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        for (line, ack) in waiting {
+            match ack.await {
+                Ok(Ok(_)) => stored += 1,
+                // Refused again, or not written before a shutdown: left for the next try.
+                Ok(Err(_)) | Err(_) => kept.push(line),
+            }
+        }
+    }
+    crate::metrics::record_spill_imported(stored);
+    if kept.is_empty() {
+        fs::remove_file(path)?;
+        info!(file = %path.display(), events = stored, "spill file stored and removed");
+    } else {
+        rewrite(path, &kept)?;
+        warn!(file = %path.display(), stored, kept = kept.len(), "spill file partly stored; the rest stays in it and is tried again");
+    }
+    Ok(Imported { stored, kept: kept.len() })
+}
+
+/// Takes the body's bytes from the body memory budget, waiting while live requests hold it; None once the
+/// gateway shuts down.
+async fn reserve(pipeline: &Pipeline, body: Vec<u8>) -> Option<Bytes> {
+    loop {
+        let mut reservation = pipeline.body_memory().reservation();
+        if reservation.grow_to(body.len()).is_ok() {
+            return Some(reservation.into_body(body));
+        }
+        if pipeline.is_closed() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Replaces the file's content with `lines`, atomically: a crash leaves the old file or the new, whole.
+fn rewrite(path: &Path, lines: &[String]) -> io::Result<()> {
+    let temporary = path.with_extension("jsonl.rewrite");
+    {
+        let mut writer = BufWriter::new(File::create(&temporary)?);
+        for line in lines {
+            writer.write_all(line.as_bytes())?;
+            writer.write_all(b"\n")?;
+        }
+        writer.flush()?;
+        writer.get_ref().sync_all()?;
+    }
+    fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Imports the directory at start, then every `SCAN_INTERVAL` until `stop`.
+pub async fn watch(dir: PathBuf, pipeline: Pipeline, chunk: usize, stop: CancellationToken) {
+    loop {
+        match import(&dir, &pipeline, chunk).await {
+            Ok(Imported { stored: 0, kept: 0 }) => {}
+            Ok(Imported { stored, kept }) => info!(stored, kept, dir = %dir.display(), "spilled events imported"),
+            Err(e) => error!(dir = %dir.display(), error = %e, "cannot import the spill files"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(SCAN_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, body: &[u8]) -> NewEvent {
+        NewEvent {
+            source: Arc::from("stripe"),
+            id: id.to_owned(),
+            event_type: "charge.succeeded".to_owned(),
+            created: Some(1_700_000_000),
+            livemode: Some(false),
+            api_version: None,
+            account: Some("acct_1".to_owned()),
+            body: Bytes::copy_from_slice(body),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hookgate-spill-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_spilled_event_reads_back_with_its_exact_body_and_columns() {
+        let body = b"{\"id\": \"evt_1\",\n \"x\": \"\xff\"}";
+        let line = serde_json::to_string(&SpilledEvent::of(&event("evt_1", body))).unwrap();
+        assert!(!line.contains('\n'), "one event a line: {line}");
+        let spilled: SpilledEvent = serde_json::from_str(&line).unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD.decode(&spilled.body).unwrap();
+        let back = spilled.into_event(Bytes::from(decoded));
+        assert_eq!(&back.body[..], body);
+        assert_eq!(
+            (&*back.source, back.id.as_str(), back.event_type.as_str()),
+            ("stripe", "evt_1", "charge.succeeded")
+        );
+        assert_eq!(
+            (back.created, back.livemode, back.api_version, back.account.as_deref()),
+            (Some(1_700_000_000), Some(false), None, Some("acct_1"))
+        );
+    }
+
+    #[test]
+    fn a_file_is_found_for_import_only_once_finished() {
+        let dir = scratch("finish");
+        let spill = Spill::open(&dir).unwrap();
+        assert_eq!(spill.finish().unwrap(), None, "nothing spilled, no file");
+        let first = event("evt_1", b"{}");
+        let second = event("evt_2", b"{}");
+        let name = spill.write(&[&first]).unwrap();
+        assert_eq!(spill.write(&[&second]).unwrap(), name, "one file per process");
+        assert!(finished_files(&dir).unwrap().is_empty(), "a file still being written is not imported");
+        let (finished, events) = spill.finish().unwrap().unwrap();
+        assert_eq!((finished.clone(), events), (name, 2));
+        assert_eq!(finished_files(&dir).unwrap(), vec![finished.clone()]);
+        assert_eq!(fs::read_to_string(&finished).unwrap().lines().count(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_written_is_refused_at_open() {
+        let dir = scratch("file");
+        fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        fs::write(&dir, b"a file, not a directory").unwrap();
+        assert!(Spill::open(&dir).is_err());
+        assert!(Spill::open(&dir.join("below")).is_err());
+        fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rewrite_keeps_only_the_lines_given() {
+        let dir = scratch("rewrite");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("spill-1-1.jsonl");
+        fs::write(&path, "a\nb\nc\n").unwrap();
+        rewrite(&path, &["b".to_owned()]).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "b\n");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
