@@ -526,7 +526,7 @@ if [ "$WAL_FS" = tmpfs ]; then
 fi
 
 # This run's line for the README's "Every benchmark run" table (its host column is the CPU model, to be named
-# by hand), so that the table is copied, not retyped. The audit adds up what each mode's reported try acknowledged.
+# by hand), so that the table is copied, not retyped (loadtest/tests/results.rs checks the README's row). The audit adds up what each mode's reported try acknowledged.
 RUN_ID=$(basename "$OUT")
 CPU_MODEL=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}')
 MODE_CELLS=""
