@@ -215,6 +215,11 @@ async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Resu
                     continue;
                 }
             };
+            if body.len() > pipeline.body_memory().limit() {
+                error!(file = %path.display(), line = number, bytes = body.len(), "spilled event's body is larger than queue.body_memory_mb; kept in the file");
+                kept.push(line);
+                continue;
+            }
             let Some(body) = reserve(pipeline, body).await else {
                 kept.push(line);
                 continue;
