@@ -21,16 +21,9 @@ STALL=${STALL:-10}
 OUT=${OUT:-$(mktemp -d -t hookgate-flood.XXXXXX)}
 mkdir -p "$OUT"
 
-cargo build --release --workspace --quiet
-eval "$(deploy/services.sh start)"
-LOAD=target/release/hookgate-load
-GATEWAY=target/release/hookgate
-PG="psql -h 127.0.0.1 -p ${HOOKGATE_PG_PORT:-54329} -U postgres -q"
-REDIS_URL=redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}
-DATABASE=hookgate_flood
-DATABASE_URL=postgres://postgres@127.0.0.1:${HOOKGATE_PG_PORT:-54329}/$DATABASE
-SECRET=whsec_flood_$(date +%s)
-printf '%s\n' "$SECRET" > "$OUT/secret"
+# shellcheck source=loadtest/scenario.sh
+source loadtest/scenario.sh
+scenario_setup flood
 WEBHOOKS=127.0.0.1:18180
 ADMIN=127.0.0.1:19564
 

@@ -22,16 +22,9 @@ SPILL=${SPILL:-1}
 OUT=${OUT:-$(mktemp -d -t hookgate-outage.XXXXXX)}
 mkdir -p "$OUT"
 
-cargo build --release --workspace --quiet
-eval "$(deploy/services.sh start)"
-LOAD=target/release/hookgate-load
-GATEWAY=target/release/hookgate
-PG="psql -h 127.0.0.1 -p ${HOOKGATE_PG_PORT:-54329} -U postgres -q"
-REDIS_URL=redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}
-DATABASE=hookgate_outage
-DATABASE_URL=postgres://postgres@127.0.0.1:${HOOKGATE_PG_PORT:-54329}/$DATABASE
-SECRET=whsec_outage_$(date +%s)
-printf '%s\n' "$SECRET" > "$OUT/secret"
+# shellcheck source=loadtest/scenario.sh
+source loadtest/scenario.sh
+scenario_setup outage
 WEBHOOKS=127.0.0.1:18280
 ADMIN=127.0.0.1:19664
 SPILL_DIR=$OUT/spill

@@ -20,16 +20,9 @@ OUT=${OUT:-$(mktemp -d -t hookgate-pooler.XXXXXX)}
 mkdir -p "$OUT"
 chmod 755 "$OUT" # PgBouncer, run as postgres, reads and writes below it
 
-cargo build --release --workspace --quiet
-eval "$(deploy/services.sh start)"
-LOAD=target/release/hookgate-load
-GATEWAY=target/release/hookgate
-PG_PORT=${HOOKGATE_PG_PORT:-54329}
-PG="psql -h 127.0.0.1 -p $PG_PORT -U postgres -q"
-REDIS_URL=redis://127.0.0.1:${HOOKGATE_REDIS_PORT:-63799}
-DATABASE=hookgate_pooler
-SECRET=whsec_pooler_$(date +%s)
-printf '%s\n' "$SECRET" > "$OUT/secret"
+# shellcheck source=loadtest/scenario.sh
+source loadtest/scenario.sh
+scenario_setup pooler
 WEBHOOKS=127.0.0.1:18280
 ADMIN=127.0.0.1:19664
 BOUNCER_PORT=64339
@@ -109,7 +102,7 @@ TOML
   kill -TERM "$gateway_pid"
   wait "$gateway_pid" || true
   gateway_pid=
-  $LOAD verify --database-url "postgres://postgres@127.0.0.1:$PG_PORT/$DATABASE" --redis-url "$REDIS_URL" \
+  $LOAD verify --database-url "$DATABASE_URL" --redis-url "$REDIS_URL" \
     --stream-key "pooler:{source}" "$OUT/run-$label.csv" > "$OUT/verify-$label.txt" 2>&1 || echo "VERIFY FAILED: $label"
   local sent=$((RATE * (${DURATION%s} + ${WARMUP%s})))
   echo "$label: $(grep -E '^Status' "$OUT/run-$label.txt" | sed 's/  */ /g')"
@@ -128,7 +121,7 @@ for round in $(seq 1 "$ROUNDS"); do
   run "session-$round" "$BOUNCER_PORT" ""
   start_bouncer transaction
   run "transaction-$round" "$BOUNCER_PORT" "transaction_pooler = true
-migrate_url = \"postgres://postgres@127.0.0.1:$PG_PORT/$DATABASE\""
+migrate_url = \"$DATABASE_URL\""
   stop_bouncer
 done
 $PG -d postgres -c "DROP DATABASE IF EXISTS $DATABASE" 2> /dev/null
