@@ -117,10 +117,14 @@ impl Spill {
             *file = Some(OpenFile { partial, writer: BufWriter::new(opened), events: 0 });
         }
         let Some(open) = file.as_mut() else { return Err(io::Error::other("the spill file is not open")) };
+        // Serialised first, then written in one call: an event that cannot be serialised writes nothing, so no
+        // half line is left for the next write to run into (only a disk refusing the write can leave one).
+        let mut lines = Vec::with_capacity(events.iter().map(|event| event.body.len() * 4 / 3 + 256).sum());
         for event in events {
-            serde_json::to_writer(&mut open.writer, &SpilledEvent::of(event))?;
-            open.writer.write_all(b"\n")?;
+            serde_json::to_writer(&mut lines, &SpilledEvent::of(event))?;
+            lines.push(b'\n');
         }
+        open.writer.write_all(&lines)?;
         open.writer.flush()?;
         open.writer.get_ref().sync_data()?;
         open.events += events.len();
