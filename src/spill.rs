@@ -180,17 +180,23 @@ pub struct Imported {
 pub async fn import(dir: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
     let mut total = Imported::default();
     for file in finished_files(dir)? {
-        let imported = import_file(&file, pipeline, chunk.max(1)).await?;
-        total.stored += imported.stored;
-        total.kept += imported.kept;
+        // A file that cannot be read (or rewritten) is left as it is, and does not hold back the others.
+        match import_file(&file, pipeline, chunk.max(1)).await {
+            Ok(imported) => {
+                total.stored += imported.stored;
+                total.kept += imported.kept;
+            }
+            Err(e) => error!(file = %file.display(), error = %e, "cannot import the spill file; left as it is"),
+        }
     }
     crate::metrics::record_spill_pending(total.kept);
     Ok(total)
 }
 
 async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
-    let mut lines = BufReader::new(File::open(path)?).lines();
-    let mut kept: Vec<String> = Vec::new();
+    // Lines as bytes: one that is not UTF-8 (a damaged file) is kept like any line that does not parse.
+    let mut lines = BufReader::new(File::open(path)?).split(b'\n');
+    let mut kept: Vec<Vec<u8>> = Vec::new();
     let mut stored = 0;
     // The queue slots of the import's events, apart from any source's share (their source may be gone).
     let slots = Arc::new(SourceQueue::default());
@@ -200,10 +206,10 @@ async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Resu
         while waiting.len() < chunk {
             let Some(line) = lines.next().transpose()? else { break };
             number += 1;
-            if line.trim().is_empty() {
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let spilled = match serde_json::from_str::<SpilledEvent>(&line) {
+            let spilled = match serde_json::from_slice::<SpilledEvent>(&line) {
                 Ok(spilled) => spilled,
                 Err(e) => {
                     error!(file = %path.display(), line = number, error = %e, "spill file line is not an event; kept in the file");
@@ -272,12 +278,12 @@ async fn reserve(pipeline: &Pipeline, body: Vec<u8>) -> Option<Bytes> {
 }
 
 /// Replaces the file's content with `lines`, atomically: a crash leaves the old file or the new, whole.
-fn rewrite(path: &Path, lines: &[String]) -> io::Result<()> {
+fn rewrite(path: &Path, lines: &[Vec<u8>]) -> io::Result<()> {
     let temporary = path.with_extension("jsonl.rewrite");
     {
         let mut writer = BufWriter::new(File::create(&temporary)?);
         for line in lines {
-            writer.write_all(line.as_bytes())?;
+            writer.write_all(line)?;
             writer.write_all(b"\n")?;
         }
         writer.flush()?;
@@ -380,7 +386,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("spill-1-1.jsonl");
         fs::write(&path, "a\nb\nc\n").unwrap();
-        rewrite(&path, &["b".to_owned()]).unwrap();
+        rewrite(&path, &[b"b".to_vec()]).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "b\n");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
         fs::remove_dir_all(&dir).unwrap();
