@@ -187,7 +187,7 @@ fn describe() {
     describe_gauge!(
         SPILL_PENDING,
         "Events left in spill files at the last look at shutdown.spill_dir: refused again by Postgres, or lines \
-         that do not parse. Tried again every minute."
+         that do not parse (a file that cannot be read counts as one). Tried again every minute."
     );
 }
 

@@ -170,7 +170,8 @@ fn finished_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub struct Imported {
     /// Events stored (new, or already there).
     pub stored: usize,
-    /// Events left in their files: refused again, not written before a shutdown, or lines that do not parse.
+    /// Events left in their files: refused again, not written before a shutdown, or lines that do not parse (a
+    /// file that cannot be read counts as one).
     pub kept: usize,
 }
 
@@ -186,7 +187,11 @@ pub async fn import(dir: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result
                 total.stored += imported.stored;
                 total.kept += imported.kept;
             }
-            Err(e) => error!(file = %file.display(), error = %e, "cannot import the spill file; left as it is"),
+            Err(e) => {
+                error!(file = %file.display(), error = %e, "cannot import the spill file; left as it is");
+                // Its events are not known: counted as one, so that the alert on the gauge still fires.
+                total.kept += 1;
+            }
         }
     }
     crate::metrics::record_spill_pending(total.kept);

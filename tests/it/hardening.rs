@@ -995,7 +995,8 @@ async fn at_shutdown_an_event_still_refused_is_given_up_when_the_drain_runs_out(
 /// set aside (a `CHECK` refuses it) and events a worker holds (the table renamed away) go to the spill file.
 /// The next start stores from it what Postgres takes and keeps the rest in the file; once the operator puts
 /// things right, a later start stores that too: each event once, with its exact body, on its stream. A damaged
-/// file beside it (a line that is not UTF-8) is kept as it is, counted, and holds back nothing.
+/// file beside it (a line that is not UTF-8) and one that cannot be read are kept as they are, counted, and
+/// hold back nothing.
 #[tokio::test]
 async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_and_stored_at_the_next_start() {
     let _turn = REFUSALS.lock().await;
@@ -1049,6 +1050,9 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
     // A damaged file beside it, first in name order: a line that is not UTF-8 is kept, and holds back nothing.
     let damaged = "spill-0-0.jsonl".to_owned();
     std::fs::write(spill_dir.join(&damaged), b"\xff\xfe not an event\n").expect("damaged file");
+    // And one that cannot be read at all (a directory by a spill file's name): counted as one, left alone.
+    let unreadable = "spill-1-1.jsonl".to_owned();
+    std::fs::create_dir(spill_dir.join(&unreadable)).expect("unreadable file");
 
     // The table is back, the constraint still refuses one: the three are stored, the refused one stays.
     sqlx::query("ALTER TABLE events_elsewhere RENAME TO events").execute(&db.pool).await.expect("rename back");
@@ -1059,10 +1063,14 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
         "the spilled events are stored at the next start"
     );
     let kept = eventually(Duration::from_secs(10), || async {
-        scrape_metric(&metrics_url, "hookgate_spill_pending_events").await == Some(2.0)
+        scrape_metric(&metrics_url, "hookgate_spill_pending_events").await == Some(3.0)
     });
-    assert!(kept.await, "the refused event and the damaged line are counted as left in their files");
-    assert_eq!(spill_files(), [damaged.clone(), files[0].clone()], "the files stay while a line in each is left");
+    assert!(kept.await, "the refused event, the damaged line and the unreadable file are counted");
+    assert_eq!(
+        spill_files(),
+        [damaged.clone(), unreadable.clone(), files[0].clone()],
+        "the files stay while something in each is left"
+    );
     let left = std::fs::read_to_string(spill_dir.join(&files[0])).expect("spill file");
     assert!(left.lines().count() == 1 && left.contains(&poison), "only the refused event is left: {left}");
     assert!(!db.stored_ids().await.contains(&poison), "the constraint refuses it");
@@ -1077,9 +1085,10 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
         "stored once Postgres takes it"
     );
     let stored_in = restarted.elapsed();
-    let only_damaged = eventually(Duration::from_secs(10), || async { spill_files() == [damaged.clone()] });
-    assert!(only_damaged.await, "the stored file goes, the damaged one stays");
-    assert_eq!(scrape_metric(&metrics_url, "hookgate_spill_pending_events").await, Some(1.0));
+    let only_broken =
+        eventually(Duration::from_secs(10), || async { spill_files() == [damaged.clone(), unreadable.clone()] });
+    assert!(only_broken.await, "the stored file goes, the damaged and the unreadable ones stay");
+    assert_eq!(scrape_metric(&metrics_url, "hookgate_spill_pending_events").await, Some(2.0));
     assert_eq!(std::fs::read(spill_dir.join(&damaged)).expect("damaged file"), b"\xff\xfe not an event\n");
     // The recorder is this test process's, shared by the two starts: 3 imported at the first, 1 at this one.
     assert_eq!(scrape_metric(&metrics_url, "hookgate_spill_imported_events_total").await, Some(4.0));
@@ -1093,6 +1102,6 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
          held while the events table was renamed away | 5 | 5 | 0 | the four written to the spill file when the \
          drain's 300 ms ran out (stopped in {stopped_in:.1?}); the next start stored the three, kept the refused \
          one in the file; the start after the constraint went stored it in {stored_in:.1?}, each event once and \
-         on its stream; a damaged spill file beside it kept as it was | -"
+         on its stream; a damaged and an unreadable spill file beside it kept as they were | -"
     );
 }
