@@ -158,8 +158,8 @@ pub enum RunError {
     Notify(#[from] notify::NotifyError),
     #[error("server.tls: {0}")]
     Tls(#[from] http::tls::TlsError),
-    #[error("shutdown.spill_dir {}: cannot write a file there", .0.display())]
-    SpillDir(std::path::PathBuf, #[source] std::io::Error),
+    #[error("shutdown.spill_dir {}", .0.display())]
+    SpillDir(std::path::PathBuf, #[source] spill::OpenError),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
@@ -283,7 +283,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             }
             Ok(None) => {}
             Err(e) => {
-                error!(dir = %spill.dir().display(), error = %e, "cannot finish the spill file: rename its .jsonl.partial to .jsonl by hand");
+                error!(dir = %spill.dir().display(), error = %e, "cannot finish the spill file: the next start with this spill_dir finishes and imports it");
             }
         }
     }

@@ -285,8 +285,13 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
         writeln!(out, "# tls: {} with its key; the certificate expires {expires}", tls.cert_file.display())?;
     }
     if let Some(dir) = &config.shutdown.spill_dir {
-        hookgate::spill::Spill::open(dir).with_context(|| format!("shutdown.spill_dir {}", dir.display()))?;
+        let lock = hookgate::spill::check(dir)
+            .with_context(|| format!("shutdown.spill_dir {}: cannot write a file there", dir.display()))?;
         writeln!(out, "# spill_dir: {} can be written", dir.display())?;
+        // Not an error here: check-config is run beside the gateway that holds it.
+        if let hookgate::spill::Lock::Held(holder) = lock {
+            writeln!(out, "# spill_dir: in use by a running hookgate ({holder}); another replica needs its own")?;
+        }
     }
     if sources.is_empty() {
         writeln!(out, "# warning: no sources configured; `serve` refuses to start without one")?;

@@ -7,6 +7,11 @@
 //! line, synced after each write, and renamed to `.jsonl` once the workers are done: only finished files are
 //! imported. The import queues their events like requests' and waits for their batches; what is stored leaves
 //! the file, and what Postgres still refuses (or a line that does not parse) stays in it for the next try.
+//!
+//! A running gateway holds a lock on `hookgate.lock` in the directory: a second process given the same
+//! directory is refused at start (two importers would race on each file's rewrite), and a `.partial` file found
+//! by the process that takes the lock was left by one that is gone (killed while spilling), so it is finished
+//! and imported like any other.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead as _, BufReader, BufWriter, Write as _};
@@ -25,6 +30,8 @@ use crate::store::NewEvent;
 
 const FINISHED: &str = ".jsonl";
 const PARTIAL: &str = ".jsonl.partial";
+const REWRITE: &str = ".jsonl.rewrite";
+const LOCK: &str = "hookgate.lock";
 /// How often the directory is looked at again while the gateway runs: files an operator copies in (from a
 /// replica that is gone) and events Postgres refused at the last try.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(60);
@@ -77,11 +84,22 @@ impl SpilledEvent {
     }
 }
 
-/// This process's spill file, opened at the first event spilled.
+/// Why a spill directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot write a file there")]
+    Io(#[from] io::Error),
+    #[error("another hookgate process uses it ({holder}): give each replica a spill_dir of its own")]
+    InUse { holder: String },
+}
+
+/// This process's spill file, opened at the first event spilled, and its lock on the directory.
 #[derive(Debug)]
 pub struct Spill {
     dir: PathBuf,
     file: Mutex<Option<OpenFile>>,
+    /// Locked for the process's life (the lock goes with the last handle, even on a crash).
+    _lock: File,
 }
 
 #[derive(Debug)]
@@ -92,14 +110,19 @@ struct OpenFile {
 }
 
 impl Spill {
-    /// Creates the directory if needed and checks that a file can be written in it, so that a bad path stops
-    /// the start rather than the shutdown that needs it.
-    pub fn open(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        let probe = dir.join(format!(".probe-{}", std::process::id()));
-        File::create(&probe)?;
-        fs::remove_file(&probe)?;
-        Ok(Self { dir: dir.to_path_buf(), file: Mutex::new(None) })
+    /// Creates the directory if needed, checks that a file can be written in it (so that a bad path stops the
+    /// start rather than the shutdown that needs it) and takes its lock. Files a killed process left `.partial`
+    /// are then finished, ready for the import.
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        let lock = match check(dir)? {
+            Lock::Taken(lock) => lock,
+            Lock::Held(holder) => return Err(OpenError::InUse { holder }),
+        };
+        // What the refusal of a second process names.
+        lock.set_len(0)?;
+        (&lock).write_all(format!("pid {}\n", std::process::id()).as_bytes())?;
+        finish_left_behind(dir)?;
+        Ok(Self { dir: dir.to_path_buf(), file: Mutex::new(None), _lock: lock })
     }
 
     pub fn dir(&self) -> &Path {
@@ -143,6 +166,63 @@ impl Spill {
         File::open(&self.dir)?.sync_all()?;
         Ok(Some((finished, open.events)))
     }
+}
+
+/// Whether a directory's lock was free (now held by the caller) or who holds it.
+#[derive(Debug)]
+pub enum Lock {
+    Taken(File),
+    Held(String),
+}
+
+/// Creates the directory if needed, checks that a file can be written in it, and tries its lock. `check-config`
+/// uses it beside a running gateway: it drops a lock it took at once.
+pub fn check(dir: &Path) -> io::Result<Lock> {
+    fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    File::create(&probe)?;
+    fs::remove_file(&probe)?;
+    let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(LOCK))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Lock::Taken(lock)),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holder = fs::read_to_string(dir.join(LOCK)).unwrap_or_default();
+            let holder = holder.trim();
+            Ok(Lock::Held(if holder.is_empty() { "its pid unknown".to_owned() } else { holder.to_owned() }))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// With the lock held, any `.partial` file is a dead process's: killed (or its rename failed) while spilling.
+/// Finished, its whole lines are imported; a line cut by the kill does not parse and stays in the file, counted
+/// in `hookgate_spill_pending_events`. A rewrite's temporary file is a crash's leftover: the file it was to
+/// replace is still whole.
+fn finish_left_behind(dir: &Path) -> io::Result<()> {
+    let mut renamed = false;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        if !name.starts_with("spill-") {
+            continue;
+        }
+        if name.ends_with(PARTIAL) {
+            let finished = finished_name(&path);
+            if finished.exists() {
+                error!(file = %path.display(), "a spill file left unfinished has a finished namesake; left as it is");
+                continue;
+            }
+            fs::rename(&path, &finished)?;
+            renamed = true;
+            warn!(file = %finished.display(), "spill file left unfinished by a process that stopped while spilling; finished, to be imported");
+        } else if name.ends_with(REWRITE) {
+            fs::remove_file(&path)?;
+        }
+    }
+    if renamed {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn finished_name(partial: &Path) -> PathBuf {
@@ -284,7 +364,7 @@ async fn reserve(pipeline: &Pipeline, body: Vec<u8>) -> Option<Bytes> {
 
 /// Replaces the file's content with `lines`, atomically: a crash leaves the old file or the new, whole.
 fn rewrite(path: &Path, lines: &[Vec<u8>]) -> io::Result<()> {
-    let temporary = path.with_extension("jsonl.rewrite");
+    let temporary = path.with_extension(REWRITE.trim_start_matches('.'));
     {
         let mut writer = BufWriter::new(File::create(&temporary)?);
         for line in lines {
@@ -383,6 +463,44 @@ mod tests {
         assert!(Spill::open(&dir).is_err());
         assert!(Spill::open(&dir.join("below")).is_err());
         fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_while_the_first_holds_the_directory() {
+        let dir = scratch("lock");
+        let first = Spill::open(&dir).unwrap();
+        let pid = format!("pid {}", std::process::id());
+        // Another open file description, as another process's would be: the lock refuses it.
+        let refused = Spill::open(&dir).unwrap_err();
+        assert!(matches!(&refused, OpenError::InUse { holder } if *holder == pid), "{refused}");
+        assert!(matches!(check(&dir).unwrap(), Lock::Held(holder) if holder == pid));
+        drop(first);
+        assert!(matches!(check(&dir).unwrap(), Lock::Taken(_)), "the lock goes with its holder");
+        drop(Spill::open(&dir).unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_left_unfinished_by_a_dead_process_is_finished_by_the_next_open() {
+        let dir = scratch("left");
+        fs::create_dir_all(&dir).unwrap();
+        let line = serde_json::to_string(&SpilledEvent::of(&event("evt_1", b"{}"))).unwrap();
+        // Killed while spilling: a whole line, then one cut short.
+        let left = format!("{line}\n{}", &line[..20]);
+        fs::write(dir.join("spill-5-5.jsonl.partial"), &left).unwrap();
+        // Crashed while rewriting spill-4-4.jsonl, which is still whole.
+        fs::write(dir.join("spill-4-4.jsonl"), format!("{line}\n")).unwrap();
+        fs::write(dir.join("spill-4-4.jsonl.rewrite"), "cut").unwrap();
+        let spill = Spill::open(&dir).unwrap();
+        let finished = vec![dir.join("spill-4-4.jsonl"), dir.join("spill-5-5.jsonl")];
+        assert_eq!(finished_files(&dir).unwrap(), finished);
+        assert_eq!(fs::read_to_string(&finished[1]).unwrap(), left, "its bytes as they were");
+        assert!(!dir.join("spill-4-4.jsonl.rewrite").exists(), "the rewrite's leftover is removed");
+        // This process's own file is its own to finish.
+        spill.write(&[&event("evt_2", b"{}")]).unwrap();
+        assert_eq!(finished_files(&dir).unwrap(), finished);
+        drop(spill);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

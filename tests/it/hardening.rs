@@ -994,9 +994,10 @@ async fn at_shutdown_an_event_still_refused_is_given_up_when_the_drain_runs_out(
 /// In enqueue mode, with `shutdown.spill_dir`, what the shutdown's drain could not store is not lost: an event
 /// set aside (a `CHECK` refuses it) and events a worker holds (the table renamed away) go to the spill file.
 /// The next start stores from it what Postgres takes and keeps the rest in the file; once the operator puts
-/// things right, a later start stores that too: each event once, with its exact body, on its stream. A damaged
-/// file beside it (a line that is not UTF-8) and one that cannot be read are kept as they are, counted, and
-/// hold back nothing.
+/// things right, a later start stores that too: each event once, with its exact body, on its stream. The file
+/// is then left as a process killed while spilling leaves it (not renamed, its last line cut short): the next
+/// start finishes it, and keeps the cut line. A damaged file beside it (a line that is not UTF-8) and one that
+/// cannot be read are kept as they are, counted, and hold back nothing.
 #[tokio::test]
 async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_and_stored_at_the_next_start() {
     let _turn = REFUSALS.lock().await;
@@ -1011,6 +1012,7 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
         let mut names: Vec<String> = std::fs::read_dir(&spill_dir)
             .expect("spill dir")
             .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with("spill-"))
             .collect();
         names.sort();
         names
@@ -1047,6 +1049,10 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
     assert!(finished.is_some(), "finished: spill-<ms>-<pid>.jsonl, not .partial: {files:?}");
     let spilled = std::fs::read_to_string(spill_dir.join(&files[0])).expect("spill file");
     assert_eq!(spilled.lines().count(), 4, "the set-aside event and the three held: {spilled}");
+    // As a process killed while spilling leaves it: still `.partial`, its last write cut short.
+    let cut = &spilled[..40];
+    std::fs::write(spill_dir.join(format!("{}.partial", files[0])), format!("{spilled}{cut}")).expect("partial");
+    std::fs::remove_file(spill_dir.join(&files[0])).expect("unfinish");
     // A damaged file beside it, first in name order: a line that is not UTF-8 is kept, and holds back nothing.
     let damaged = "spill-0-0.jsonl".to_owned();
     std::fs::write(spill_dir.join(&damaged), b"\xff\xfe not an event\n").expect("damaged file");
@@ -1054,7 +1060,8 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
     let unreadable = "spill-1-1.jsonl".to_owned();
     std::fs::create_dir(spill_dir.join(&unreadable)).expect("unreadable file");
 
-    // The table is back, the constraint still refuses one: the three are stored, the refused one stays.
+    // The table is back, the constraint still refuses one: the three are stored, the refused one and the cut
+    // line stay.
     sqlx::query("ALTER TABLE events_elsewhere RENAME TO events").execute(&db.pool).await.expect("rename back");
     let gateway = Gateway::start(config.clone()).await;
     let metrics_url = format!("http://{}/metrics", gateway.admin);
@@ -1063,16 +1070,20 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
         "the spilled events are stored at the next start"
     );
     let kept = eventually(Duration::from_secs(10), || async {
-        scrape_metric(&metrics_url, "hookgate_spill_pending_events").await == Some(3.0)
+        scrape_metric(&metrics_url, "hookgate_spill_pending_events").await == Some(4.0)
     });
-    assert!(kept.await, "the refused event, the damaged line and the unreadable file are counted");
+    assert!(kept.await, "the refused event, the cut line, the damaged line and the unreadable file are counted");
     assert_eq!(
         spill_files(),
         [damaged.clone(), unreadable.clone(), files[0].clone()],
-        "the files stay while something in each is left"
+        "the files stay while something in each is left; the one left partial is finished"
     );
     let left = std::fs::read_to_string(spill_dir.join(&files[0])).expect("spill file");
-    assert!(left.lines().count() == 1 && left.contains(&poison), "only the refused event is left: {left}");
+    let left: Vec<&str> = left.lines().collect();
+    assert!(
+        left.len() == 2 && left.contains(&cut) && left.iter().any(|line| line.contains(&poison)),
+        "only the refused event and the cut line are left: {left:?}"
+    );
     assert!(!db.stored_ids().await.contains(&poison), "the constraint refuses it");
     gateway.stop().await;
 
@@ -1085,10 +1096,12 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
         "stored once Postgres takes it"
     );
     let stored_in = restarted.elapsed();
-    let only_broken =
-        eventually(Duration::from_secs(10), || async { spill_files() == [damaged.clone(), unreadable.clone()] });
-    assert!(only_broken.await, "the stored file goes, the damaged and the unreadable ones stay");
-    assert_eq!(scrape_metric(&metrics_url, "hookgate_spill_pending_events").await, Some(2.0));
+    let only_broken = eventually(Duration::from_secs(10), || async {
+        std::fs::read_to_string(spill_dir.join(&files[0])).is_ok_and(|left| left == format!("{cut}\n"))
+    });
+    assert!(only_broken.await, "the stored event leaves the file, the cut line stays");
+    assert_eq!(spill_files(), [damaged.clone(), unreadable.clone(), files[0].clone()]);
+    assert_eq!(scrape_metric(&metrics_url, "hookgate_spill_pending_events").await, Some(3.0));
     assert_eq!(std::fs::read(spill_dir.join(&damaged)).expect("damaged file"), b"\xff\xfe not an event\n");
     // The recorder is this test process's, shared by the two starts: 3 imported at the first, 1 at this one.
     assert_eq!(scrape_metric(&metrics_url, "hookgate_spill_imported_events_total").await, Some(4.0));
@@ -1102,6 +1115,8 @@ async fn at_shutdown_in_enqueue_mode_what_the_drain_could_not_store_is_spilled_a
          held while the events table was renamed away | 5 | 5 | 0 | the four written to the spill file when the \
          drain's 300 ms ran out (stopped in {stopped_in:.1?}); the next start stored the three, kept the refused \
          one in the file; the start after the constraint went stored it in {stored_in:.1?}, each event once and \
-         on its stream; a damaged and an unreadable spill file beside it kept as they were | -"
+         on its stream; the file left `.partial` with a cut last line (as a kill while spilling leaves it) \
+         finished by the next start, the cut line kept; a damaged and an unreadable spill file beside it kept as \
+         they were | -"
     );
 }

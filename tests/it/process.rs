@@ -327,6 +327,42 @@ fn check_config_tells_whether_the_spill_dir_can_be_written() {
     let _ = (std::fs::remove_dir_all(&dir), std::fs::remove_file(&file));
 }
 
+/// A spill_dir is one process's: a gateway given one that a running process holds is refused at start, the
+/// holder named, before it connects to anything; `check-config` beside it says so and passes.
+#[test]
+fn a_gateway_is_refused_a_spill_dir_another_process_holds() {
+    let dir = scratch("spill-held");
+    let holder = format!("pid {}", std::process::id());
+    let held = hookgate::spill::Spill::open(&dir).expect("this test process holds it");
+    // Nothing listens on port 1: the refusal comes first, or the start would fail on the database instead.
+    let config = config_file("postgres://hookgate@127.0.0.1:1/none", free_port(), free_port());
+    let serve = || {
+        hookgate()
+            .args(["--config", config.to_str().expect("path"), "serve"])
+            .env("HOOKGATE__SHUTDOWN__SPILL_DIR", &dir)
+            .output()
+            .expect("run serve")
+    };
+    let out = serve();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("shutdown.spill_dir") && err.contains("another hookgate process uses it"), "{err}");
+    assert!(err.contains(&holder), "names the holder: {err}");
+    let check = || hookgate().arg("check-config").env("HOOKGATE__SHUTDOWN__SPILL_DIR", &dir).output().expect("run");
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&format!("in use by a running hookgate ({holder})")), "{text}");
+
+    drop(held);
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("in use"), "free once its holder is gone: {text}");
+    let out = serve();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("spill_dir"), "past the spill_dir, on to the database: {err}");
+    let _ = (std::fs::remove_dir_all(&dir), std::fs::remove_file(&config));
+}
+
 #[tokio::test]
 async fn sign_prints_headers_the_gateway_accepts() {
     let db = TestDb::create().await;
