@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart: start local Postgres and Redis, make development secrets once, and run the gateway
 # (release build) on 127.0.0.1:8080, admin on 127.0.0.1:9464. Ctrl-C drains and stops it.
+# HOOKGATE_BIN: a hookgate binary to run instead of building one (tests/it/quickstart.rs passes the tests').
+# HOOKGATE__* variables override the config as for any hookgate command (the test moves the ports).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -17,7 +19,12 @@ make_secret stripe "whsec_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 make_secret standard "whsec_$(head -c 24 /dev/urandom | base64)"
 make_secret github "$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
-cargo build --release --bin hookgate
+if [ -n "${HOOKGATE_BIN:-}" ]; then
+  BIN=$HOOKGATE_BIN
+else
+  cargo build --release --bin hookgate
+  BIN=target/release/hookgate
+fi
 cat >&2 <<'TXT'
 
 hookgate is starting. Try it from another shell (in this folder):
@@ -27,4 +34,4 @@ hookgate is starting. Try it from another shell (in this folder):
   curl -s http://127.0.0.1:9464/metrics | grep hookgate_
 
 TXT
-HOOKGATE__STORE__URL=$HOOKGATE_DATABASE_URL exec target/release/hookgate --config config/local.toml serve
+HOOKGATE__STORE__URL=$HOOKGATE_DATABASE_URL exec "$BIN" --config config/local.toml serve

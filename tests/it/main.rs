@@ -11,6 +11,7 @@ mod overload;
 mod pooler;
 mod process;
 mod proxy_protocol;
+mod quickstart;
 mod refusals;
 mod reload;
 mod retention;

@@ -15,7 +15,7 @@ pub fn hookgate() -> Command {
 }
 
 /// `command` without the `HOOKGATE__` overrides of the test runner's environment.
-fn without_overrides(mut command: Command) -> Command {
+pub fn without_overrides(mut command: Command) -> Command {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with(hookgate::config::ENV_PREFIX)) {
         command.env_remove(key);
     }
@@ -179,7 +179,7 @@ impl Drop for GatewayProcess {
 }
 
 /// Polls /readyz until it answers 200; on failure says whether the process exited or what /readyz last said.
-async fn wait_until_ready(child: &mut std::process::Child, admin_port: u16, limit: Duration) -> Result<(), String> {
+pub async fn wait_until_ready(child: &mut std::process::Child, admin_port: u16, limit: Duration) -> Result<(), String> {
     let ready = format!("http://127.0.0.1:{admin_port}/readyz");
     let client = client();
     let deadline = Instant::now() + limit;
