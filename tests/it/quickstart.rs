@@ -40,11 +40,12 @@ async fn the_quickstart_gateway_answers_the_readmes_curl_example_and_stops_on_ct
     std::fs::create_dir_all(&folder).expect("scratch folder");
     let id = unique("evt_quickstart");
     let mut commands = readme_block("### Try it with curl");
+    // `/tmp/` first: the paths put in after it may hold one (a clone under /tmp).
     for (from, to) in [
+        ("/tmp/", format!("{}/", folder.display())),
         ("target/release/hookgate", BIN.to_owned()),
         ("127.0.0.1:8080", format!("127.0.0.1:{port}")),
         ("127.0.0.1:9464", format!("127.0.0.1:{admin}")),
-        ("/tmp/", format!("{}/", folder.display())),
         ("evt_1", id.clone()),
     ] {
         commands = replaced(&commands, from, &to);
