@@ -963,5 +963,29 @@ mod tests {
             assert_eq!(config.sources["stripe"].scheme, Scheme::Stripe);
             assert_eq!(config.log.format, LogFormat::Json);
         }
+
+        // The enqueue kustomization's StatefulSet sets its mode and spill directory by environment over the
+        // same ConfigMap, and mounts its claim at that directory.
+        let statefulset = read("kubernetes/enqueue/statefulset.yaml");
+        let lines: Vec<&str> = statefulset.lines().map(str::trim).collect();
+        let env: Vec<(&str, &str)> = lines
+            .windows(2)
+            .filter_map(|pair| {
+                let name = pair[0].strip_prefix("- name: HOOKGATE__")?;
+                Some((name, pair[1].strip_prefix("value: ")?))
+            })
+            .collect();
+        assert_eq!(env.len(), 2, "{env:?}");
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hookgate.toml", &embedded.join("\n"))?;
+            for (name, value) in &env {
+                jail.set_env(format!("HOOKGATE__{name}"), value);
+            }
+            let enqueue = Config::load(Some(Path::new("hookgate.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(enqueue.queue.ack_mode, AckMode::Enqueue);
+            let spill_dir = enqueue.shutdown.spill_dir.expect("the StatefulSet sets a spill_dir");
+            assert!(lines.contains(&format!("mountPath: {}", spill_dir.display()).as_str()), "{spill_dir:?}");
+            Ok(())
+        });
     }
 }
