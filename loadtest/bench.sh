@@ -183,10 +183,12 @@ find_max() {
   RATE=$(json "$OUT/findmax-$label.json" "int(d['max_sustainable_rate'])")
   cat "$OUT/findmax-$label.txt" >&2
   FOUND=$RATE
-  # No step passed, not even the first. A 5 s step is more fragile than the minute it stands for: a
-  # 140 ms disk stall delays ~2.6% of a step's requests at 2,000/s, and ~0.2% of a minute's. So the
-  # sustained search still runs, from START_RATE; the run used to end here, losing the modes measured
-  # before it (20261128T005210Z: durable's two 2,000/s steps had P99 142 and 15.4 ms).
+  # No step passed: find-max halved the start rate down to 5% of it (its floor) and every step failed.
+  # A 5 s step is more fragile than the minute it stands for: a 140 ms disk stall delays ~2.6% of a
+  # step's requests at 2,000/s, and ~0.2% of a minute's. So the sustained search still runs, from
+  # START_RATE; the run used to end here, losing the modes measured before it (20261128T005210Z:
+  # durable's two 2,000/s steps had P99 142 and 15.4 ms). Until find-max searched below a failed start
+  # rate, this is where 20261207T194758Z's durable search began (its 2,000/s step failed twice).
   if [ "$RATE" -le 0 ]; then
     echo "bench.sh: $label met the SLO ($SLO) in no find-max step, not even at START_RATE=$START_RATE/s; the $SUSTAIN search starts there" >&2
     RATE=$START_RATE

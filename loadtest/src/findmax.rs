@@ -1,5 +1,7 @@
 //! `find-max`: the headline number. Runs short open-loop steps, doubling the rate until P99 passes the SLO,
 //! errors appear or the schedule cannot be kept, then bisects between the last good and first bad rate.
+//! When the start rate itself fails, it halves the rate until a step passes (and bisects up from there),
+//! giving up only below `precision` of the start rate: a search that starts too high still finds a rate.
 //!
 //! On a shared or noisy host one short step can fail on a passing disturbance (a checkpoint, a neighbour's
 //! I/O) and cap the whole search. With `retries`, a failed step is run again at the same rate, and the
@@ -51,7 +53,7 @@ pub struct Step {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FindMaxResult {
-    /// Highest rate that met the SLO with no errors; 0 when even the start rate failed.
+    /// Highest rate that met the SLO with no errors; 0 when no step passed, down to the search's floor.
     pub max_sustainable_rate: f64,
     pub slo_p99_us: u64,
     pub steps: Vec<Step>,
@@ -111,8 +113,10 @@ pub async fn run(
             bad = rate;
         }
         let next = if bad.is_infinite() { (rate * 2.0).min(config.max_rate) } else { f64::midpoint(good, bad) };
+        // Below the start rate (nothing has passed yet, or the bracket lies under it), the precision is a
+        // fraction of the start rate: a start rate that fails halves down to that floor, then gives up.
         let converged = !bad.is_infinite() && (bad - good) <= good.max(config.start_rate) * config.precision;
-        if converged || (ok && rate >= config.max_rate) || (good == 0.0 && !ok && rate <= config.start_rate) {
+        if converged || (ok && rate >= config.max_rate) {
             break;
         }
         rate = next.round();

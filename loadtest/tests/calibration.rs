@@ -233,7 +233,7 @@ async fn the_warmup_is_sent_at_the_rate_but_not_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_not_and_settles_between_steps() {
+async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_searches_below_it_and_settles_between_steps() {
     let _serial = SERIAL.lock().await;
     for retries in [0, 1] {
         let settles = temp(&format!("settles-{retries}"));
@@ -266,15 +266,40 @@ async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_does_no
         assert_eq!(settled, result.steps.len() - 1);
         let _ = std::fs::remove_file(&settles);
         if retries == 0 {
-            // The failed start rate ends the search: nothing is sustainable.
-            assert_eq!(steps, vec![(500.0, 0, false)]);
-            assert!(result.max_sustainable_rate.abs() < 0.5, "{}", result.max_sustainable_rate);
+            // The failed start rate counts as failed: the search halves to 250/s, which passes, and bisects
+            // up from there until the bracket is within 5% of the start rate (25/s).
+            assert_eq!(steps[..2], [(500.0, 0, false), (250.0, 0, true)]);
+            assert!(steps[2..].iter().all(|&(rate, _, _)| rate > 250.0 && rate < 500.0), "{steps:?}");
+            assert!((475.0..500.0).contains(&result.max_sustainable_rate), "{}", result.max_sustainable_rate);
         } else {
             // The retry at the same rate passes, and the search goes on to the maximum.
             assert_eq!(steps, vec![(500.0, 0, false), (500.0, 1, true), (1000.0, 0, true)]);
             assert!((result.max_sustainable_rate - 1000.0).abs() < 0.5, "{}", result.max_sustainable_rate);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_max_halves_a_failing_start_rate_down_to_its_floor_and_then_reports_nothing_sustainable() {
+    let _serial = SERIAL.lock().await;
+    // Every answer takes 60 ms against a 50 ms SLO: no rate passes.
+    let target = start_sink(SinkConfig { delay: Duration::from_millis(60), ..SinkConfig::default() }).await;
+    let config = FindMaxConfig {
+        attack: attack_config(&target, 0.0, 1, 64, None),
+        slo_p99: Duration::from_millis(50),
+        start_rate: 400.0,
+        max_rate: 1000.0,
+        step: Duration::from_secs(1),
+        precision: 0.25,
+        pause: Duration::from_millis(10),
+        retries: 0,
+        settle: None,
+    };
+    let result = findmax::run(&config, |i| Ok(factory(&format!("floor-{i}")))).await.unwrap();
+    let steps: Vec<(f64, bool)> = result.steps.iter().map(|s| (s.rate, s.ok)).collect();
+    // Halved until the rate is within the precision (25% of 400/s) of zero.
+    assert_eq!(steps, vec![(400.0, false), (200.0, false), (100.0, false)]);
+    assert!(result.max_sustainable_rate.abs() < 0.5 && result.best.is_none(), "{result:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
