@@ -294,6 +294,8 @@ async fn a_graceful_stop_after_a_redis_outage_publishes_what_failed_during_it() 
     let gateway = Gateway::start(config).await;
     let client = client();
     assert_eq!(post_stripe(&client, &gateway, &unique("warm")).await.status, 202);
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let failures_before = scrape_metric(&metrics_url, "hookgate_notify_failures_total").await.unwrap_or(0.0);
 
     redis_server.stop();
     let mut acknowledged = Vec::new();
@@ -302,6 +304,13 @@ async fn a_graceful_stop_after_a_redis_outage_publishes_what_failed_during_it() 
         assert_eq!(post_stripe(&client, &gateway, &id).await.status, 202, "Redis is not on the ack path");
         acknowledged.push(id);
     }
+    // Redis comes back only once a publish has failed: on a busy machine the publisher can otherwise reach
+    // these batches after the restart, publish them normally, and the outage tests nothing (seen in CI).
+    let failed = eventually(Duration::from_secs(10), || async {
+        scrape_metric(&metrics_url, "hookgate_notify_failures_total").await.unwrap_or(0.0) > failures_before
+    })
+    .await;
+    assert!(failed, "no publish failed while Redis was down");
     redis_server.restart();
     // Time for the catch-up's probe to find Redis back (its append-only file kept the stream).
     tokio::time::sleep(Duration::from_secs(1)).await;
