@@ -45,6 +45,22 @@ fn attack_config(target: &str, rate: f64, seconds: u64, connections: usize, outp
     }
 }
 
+/// A find-max search against `target` with a 50 ms SLO, 1 s steps from 200/s up to 1000/s, 5% precision, no
+/// retry and no settle command; each test changes what it is about.
+fn search_config(target: &str, connections: usize) -> FindMaxConfig {
+    FindMaxConfig {
+        attack: attack_config(target, 0.0, 1, connections, None),
+        slo_p99: Duration::from_millis(50),
+        start_rate: 200.0,
+        max_rate: 1000.0,
+        step: Duration::from_secs(1),
+        precision: 0.05,
+        pause: Duration::from_millis(10),
+        retries: 0,
+        settle: None,
+    }
+}
+
 fn factory(run: &str) -> PayloadFactory {
     PayloadFactory::new(Scheme::Stripe, SECRET, run.into(), vec!["a.b".into()], 1024, None, 1_700_000_000).unwrap()
 }
@@ -247,15 +263,12 @@ async fn find_max_with_a_retry_sees_past_a_one_off_stall_and_without_one_searche
         })
         .await;
         let config = FindMaxConfig {
-            attack: attack_config(&target, 0.0, 2, 32, None),
-            slo_p99: Duration::from_millis(50),
             start_rate: 500.0,
-            max_rate: 1000.0,
             step: Duration::from_secs(2),
-            precision: 0.05,
             pause: Duration::from_millis(100),
             retries,
             settle: Some(format!("echo step >> {}", settles.display())),
+            ..search_config(&target, 32)
         };
         let result = findmax::run(&config, |i| Ok(factory(&format!("findmax-{retries}-{i}")))).await.unwrap();
         let steps: Vec<(f64, u32, bool)> = result.steps.iter().map(|s| (s.rate, s.attempt, s.ok)).collect();
@@ -284,17 +297,7 @@ async fn find_max_halves_a_failing_start_rate_down_to_its_floor_and_then_reports
     let _serial = SERIAL.lock().await;
     // Every answer takes 60 ms against a 50 ms SLO: no rate passes.
     let target = start_sink(SinkConfig { delay: Duration::from_millis(60), ..SinkConfig::default() }).await;
-    let config = FindMaxConfig {
-        attack: attack_config(&target, 0.0, 1, 64, None),
-        slo_p99: Duration::from_millis(50),
-        start_rate: 400.0,
-        max_rate: 1000.0,
-        step: Duration::from_secs(1),
-        precision: 0.25,
-        pause: Duration::from_millis(10),
-        retries: 0,
-        settle: None,
-    };
+    let config = FindMaxConfig { start_rate: 400.0, precision: 0.25, ..search_config(&target, 64) };
     let result = findmax::run(&config, |i| Ok(factory(&format!("floor-{i}")))).await.unwrap();
     let steps: Vec<(f64, bool)> = result.steps.iter().map(|s| (s.rate, s.ok)).collect();
     // Halved until the rate is within the precision (25% of 400/s) of zero.
@@ -306,17 +309,7 @@ async fn find_max_halves_a_failing_start_rate_down_to_its_floor_and_then_reports
 async fn find_max_stops_with_a_clear_error_when_the_settle_command_fails() {
     let _serial = SERIAL.lock().await;
     let target = start_sink(SinkConfig::default()).await;
-    let config = FindMaxConfig {
-        attack: attack_config(&target, 0.0, 1, 8, None),
-        slo_p99: Duration::from_millis(50),
-        start_rate: 200.0,
-        max_rate: 1000.0,
-        step: Duration::from_secs(1),
-        precision: 0.05,
-        pause: Duration::from_millis(10),
-        retries: 0,
-        settle: Some("exit 3".into()),
-    };
+    let config = FindMaxConfig { settle: Some("exit 3".into()), ..search_config(&target, 8) };
     let err = findmax::run(&config, |i| Ok(factory(&format!("settle-fails-{i}")))).await.expect_err("settle fails");
     assert!(err.to_string().contains("the settle command \"exit 3\" failed"), "{err}");
 }
