@@ -25,7 +25,16 @@
 # HOOKGATE_PG_WAL_DIR runs on a cluster of its own with the WAL elsewhere (PERFORMANCE.md, "The commit's
 # flush, taken out"), and RESULTS.md says where the WAL was.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Bash reads a script while it runs it, so an edit to this file during a run (~40 minutes) is read half-way
+# and breaks it (a run died of `syntax error near unexpected token` that way): run from a copy.
+if [ -z "${HOOKGATE_BENCH_ROOT:-}" ]; then
+  HOOKGATE_BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  copy=$(mktemp "${TMPDIR:-/tmp}/hookgate-bench.XXXXXX")
+  cp "${BASH_SOURCE[0]}" "$copy"
+  HOOKGATE_BENCH_ROOT=$HOOKGATE_BENCH_ROOT exec bash "$copy" "$@"
+fi
+rm -f -- "${BASH_SOURCE[0]}" # the copy: bash keeps it open
+ROOT=$HOOKGATE_BENCH_ROOT
 cd "$ROOT"
 
 SLO=${SLO:-10ms}
