@@ -6,7 +6,8 @@
 #   the compose file parsed and cross-checked    (PyYAML)
 #   each kustomization's objects, as `kubectl apply -k` would build them, cross-checked (PyYAML; no
 #   kustomize binary here): resources exist, `$patch: delete` patches name an object, and what refers to
-#   something (Service and PDB selectors, HPA target, volumes, ConfigMap, StatefulSet serviceName) finds it
+#   something (Service and PDB selectors, HPA target, volumes, ConfigMap, StatefulSet serviceName) finds it,
+#   and the enqueue StatefulSet's pod is the Deployment's plus enqueue mode's additions
 #   systemd-analyze verify on the unit           (when systemd-analyze exists)
 # Python tools go into a virtualenv under .local/ (made once).
 set -euo pipefail
@@ -122,9 +123,24 @@ def check_references(folder, objects):
         if "configMap" in volume and ("ConfigMap", volume["configMap"]["name"]) not in objects:
             problems.append(f"{folder}: volume {name} names a ConfigMap not built")
 
+built = {}
 for folder in ("kubernetes", "kubernetes/enqueue"):
-    folder = os.path.join(base, folder)
-    check_references(folder, build(folder))
+    built[folder] = build(os.path.join(base, folder))
+    check_references(os.path.join(base, folder), built[folder])
+
+# The StatefulSet's pod is the Deployment's plus what enqueue mode adds (its environment, the claim's mount,
+# fsGroup for it): a change to one pod and not the other fails here.
+import copy
+stateful = built["kubernetes/enqueue"].get(("StatefulSet", "hookgate"))
+deployment = built["kubernetes"].get(("Deployment", "hookgate"))
+if stateful and deployment:
+    pod = copy.deepcopy(stateful["spec"]["template"])
+    pod["spec"]["securityContext"].pop("fsGroup", None)
+    for container in pod["spec"]["containers"]:
+        container["env"] = [e for e in container.get("env", []) if "value" not in e]
+        container["volumeMounts"] = [m for m in container.get("volumeMounts", []) if m["name"] != "spill"]
+    if pod != deployment["spec"]["template"]:
+        problems.append("deploy/kubernetes/enqueue/statefulset.yaml: its pod is not the Deployment's plus enqueue mode's additions")
 if problems:
     sys.exit("validate: compose/kustomize problems:\n  " + "\n  ".join(problems))
 PY
