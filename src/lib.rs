@@ -164,8 +164,15 @@ pub enum RunError {
 
 /// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
 /// requests, drain the queue, let the workers flush, flush notifications, close the pool. Each step is
-/// bounded by the config.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+/// bounded by the config. `hurry` (a second signal) ends the waiting: in-flight requests are cut (unanswered,
+/// so their senders retry), what is still queued gets the drain's end at once (written, or spilled with
+/// `shutdown.spill_dir`), and the last steps are not waited for (the outbox keeps what was not published).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    hurry: CancellationToken,
+) -> Result<(), RunError> {
     let sources = config.sources()?;
     if sources.is_empty() {
         return Err(RunError::NoSources);
@@ -265,14 +272,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     info!(ack_mode = ?config.queue.ack_mode, workers = config.workers.count, "hookgate running");
 
     let requests_grace = Duration::from_millis(config.shutdown.requests_grace_ms);
-    serve_webhooks(listeners.webhooks, tls, state, &config.server, shutdown, requests_grace).await;
+    serve_webhooks(listeners.webhooks, tls, state, &config.server, shutdown, requests_grace, &hurry).await;
 
     info!(queued = pipeline.depth(), "draining the queue");
     pipeline.close();
     control.drain.cancel();
     workers.close();
     let drain_grace = Duration::from_millis(config.shutdown.drain_grace_ms);
-    if !shutdown::bounded("drain queue", drain_grace, workers.wait()).await {
+    if !shutdown::bounded_unless_hurried("drain queue", drain_grace, &hurry, workers.wait()).await {
         control.abort.cancel();
         shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
     }
@@ -288,8 +295,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     }
     notifier_stop.cancel();
-    shutdown::bounded("flush notifications", Duration::from_secs(5), notifier_tasks.wait()).await;
-    shutdown::bounded("close database pool", Duration::from_secs(5), store.close()).await;
+    shutdown::bounded_unless_hurried("flush notifications", Duration::from_secs(5), &hurry, notifier_tasks.wait())
+        .await;
+    shutdown::bounded_unless_hurried("close database pool", Duration::from_secs(5), &hurry, store.close()).await;
     admin_stop.cancel();
     let _ = admin.await;
     info!("hookgate stopped");

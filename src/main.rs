@@ -134,17 +134,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config)
         .await
         .with_context(|| format!("binding {} and {}", config.server.listen, config.admin.listen))?;
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
+    let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
+    let (begin, hasten) = (shutdown.clone(), hurry.clone());
+    let mut signals = hookgate::shutdown::Signals::new();
     tokio::spawn(async move {
-        hookgate::shutdown::signal().await;
-        info!("shutdown signal received; draining (send it again to exit at once)");
-        trigger.cancel();
-        hookgate::shutdown::signal().await;
-        warn!("second shutdown signal: exiting without draining");
+        signals.recv().await;
+        info!("shutdown signal received; draining (send it again to stop waiting, a third time to exit at once)");
+        begin.cancel();
+        signals.recv().await;
+        // Not an exit yet: in enqueue mode the queue holds acknowledged events, which the drain's end still
+        // writes or spills (a file write, milliseconds); an exit now would lose them.
+        warn!(
+            "second shutdown signal: no more waiting; what is still queued is written or spilled, then hookgate exits"
+        );
+        hasten.cancel();
+        signals.recv().await;
+        warn!("third shutdown signal: exiting at once");
         std::process::exit(130);
     });
-    hookgate::run(config, listeners, shutdown).await?;
+    hookgate::run(config, listeners, shutdown, hurry).await?;
     Ok(())
 }
 

@@ -3,30 +3,55 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+/// SIGTERM and SIGINT (Ctrl-C), listened for from creation on: a signal that comes between two `recv`s is
+/// kept for the next, not missed.
+pub struct Signals {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    pub fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                // Signal handlers could not be installed: Ctrl-C only, as on other systems.
+                _ => None,
+            };
+            Self { streams }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Completes on the next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.streams {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Completes on the first SIGTERM or SIGINT (Ctrl-C).
 pub async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                // Signal handlers could not be installed: fall back to Ctrl-C only.
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    Signals::new().recv().await;
 }
 
 /// Runs one shutdown step for at most `bound`; logs a warning naming the step when the bound is hit.
@@ -37,5 +62,24 @@ pub async fn bounded<F: Future>(step: &'static str, bound: Duration, work: F) ->
     } else {
         warn!(step, bound_ms = bound.as_millis() as u64, "shutdown step did not finish within its bound");
         false
+    }
+}
+
+/// As [`bounded`], and ended early by `hurry` (a second shutdown signal: the operator will not wait for this
+/// step). Returns whether the step completed.
+pub async fn bounded_unless_hurried<F: Future>(
+    step: &'static str,
+    bound: Duration,
+    hurry: &CancellationToken,
+    work: F,
+) -> bool {
+    tokio::select! {
+        // Biased: once hurried, a later step is not begun at all.
+        biased;
+        () = hurry.cancelled() => {
+            warn!(step, "shutdown hurried by a second signal: not waiting for this step");
+            false
+        }
+        done = bounded(step, bound, work) => done,
     }
 }

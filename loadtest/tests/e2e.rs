@@ -34,7 +34,9 @@ async fn start_gateway(config: Config, source: &str) -> (String, CancellationTok
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move {
-        hookgate::run(config, hookgate::Listeners { webhooks, admin }, token).await.expect("gateway run");
+        hookgate::run(config, hookgate::Listeners { webhooks, admin }, token, CancellationToken::new())
+            .await
+            .expect("gateway run");
     });
     (url, stop, task)
 }

@@ -32,7 +32,8 @@ use crate::WarnThrottle;
 pub use webhook::WebhookState;
 
 /// Serves webhooks on `listener` (HTTPS when `tls` is given) until `stop` is cancelled, then lets in-flight
-/// requests finish for at most `grace`. Returns when every connection is closed or the grace has passed.
+/// requests finish for at most `grace`, or until `hurry`. Returns when every connection is closed or the
+/// wait is over.
 pub async fn serve_webhooks(
     listener: TcpListener,
     tls: Option<tls::TlsTermination>,
@@ -40,6 +41,7 @@ pub async fn serve_webhooks(
     config: &ServerConfig,
     stop: CancellationToken,
     grace: Duration,
+    hurry: &CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -112,8 +114,13 @@ pub async fn serve_webhooks(
     }
     drop(listener);
     info!(open_connections = graceful.count(), "webhook listener closed; finishing in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
+    tokio::select! {
+        biased;
+        // Their connections close as the process exits: unanswered, so their senders send them again.
+        () = hurry.cancelled() => warn!("shutdown hurried by a second signal: in-flight requests left unanswered"),
+        finished = tokio::time::timeout(grace, graceful.shutdown()) => if finished.is_err() {
+            warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
+        },
     }
 }
 

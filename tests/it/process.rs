@@ -159,6 +159,22 @@ impl GatewayProcess {
         assert!(status.is_ok_and(|s| s.success()), "kill -{name} {}", self.child.id());
     }
 
+    /// Its exit status, once it has exited within `limit`; `None` while it still runs. Polled rather than
+    /// waited for on a blocking thread: the child stays here, so the drop finds it exited (and keeps its log
+    /// if an assertion fails).
+    pub async fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGKILL: no drain, no flush, as a crash or an OOM kill.
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();
@@ -255,14 +271,7 @@ async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
     let signalled = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
 
-    // Polled rather than waited for on a blocking thread: the child stays with `gateway`, whose drop then
-    // finds it exited (and keeps its log if an assertion below fails).
-    let exit = loop {
-        if let Some(status) = gateway.child.try_wait().expect("wait") {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let exit = gateway.exit_within(Duration::from_secs(60)).await.expect("exited");
     let took = signalled.elapsed();
     stop_sending.store(true, Ordering::Relaxed);
     assert!(exit.success(), "hookgate exited with {exit:?}");
@@ -284,6 +293,94 @@ async fn sigterm_under_load_exits_in_time_and_every_202_is_stored() {
         acknowledged.len()
     );
     let _ = std::fs::remove_file(config);
+}
+
+/// Holds an exclusive lock on `events` until dropped (rolled back): the gateway's inserts wait behind it, as
+/// they do on a database that stopped answering.
+async fn lock_events(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut locked = db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *locked).await.expect("lock events");
+    locked
+}
+
+/// Enqueue mode, Postgres not answering, a drain grace of a minute: a second SIGTERM ends the wait, and the
+/// acknowledged events still queued are spilled rather than lost (an exit at once would lose them); the
+/// next start stores them, each once and on its stream.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once_and_spills_what_was_acknowledged() {
+    let db = TestDb::create().await;
+    let spill_dir = scratch("spill-hurried");
+    let spill = spill_dir.to_str().expect("utf-8 path");
+    let env = [
+        ("HOOKGATE__QUEUE__ACK_MODE", "enqueue"),
+        ("HOOKGATE__SHUTDOWN__SPILL_DIR", spill),
+        ("HOOKGATE__SHUTDOWN__DRAIN_GRACE_MS", "60000"),
+    ];
+    let (mut gateway, log) = start_logging_json(&db.url, "hurried", &env).await;
+    let client = client();
+    let locked = lock_events(&db).await;
+    let ids: Vec<String> = (0..3).map(|_| unique("evt_hurried")).collect();
+    for id in &ids {
+        let answer = post_stripe_with(&client, &gateway.url("stripe"), id).await;
+        assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
+    }
+
+    gateway.signal("TERM");
+    assert!(gateway.exit_within(Duration::from_secs(1)).await.is_none(), "draining: the queue waits on Postgres");
+    let hurried = Instant::now();
+    gateway.signal("TERM");
+    let exit = gateway.exit_within(Duration::from_secs(20)).await.expect("exits well before the minute's drain grace");
+    let took = hurried.elapsed();
+    assert!(exit.success(), "a hurried stop is still a clean one: {exit:?}");
+    let (text, hurried_steps) = json_log_lines_with(&log, "shutdown hurried by a second signal");
+    assert!(
+        hurried_steps.iter().any(|line| line["step"] == "drain queue"),
+        "the drain's wait is what the second signal ended: {text}"
+    );
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&spill_dir)
+        .expect("spill dir")
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("spill-")))
+        .collect();
+    assert_eq!(files.len(), 1, "one spill file: {files:?}");
+    let spilled = std::fs::read_to_string(&files[0]).expect("spill file");
+    assert!(ids.iter().all(|id| spilled.contains(id.as_str())) && spilled.lines().count() == 3, "{spilled}");
+    drop(locked);
+
+    let (_gateway, _log) = start_logging_json(&db.url, "hurried-restart", &env).await;
+    let stored = eventually(Duration::from_secs(10), || async {
+        let stored = db.stored_ids().await;
+        ids.iter().all(|id| stored.contains(id))
+    });
+    assert!(stored.await, "the spilled events are stored at the next start");
+    assert_eq!(db.count().await, 3, "each once");
+    assert!(eventually(Duration::from_secs(10), || async { !files[0].exists() }).await, "the file goes once stored");
+    println!(
+        "RELIABILITY | enqueue, Postgres locked, drain grace 60 s: a second SIGTERM 1 s into the drain | 3 | 3 | 0 | \
+         exited 0 in {took:.1?} after it, the three spilled, stored once at the next start | -"
+    );
+    let _ = std::fs::remove_dir_all(&spill_dir);
+}
+
+/// A third signal is the way out when even the hurried stop waits (here on a statement Postgres holds, with
+/// no spill_dir to turn to): the process exits at once with 130. After two it would wait for the workers'
+/// 2 s bound and exit 0.
+#[tokio::test]
+async fn a_third_signal_exits_at_once() {
+    let db = TestDb::create().await;
+    let env = [("HOOKGATE__QUEUE__ACK_MODE", "enqueue"), ("HOOKGATE__SHUTDOWN__DRAIN_GRACE_MS", "60000")];
+    let (mut gateway, _log) = start_logging_json(&db.url, "third-signal", &env).await;
+    let locked = lock_events(&db).await;
+    let answer = post_stripe_with(&client(), &gateway.url("stripe"), &unique("evt_third")).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    for _ in 0..3 {
+        gateway.signal("TERM");
+        // Apart, so that each is its own signal rather than one the kernel merges with the last.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let exit = gateway.exit_within(Duration::from_secs(10)).await.expect("exits");
+    assert_eq!(exit.code(), Some(130), "the third signal's exit, not the hurried stop's: {exit:?}");
+    drop(locked);
 }
 
 #[test]

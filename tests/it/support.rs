@@ -268,7 +268,9 @@ impl Gateway {
         let addr = webhooks.local_addr().expect("addr");
         let admin_addr = admin.local_addr().expect("admin addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(hookgate::run(config, hookgate::Listeners { webhooks, admin }, shutdown.clone()));
+        // Stopped by `shutdown` alone: the hurried stop of a second signal is the binary's (`process` tests it).
+        let listeners = hookgate::Listeners { webhooks, admin };
+        let task = tokio::spawn(hookgate::run(config, listeners, shutdown.clone(), CancellationToken::new()));
         Self { addr, admin: admin_addr, shutdown, task }
     }
 
