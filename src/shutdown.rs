@@ -34,12 +34,17 @@ impl Signals {
         #[cfg(unix)]
         if let Some((term, int)) = &mut self.streams {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                Some(()) = term.recv() => {}
+                Some(()) = int.recv() => {}
+                // Both streams ended (the runtime is shutting down): no signal can come, and none came.
+                else => std::future::pending::<()>().await,
             }
             return;
         }
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No handler could be installed: the signals keep their default action, which ends the process.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
