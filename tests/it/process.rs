@@ -305,7 +305,7 @@ async fn lock_events(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> 
 
 /// Enqueue mode, Postgres not answering, a drain grace of a minute: a second SIGTERM ends the wait, and the
 /// acknowledged events still queued are spilled rather than lost (an exit at once would lose them); the
-/// next start stores them, each once and on its stream.
+/// next start stores them, each once (their stream after an import: the `hardening` spill test).
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once_and_spills_what_was_acknowledged() {
     let db = TestDb::create().await;
