@@ -114,14 +114,8 @@ pub async fn serve_webhooks(
     }
     drop(listener);
     info!(open_connections = graceful.count(), "webhook listener closed; finishing in-flight requests");
-    tokio::select! {
-        biased;
-        // Their connections close as the process exits: unanswered, so their senders send them again.
-        () = hurry.cancelled() => warn!("shutdown hurried by a second signal: in-flight requests left unanswered"),
-        finished = tokio::time::timeout(grace, graceful.shutdown()) => if finished.is_err() {
-            warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
-        },
-    }
+    // Requests left when the wait ends go unanswered as the process exits, so their senders send them again.
+    crate::shutdown::bounded_unless_hurried("finish in-flight requests", grace, hurry, graceful.shutdown()).await;
 }
 
 /// What every connection of the webhook listener is served with.
