@@ -284,7 +284,12 @@ pub async fn run(
         shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
     }
     if let Some(spill) = &spill {
-        match spill.finish() {
+        // On a blocking thread, as the writes: the file and its directory are synced.
+        let finishing = Arc::clone(spill);
+        let finished = tokio::task::spawn_blocking(move || finishing.finish())
+            .await
+            .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)));
+        match finished {
             Ok(Some((file, events))) => {
                 warn!(events, file = %file.display(), "acknowledged events spilled; they are stored from the file at the next start");
             }

@@ -407,7 +407,7 @@ impl Writer {
                     // Retried until the drain ran out of time.
                     crate::metrics::record_store_error("aborted");
                     if acknowledged[start..end].contains(&true) {
-                        self.spill_acknowledged(events, &acknowledged[start..end], e);
+                        self.spill_acknowledged(events, &acknowledged[start..end], e).await;
                         runs.push(Run { start, written });
                         continue;
                     }
@@ -464,7 +464,7 @@ impl Writer {
     /// were written, and their senders will not send them again: they go to the spill file, stored from it at
     /// the next start. Without one (no `shutdown.spill_dir`, or a write that failed) they are lost, and each is
     /// named in the log, for the operator to fetch from the sender (Stripe's events API, its dashboard).
-    fn spill_acknowledged(&self, events: &[&NewEvent], acknowledged: &[bool], cause: &StoreError) {
+    async fn spill_acknowledged(&self, events: &[&NewEvent], acknowledged: &[bool], cause: &StoreError) {
         let events: Vec<&NewEvent> = events
             .iter()
             .zip(acknowledged)
@@ -472,7 +472,17 @@ impl Writer {
             .map(|(event, _)| *event)
             .collect();
         let spilled = match &self.spill {
-            Some(spill) => spill.write(&events).map_err(|e| format!("cannot write to {}: {e}", spill.dir().display())),
+            Some(spill) => {
+                let dir = spill.dir().display().to_string();
+                let spill = Arc::clone(spill);
+                let owned: Vec<NewEvent> = events.iter().map(|event| (*event).clone()).collect();
+                // On a blocking thread: each write syncs the file, and a slow disk must not stall the runtime's
+                // threads (the shutdown's time bounds, a third signal, the admin port all run on them).
+                tokio::task::spawn_blocking(move || spill.write(&owned.iter().collect::<Vec<_>>()))
+                    .await
+                    .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
+                    .map_err(|e| format!("cannot write to {dir}: {e}"))
+            }
             None => Err("no shutdown.spill_dir".to_owned()),
         };
         crate::metrics::record_spilled(events.len(), spilled.is_ok());
