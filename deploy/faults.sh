@@ -16,7 +16,7 @@ echo "== fuzz: parser properties, $FUZZ_CASES cases each"
 HOOKGATE_FUZZ_CASES=$FUZZ_CASES cargo test --quiet --lib never_panics
 
 echo "== fault and attack tests"
-cargo test --quiet --test it -- --nocapture hardening:: notify::a_redis_outage notify::a_full_redis process::sigterm process::a_second_signal 2>&1 | tee .local/faults.log \
+cargo test --quiet --test it -- --nocapture hardening:: notify::a_redis_outage notify::a_full_redis process::sigterm process::a_second_signal process::a_spill_slower 2>&1 | tee .local/faults.log \
   | grep -E "^test result|FAILED|panicked" || true
 grep -q "^test result: ok" .local/faults.log || { echo "faults: FAILED (see .local/faults.log)" >&2; exit 1; }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Throwaway local Postgres and Redis on loopback, for development, tests and benchmarks. Idempotent.
 #
-#   deploy/services.sh start            start both (installing them, Prometheus and PgBouncer for the tests,
-#                                       and curl for the README's examples, from apt when missing); print the env
+#   deploy/services.sh start            start both (installing them, Prometheus, PgBouncer and strace for the
+#                                       tests, and curl for the README's examples, from apt when missing); print
+#                                       the env
 #   deploy/services.sh stop             stop both
 #   deploy/services.sh status           say what runs
 #   deploy/services.sh env              print the environment variables (eval-able)
@@ -63,6 +64,11 @@ ensure_prometheus_installed() {
 # also enables a system pgbouncer on port 6432, which nothing here uses.
 ensure_pgbouncer_installed() {
   command -v pgbouncer >/dev/null || apt_install pgbouncer
+}
+
+# A test that slows the gateway's disk syncs (tests/it/process.rs, `slow_fdatasync`).
+ensure_strace_installed() {
+  command -v strace >/dev/null || apt_install strace
 }
 
 # The README's "Try it with curl" (and the test that runs it, tests/it/quickstart.rs).
@@ -237,7 +243,7 @@ drop_test_databases() {
 }
 
 case "${1:-start}" in
-  start) start_postgres; start_redis; ensure_prometheus_installed; ensure_pgbouncer_installed; ensure_curl_installed; print_env ;;
+  start) start_postgres; start_redis; ensure_prometheus_installed; ensure_pgbouncer_installed; ensure_strace_installed; ensure_curl_installed; print_env ;;
   stop) stop_postgres; stop_redis ;;
   status)
     if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT ($(pg_data_dir))"; else echo "postgres: stopped"; fi

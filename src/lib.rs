@@ -281,7 +281,15 @@ pub async fn run(
     let drain_grace = Duration::from_millis(config.shutdown.drain_grace_ms);
     if !shutdown::bounded_unless_hurried("drain queue", drain_grace, &hurry, workers.wait()).await {
         control.abort.cancel();
-        shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
+        if spill.is_some() {
+            // Aborted, the workers no longer wait on Postgres: what they hold goes to the spill file, which is
+            // disk work alone, and it is waited for to its end. A bound here would exit with the events not
+            // yet written still in memory, lost although acknowledged.
+            shutdown::to_the_end("spill unwritten events", Duration::from_secs(2), workers.wait()).await;
+        } else {
+            // The last try of each batch may wait on a database that does not answer.
+            shutdown::bounded("abort workers", Duration::from_secs(2), workers.wait()).await;
+        }
     }
     if let Some(spill) = &spill {
         // On a blocking thread, as the writes: the file and its directory are synced.

@@ -1,7 +1,7 @@
 //! Shutdown: waiting for SIGTERM/SIGINT, and running each drain step within its time bound.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -86,5 +86,24 @@ pub async fn bounded_unless_hurried<F: Future>(
             false
         }
         done = bounded(step, bound, work) => done,
+    }
+}
+
+/// Runs a step that must not be cut, however long it takes: cut, it would lose what it has not yet written
+/// (acknowledged events on their way to the spill file). A warning naming it is logged every `every` while
+/// it runs, so that a slow disk is seen; only an exit (a third signal) or a kill ends it early.
+pub async fn to_the_end<F: Future>(step: &'static str, every: Duration, work: F) -> F::Output {
+    let started = Instant::now();
+    tokio::pin!(work);
+    loop {
+        match tokio::time::timeout(every, &mut work).await {
+            Ok(output) => return output,
+            Err(_) => warn!(
+                step,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "shutdown step still running; waited for to its end, since what it has not written would be lost \
+                 (a third signal exits at once)"
+            ),
+        }
     }
 }

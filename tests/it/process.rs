@@ -337,11 +337,7 @@ async fn a_second_signal_ends_the_drain_at_once_and_spills_what_was_acknowledged
         hurried_steps.iter().any(|line| line["step"] == "drain queue"),
         "the drain's wait is what the second signal ended: {text}"
     );
-    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&spill_dir)
-        .expect("spill dir")
-        .filter_map(|entry| Some(entry.ok()?.path()))
-        .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("spill-")))
-        .collect();
+    let files = spill_files(&spill_dir);
     assert_eq!(files.len(), 1, "one spill file: {files:?}");
     let spilled = std::fs::read_to_string(&files[0]).expect("spill file");
     assert!(ids.iter().all(|id| spilled.contains(id.as_str())) && spilled.lines().count() == 3, "{spilled}");
@@ -358,6 +354,105 @@ async fn a_second_signal_ends_the_drain_at_once_and_spills_what_was_acknowledged
     println!(
         "RELIABILITY | enqueue, Postgres locked, drain grace 60 s: a second SIGTERM 1 s into the drain | 3 | 3 | 0 | \
          exited 0 in {took:.1?} after it, the three spilled, stored once at the next start | -"
+    );
+    let _ = std::fs::remove_dir_all(&spill_dir);
+}
+
+/// The spill files in `dir` (finished or `.partial`).
+fn spill_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("spill dir")
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("spill-")))
+        .collect()
+}
+
+/// Traces every thread of `pid` with strace, each `fdatasync` held `delay` before it returns: a disk that
+/// syncs slowly, for this process alone. Returns once strace is attached to all of them (it ends with the
+/// process; kill it sooner if the test ends first).
+async fn slow_fdatasync(pid: u32, delay: Duration) -> std::process::Child {
+    let inject = format!("fdatasync:delay_exit={}", delay.as_micros());
+    let strace = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=fdatasync", "-e", "signal=none", "-e", &format!("inject={inject}")])
+        .args(["-o", "/dev/null", "-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("strace (deploy/services.sh start installs it)");
+    let all_traced = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.filter_map(Result::ok).all(|task| {
+                std::fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+                    status
+                        .lines()
+                        .any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
+                })
+            })
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), || async { all_traced() }).await, "strace attached to {pid}");
+    strace
+}
+
+/// Enqueue mode with a spill_dir, Postgres not answering, and a disk whose syncs take 0.5 s: the drain's
+/// end spills twelve acknowledged events one write each, 6 s in all, and the stop waits for every one. With
+/// the workers' 2 s bound it finished the file after the first eight and went on to its last steps while the
+/// workers wrote the rest into a second file, left `.partial` at the exit: lost had the exit come sooner
+/// (the last steps took 10 s here, waiting on the locked table), and cut at a kill.
+#[tokio::test]
+async fn a_spill_slower_than_the_abort_bound_is_written_to_its_end() {
+    let db = TestDb::create().await;
+    let spill_dir = scratch("spill-slow-disk");
+    let spill = spill_dir.to_str().expect("utf-8 path");
+    let env = [
+        ("HOOKGATE__QUEUE__ACK_MODE", "enqueue"),
+        ("HOOKGATE__SHUTDOWN__SPILL_DIR", spill),
+        ("HOOKGATE__SHUTDOWN__DRAIN_GRACE_MS", "300"),
+        // One event a write, one sync each.
+        ("HOOKGATE__WORKERS__BATCH_MAX", "1"),
+    ];
+    let (mut gateway, log) = start_logging_json(&db.url, "slow-spill", &env).await;
+    let client = client();
+    let locked = lock_events(&db).await;
+    let ids: Vec<String> = (0..12).map(|_| unique("evt_slow_spill")).collect();
+    for id in &ids {
+        let answer = post_stripe_with(&client, &gateway.url("stripe"), id).await;
+        assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
+    }
+    let mut strace = slow_fdatasync(gateway.child.id(), Duration::from_millis(500)).await;
+
+    let stopping = Instant::now();
+    gateway.signal("TERM");
+    let finished = || spill_files(&spill_dir).iter().any(|file| file.extension().is_some_and(|ext| ext == "jsonl"));
+    assert!(eventually(Duration::from_secs(60), || async { finished() }).await, "the spill file is finished");
+    let took = stopping.elapsed();
+    // Unlocked, the last steps (the notifier's flush, the pool's close) need not wait out their bounds.
+    drop(locked);
+    let exit = gateway.exit_within(Duration::from_secs(30)).await.expect("exits once the spill is written");
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert!(exit.success(), "{exit:?}");
+    let (text, still_running) = json_log_lines_with(&log, "shutdown step still running");
+    let files = spill_files(&spill_dir);
+    assert_eq!(files.len(), 1, "one spill file, finished once all was in it: {files:?}\n{text}");
+    assert!(files[0].extension().is_some_and(|ext| ext == "jsonl"), "finished, not left .partial: {files:?}");
+    let spilled = std::fs::read_to_string(&files[0]).expect("spill file");
+    assert!(ids.iter().all(|id| spilled.contains(id.as_str())) && spilled.lines().count() == 12, "{spilled}");
+    assert!(
+        still_running.iter().any(|line| line["step"] == "spill unwritten events"),
+        "the slow spill is named while it runs: {text}"
+    );
+
+    let (_gateway, _log) = start_logging_json(&db.url, "slow-spill-restart", &env).await;
+    let stored = eventually(Duration::from_secs(10), || async {
+        let stored = db.stored_ids().await;
+        ids.iter().all(|id| stored.contains(id))
+    });
+    assert!(stored.await, "the spilled events are stored at the next start");
+    assert_eq!(db.count().await, 12, "each once");
+    println!(
+        "RELIABILITY | enqueue, Postgres locked, spill_dir on a disk whose syncs take 0.5 s (strace): SIGTERM, \
+         drain grace 300 ms, twelve one-event spill writes | 12 | 12 | 0 | the file finished {took:.1?} after \
+         the SIGTERM, past the workers' 2 s bound, with all twelve in it; stored once at the next start | -"
     );
     let _ = std::fs::remove_dir_all(&spill_dir);
 }
