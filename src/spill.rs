@@ -14,7 +14,7 @@
 //! and imported like any other.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead as _, BufReader, BufWriter, Write as _};
+use std::io::{self, BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -258,9 +259,14 @@ pub struct Imported {
 /// Imports every finished file in `dir` through `pipeline`, `chunk` events at a time, each chunk's batches
 /// waited for before the next is read. A file is removed once all of it is stored, and otherwise rewritten
 /// (through a temporary file and a rename) with the lines still to store.
+///
+/// The files are read, rewritten and removed off the runtime's threads (tokio's file I/O, a blocking task for
+/// the rewrite and its syncs): the import runs beside live requests, and a slow disk must not stall them.
 pub async fn import(dir: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
     let mut total = Imported::default();
-    for file in finished_files(dir)? {
+    let listed = dir.to_path_buf();
+    let files = tokio::task::spawn_blocking(move || finished_files(&listed)).await.map_err(io::Error::other)??;
+    for file in files {
         // A file that cannot be read (or rewritten) is left as it is, and does not hold back the others.
         match import_file(&file, pipeline, chunk.max(1)).await {
             Ok(imported) => {
@@ -279,8 +285,10 @@ pub async fn import(dir: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result
 }
 
 async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
-    // Lines as bytes: one that is not UTF-8 (a damaged file) is kept like any line that does not parse.
-    let mut lines = BufReader::new(File::open(path)?).split(b'\n');
+    // Lines as bytes: one that is not UTF-8 (a damaged file) is kept like any line that does not parse. Read
+    // 256 KiB at a time: each read of tokio's file is a hop to a blocking thread.
+    let file = tokio::fs::File::open(path).await?;
+    let mut lines = tokio::io::BufReader::with_capacity(256 * 1024, file).split(b'\n');
     let mut kept: Vec<Vec<u8>> = Vec::new();
     let mut stored = 0;
     // The queue slots of the import's events, apart from any source's share (their source may be gone).
@@ -289,7 +297,7 @@ async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Resu
     loop {
         let mut waiting = Vec::with_capacity(chunk);
         while waiting.len() < chunk {
-            let Some(line) = lines.next().transpose()? else { break };
+            let Some(line) = lines.next_segment().await? else { break };
             number += 1;
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -337,14 +345,16 @@ async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Resu
         }
     }
     crate::metrics::record_spill_imported(stored);
+    let kept_lines = kept.len();
     if kept.is_empty() {
-        fs::remove_file(path)?;
+        tokio::fs::remove_file(path).await?;
         info!(file = %path.display(), events = stored, "spill file stored and removed");
     } else {
-        rewrite(path, &kept)?;
-        warn!(file = %path.display(), stored, kept = kept.len(), "spill file partly stored; the rest stays in it and is tried again");
+        let rewritten = path.to_path_buf();
+        tokio::task::spawn_blocking(move || rewrite(&rewritten, &kept)).await.map_err(io::Error::other)??;
+        warn!(file = %path.display(), stored, kept = kept_lines, "spill file partly stored; the rest stays in it and is tried again");
     }
-    Ok(Imported { stored, kept: kept.len() })
+    Ok(Imported { stored, kept: kept_lines })
 }
 
 /// Takes the body's bytes from the body memory budget, waiting while live requests hold it; None once the
