@@ -317,13 +317,8 @@ async fn a_second_signal_ends_the_drain_at_once_and_spills_what_was_acknowledged
         ("HOOKGATE__SHUTDOWN__DRAIN_GRACE_MS", "60000"),
     ];
     let (mut gateway, log) = start_logging_json(&db.url, "hurried", &env).await;
-    let client = client();
     let locked = lock_events(&db).await;
-    let ids: Vec<String> = (0..3).map(|_| unique("evt_hurried")).collect();
-    for id in &ids {
-        let answer = post_stripe_with(&client, &gateway.url("stripe"), id).await;
-        assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
-    }
+    let ids = post_queued(&gateway, 3, "evt_hurried").await;
 
     gateway.signal("TERM");
     assert!(gateway.exit_within(Duration::from_secs(1)).await.is_none(), "draining: the queue waits on Postgres");
@@ -339,23 +334,51 @@ async fn a_second_signal_ends_the_drain_at_once_and_spills_what_was_acknowledged
     );
     let files = spill_files(&spill_dir);
     assert_eq!(files.len(), 1, "one spill file: {files:?}");
-    let spilled = std::fs::read_to_string(&files[0]).expect("spill file");
-    assert!(ids.iter().all(|id| spilled.contains(id.as_str())) && spilled.lines().count() == 3, "{spilled}");
+    assert_holds_exactly(&files[0], &ids);
     drop(locked);
 
-    let (_gateway, _log) = start_logging_json(&db.url, "hurried-restart", &env).await;
-    let stored = eventually(Duration::from_secs(10), || async {
-        let stored = db.stored_ids().await;
-        ids.iter().all(|id| stored.contains(id))
-    });
-    assert!(stored.await, "the spilled events are stored at the next start");
-    assert_eq!(db.count().await, 3, "each once");
+    let _gateway = stored_once_at_the_next_start(&db, "hurried-restart", &env, &ids).await;
     assert!(eventually(Duration::from_secs(10), || async { !files[0].exists() }).await, "the file goes once stored");
     println!(
         "RELIABILITY | enqueue, Postgres locked, drain grace 60 s: a second SIGTERM 1 s into the drain | 3 | 3 | 0 | \
          exited 0 in {took:.1?} after it, the three spilled, stored once at the next start | -"
     );
     let _ = std::fs::remove_dir_all(&spill_dir);
+}
+
+/// Posts `count` Stripe events (ids from `prefix`) that enqueue mode answers 202 `queued`; returns their ids.
+async fn post_queued(gateway: &GatewayProcess, count: usize, prefix: &str) -> Vec<String> {
+    let client = client();
+    let ids: Vec<String> = (0..count).map(|_| unique(prefix)).collect();
+    for id in &ids {
+        let answer = post_stripe_with(&client, &gateway.url("stripe"), id).await;
+        assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
+    }
+    ids
+}
+
+/// Asserts that the spill file holds `ids`, one line each, and nothing else.
+fn assert_holds_exactly(file: &std::path::Path, ids: &[String]) {
+    let spilled = std::fs::read_to_string(file).expect("spill file");
+    assert!(ids.iter().all(|id| spilled.contains(id.as_str())) && spilled.lines().count() == ids.len(), "{spilled}");
+}
+
+/// Starts the gateway again (`env` as before, so the same spill_dir) and asserts that it stores `ids` from
+/// the spill file, each once (the test's database holds nothing else). Returns it, running.
+async fn stored_once_at_the_next_start(
+    db: &TestDb,
+    name: &str,
+    env: &[(&str, &str)],
+    ids: &[String],
+) -> GatewayProcess {
+    let (gateway, _log) = start_logging_json(&db.url, name, env).await;
+    let stored = eventually(Duration::from_secs(10), || async {
+        let stored = db.stored_ids().await;
+        ids.iter().all(|id| stored.contains(id))
+    });
+    assert!(stored.await, "the spilled events are stored at the next start");
+    assert_eq!(usize::try_from(db.count().await).ok(), Some(ids.len()), "each once");
+    gateway
 }
 
 /// The spill files in `dir` (finished or `.partial`).
@@ -411,13 +434,8 @@ async fn a_spill_slower_than_the_abort_bound_is_written_to_its_end() {
         ("HOOKGATE__WORKERS__BATCH_MAX", "1"),
     ];
     let (mut gateway, log) = start_logging_json(&db.url, "slow-spill", &env).await;
-    let client = client();
     let locked = lock_events(&db).await;
-    let ids: Vec<String> = (0..12).map(|_| unique("evt_slow_spill")).collect();
-    for id in &ids {
-        let answer = post_stripe_with(&client, &gateway.url("stripe"), id).await;
-        assert_eq!((answer.status, answer.json["status"].as_str()), (202, Some("queued")), "{answer:?}");
-    }
+    let ids = post_queued(&gateway, 12, "evt_slow_spill").await;
     let mut strace = slow_fdatasync(gateway.child.id(), Duration::from_millis(500)).await;
 
     let stopping = Instant::now();
@@ -435,20 +453,13 @@ async fn a_spill_slower_than_the_abort_bound_is_written_to_its_end() {
     let files = spill_files(&spill_dir);
     assert_eq!(files.len(), 1, "one spill file, finished once all was in it: {files:?}\n{text}");
     assert!(files[0].extension().is_some_and(|ext| ext == "jsonl"), "finished, not left .partial: {files:?}");
-    let spilled = std::fs::read_to_string(&files[0]).expect("spill file");
-    assert!(ids.iter().all(|id| spilled.contains(id.as_str())) && spilled.lines().count() == 12, "{spilled}");
+    assert_holds_exactly(&files[0], &ids);
     assert!(
         still_running.iter().any(|line| line["step"] == "spill unwritten events"),
         "the slow spill is named while it runs: {text}"
     );
 
-    let (_gateway, _log) = start_logging_json(&db.url, "slow-spill-restart", &env).await;
-    let stored = eventually(Duration::from_secs(10), || async {
-        let stored = db.stored_ids().await;
-        ids.iter().all(|id| stored.contains(id))
-    });
-    assert!(stored.await, "the spilled events are stored at the next start");
-    assert_eq!(db.count().await, 12, "each once");
+    let _gateway = stored_once_at_the_next_start(&db, "slow-spill-restart", &env, &ids).await;
     println!(
         "RELIABILITY | enqueue, Postgres locked, spill_dir on a disk whose syncs take 0.5 s (strace): SIGTERM, \
          drain grace 300 ms, twelve one-event spill writes | 12 | 12 | 0 | the file finished {took:.1?} after \
