@@ -292,12 +292,9 @@ pub async fn run(
         }
     }
     if let Some(spill) = &spill {
-        // On a blocking thread, as the writes: the file and its directory are synced.
+        // Off the runtime's threads, as the writes: the file and its directory are synced.
         let finishing = Arc::clone(spill);
-        let finished = tokio::task::spawn_blocking(move || finishing.finish())
-            .await
-            .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)));
-        match finished {
+        match spill::off_runtime(move || finishing.finish()).await {
             Ok(Some((file, events))) => {
                 warn!(events, file = %file.display(), "acknowledged events spilled; they are stored from the file at the next start");
             }

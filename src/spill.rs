@@ -231,6 +231,13 @@ fn finished_name(partial: &Path) -> PathBuf {
     partial.with_file_name(format!("{}{FINISHED}", name.strip_suffix(PARTIAL).unwrap_or(name)))
 }
 
+/// Runs file work (spill writes, syncs, renames) on a blocking thread and waits for it: a slow disk must not
+/// stall the runtime's threads, which serve requests, the shutdown's time bounds and the signals. A panic in
+/// the work comes back as an error.
+pub async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(io::Error::other)?
+}
+
 /// The finished spill files in `dir`, oldest name first.
 fn finished_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)?
@@ -260,12 +267,12 @@ pub struct Imported {
 /// waited for before the next is read. A file is removed once all of it is stored, and otherwise rewritten
 /// (through a temporary file and a rename) with the lines still to store.
 ///
-/// The files are read, rewritten and removed off the runtime's threads (tokio's file I/O, a blocking task for
+/// The files are read, rewritten and removed off the runtime's threads (tokio's file I/O, `off_runtime` for
 /// the rewrite and its syncs): the import runs beside live requests, and a slow disk must not stall them.
 pub async fn import(dir: &Path, pipeline: &Pipeline, chunk: usize) -> io::Result<Imported> {
     let mut total = Imported::default();
     let listed = dir.to_path_buf();
-    let files = tokio::task::spawn_blocking(move || finished_files(&listed)).await.map_err(io::Error::other)??;
+    let files = off_runtime(move || finished_files(&listed)).await?;
     for file in files {
         // A file that cannot be read (or rewritten) is left as it is, and does not hold back the others.
         match import_file(&file, pipeline, chunk.max(1)).await {
@@ -351,7 +358,7 @@ async fn import_file(path: &Path, pipeline: &Pipeline, chunk: usize) -> io::Resu
         info!(file = %path.display(), events = stored, "spill file stored and removed");
     } else {
         let rewritten = path.to_path_buf();
-        tokio::task::spawn_blocking(move || rewrite(&rewritten, &kept)).await.map_err(io::Error::other)??;
+        off_runtime(move || rewrite(&rewritten, &kept)).await?;
         warn!(file = %path.display(), stored, kept = kept_lines, "spill file partly stored; the rest stays in it and is tried again");
     }
     Ok(Imported { stored, kept: kept_lines })

@@ -476,11 +476,9 @@ impl Writer {
                 let dir = spill.dir().display().to_string();
                 let spill = Arc::clone(spill);
                 let owned: Vec<NewEvent> = events.iter().map(|event| (*event).clone()).collect();
-                // On a blocking thread: each write syncs the file, and a slow disk must not stall the runtime's
-                // threads (the shutdown's time bounds, a third signal, the admin port all run on them).
-                tokio::task::spawn_blocking(move || spill.write(&owned.iter().collect::<Vec<_>>()))
+                // Each write syncs the file: off the runtime's threads, which the shutdown's bounds need.
+                crate::spill::off_runtime(move || spill.write(&owned.iter().collect::<Vec<_>>()))
                     .await
-                    .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked)))
                     .map_err(|e| format!("cannot write to {dir}: {e}"))
             }
             None => Err("no shutdown.spill_dir".to_owned()),
