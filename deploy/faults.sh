@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The fault and attack suite, and bounded fuzzing of the parsers; prints the reliability table.
 #   kill -9 under load, Postgres down 10 s, Redis killed, Redis full, SIGTERM under load (and a second one
-#   during a drain), a burst far above capacity, slowloris, hostile heads and bodies, HTTP/2 stream limits and
-#   rapid reset, log forging and secret leaks.
+#   during a drain, and a spill on a disk that syncs slowly), a burst far above capacity, slowloris, hostile
+#   heads and bodies, HTTP/2 stream limits and rapid reset, log forging and secret leaks.
 # Every fault test asserts that nothing acknowledged was lost; the table shows the figures of this run.
 # FUZZ_CASES (default 100000) sets the cases per parser property (signature header, event body).
 set -euo pipefail

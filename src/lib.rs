@@ -164,9 +164,10 @@ pub enum RunError {
 
 /// Runs the gateway until `shutdown` is cancelled, then drains in order: stop accepting, finish in-flight
 /// requests, drain the queue, let the workers flush, flush notifications, close the pool. Each step is
-/// bounded by the config. `hurry` (a second signal) ends the waiting: in-flight requests are cut (unanswered,
-/// so their senders retry), what is still queued gets the drain's end at once (written, or spilled with
-/// `shutdown.spill_dir`), and the last steps are not waited for (the outbox keeps what was not published).
+/// bounded by the config, but the spill of what the drain could not write, which would otherwise be lost.
+/// `hurry` (a second signal) ends the waiting: in-flight requests are cut (unanswered, so their senders
+/// retry), what is still queued gets the drain's end at once (written, or spilled with `shutdown.spill_dir`),
+/// and the last steps are not waited for (the outbox keeps what was not published).
 pub async fn run(
     config: Config,
     listeners: Listeners,

@@ -143,7 +143,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         begin.cancel();
         signals.recv().await;
         // Not an exit yet: in enqueue mode the queue holds acknowledged events, which the drain's end still
-        // writes or spills (a file write, milliseconds); an exit now would lose them.
+        // writes or spills (file writes, as long as the disk takes); an exit now would lose them.
         warn!(
             "second shutdown signal: no more waiting; what is still queued is written or spilled, then hookgate exits"
         );

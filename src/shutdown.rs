@@ -1,4 +1,4 @@
-//! Shutdown: waiting for SIGTERM/SIGINT, and running each drain step within its time bound.
+//! Shutdown: waiting for SIGTERM/SIGINT, and running each drain step within its time bound (the spill, to its end).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
